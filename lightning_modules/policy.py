@@ -1,0 +1,204 @@
+"""The policy: a Hugging Face causal LM, its tokenizer, and what is adapted (LoRA, norm gains, all, none).
+
+Design decisions:
+- No Lightning in here: the three pipelines (SFT, TTA, RL) and the data side share this one class.
+- `reference()` yields the frozen initial model without a copy: peft's `disable_adapter()` for LoRA, or a
+  swap with the stored initial gains for `norm` (a few KB). `adapt="all"` has no copy-free reference.
+- `token_nll` never materialises float32 B x T x V logits: it runs the decoder, keeps the hidden states of
+  the positions that carry a label only, and applies the output head chunk by chunk (`chunked_linear_nll`),
+  recomputing each chunk's logits in the backward pass instead of storing them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_modules.losses.functional import IGNORE_INDEX, chunked_linear_nll
+from lightning_modules.model_store import DEFAULT_MODEL, resolve_model, split_gguf
+
+PLAIN_TEMPLATE = "Question: {prompt}\nAnswer: "
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSettings:
+    """peft LoRA settings; `target_modules` is a list of module names or "all-linear"."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+
+
+def load_tokenizer(model: str):
+    """The tokenizer of `model` (alias, directory, hub id or .gguf), with a pad token set."""
+    from transformers import AutoTokenizer
+
+    path, gguf_file = split_gguf(resolve_model(model))
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def format_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
+    """The text the model sees before its answer: the chat template with a generation prompt when the
+    tokenizer has one, else `PLAIN_TEMPLATE` (the system text, if any, on the line before)."""
+    if tokenizer.chat_template:
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt})
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return (f"{system}\n" if system else "") + PLAIN_TEMPLATE.format(prompt=prompt)
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return isinstance(module, nn.LayerNorm) or name.endswith("RMSNorm") or name.endswith("LayerNorm")
+
+
+class Policy(nn.Module):
+    """Causal LM + tokenizer + adaptation.
+
+    Args:
+        model: the embedded alias (`smollm2-135m-instruct`), a local HF directory, a hub id, or a `.gguf` file.
+        dtype: weight dtype; float32 is the CPU default, bfloat16 halves memory and is faster on bf16 CPUs/GPUs.
+        adapt: which parameters train: `lora` (a peft adapter), `norm` (norm-layer gains), `all`, or `none`.
+        lora: LoRA settings, used when `adapt="lora"`.
+        norm_skip_top_blocks: with `adapt="norm"`, leave the gains of the last N decoder blocks frozen (SAR).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        nll_chunk_size: tokens per chunk when applying the output head in `token_nll`.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        adapt: Literal["lora", "norm", "all", "none"] = "lora",
+        lora: LoraSettings | None = None,
+        norm_skip_top_blocks: int = 0,
+        gradient_checkpointing: bool = False,
+        nll_chunk_size: int = 1024,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        lora = lora or LoraSettings()
+        self.name, self.adapt, self.nll_chunk_size = model, adapt, nll_chunk_size
+        self.tokenizer = load_tokenizer(model)
+        path, gguf_file = split_gguf(resolve_model(model))
+        base = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=_DTYPES[dtype])
+        if getattr(base.config, "quantization_config", None) is not None and gguf_file:
+            del base.config.quantization_config  # GGUF weights arrive dequantised
+            base.hf_quantizer = None
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = self.tokenizer.pad_token_id
+        base.requires_grad_(False)
+        if gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        self._initial_norms: dict[str, Tensor] = {}
+        if adapt == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                target_modules=lora.target_modules, task_type="CAUSAL_LM",
+            )
+            self.model = get_peft_model(base, config)
+        else:
+            self.model = base
+            if adapt == "all":
+                base.requires_grad_(True)
+            elif adapt == "norm":
+                for name, param in self._norm_gains(norm_skip_top_blocks):
+                    param.requires_grad_(True)
+                    self._initial_norms[name] = param.detach().clone()
+        self.model.train()  # from_pretrained returns eval mode; LoRA dropout needs train mode while training
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The underlying `*ForCausalLM` (inside the peft wrapper when there is one)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def _norm_gains(self, skip_top_blocks: int) -> list[tuple[str, nn.Parameter]]:
+        n_layers = self.causal_lm.config.num_hidden_layers
+        skipped = {f".layers.{i}." for i in range(n_layers - skip_top_blocks, n_layers)}
+        gains = []
+        for mod_name, module in self.model.named_modules():
+            if is_norm_layer(module) and not any(s in f".{mod_name}." for s in skipped):
+                gains += [(f"{mod_name}.{n}", p) for n, p in module.named_parameters(recurse=False)]
+        if not gains:
+            raise ValueError(f"adapt='norm' found no norm layers in {type(self.causal_lm).__name__}")
+        return gains
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[nn.Module]:
+        """The frozen initial model, without a copy: adapter disabled, or initial norm gains swapped in."""
+        if self.adapt == "lora":
+            with self.model.disable_adapter():
+                yield self.model
+        elif self.adapt == "norm":
+            params = dict(self.model.named_parameters())
+            current = {name: params[name].detach().clone() for name in self._initial_norms}
+            with torch.no_grad():
+                for name, initial in self._initial_norms.items():
+                    params[name].copy_(initial)
+            try:
+                yield self.model
+            finally:
+                with torch.no_grad():
+                    for name, value in current.items():
+                        params[name].copy_(value)
+        elif self.adapt == "none":
+            yield self.model
+        else:
+            raise ValueError("adapt='all' keeps no copy of the initial weights, so it has no reference model")
+
+    def format_prompt(self, prompt: str, system: str | None = None) -> str:
+        return format_prompt(self.tokenizer, prompt, system)
+
+    # ------------------------------------------------------------------ scoring
+    def _fused_head_supported(self) -> bool:
+        config = self.causal_lm.config
+        head = self.causal_lm.get_output_embeddings()
+        return (
+            isinstance(head, nn.Linear) and head.bias is None
+            and not getattr(config, "final_logit_softcapping", None)
+            and getattr(config, "logits_scaling", 1.0) == 1.0
+        )
+
+    def token_nll(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """Per-token NLL (float32, natural log), aligned with `labels`: out[b, t] = -log p(labels[b, t] |
+        tokens < t), 0 where `labels` is IGNORE_INDEX and at t = 0. Shapes: (B, T) -> (B, T)."""
+        targets = labels[:, 1:]  # (B, T-1)
+        mask = targets != IGNORE_INDEX  # (B, T-1)
+        causal_lm = self.causal_lm
+        if self._fused_head_supported():
+            hidden = causal_lm.get_decoder()(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state  # (B, T, H)
+            weight = causal_lm.get_output_embeddings().weight  # (V, H)
+            nll = chunked_linear_nll(hidden[:, :-1][mask], weight, targets[mask], self.nll_chunk_size)  # (N,)
+        else:
+            logits = causal_lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            log_probs = logits[:, :-1][mask].float().log_softmax(-1)  # (N, V)
+            nll = -log_probs.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+        shifted = torch.zeros(mask.shape, dtype=nll.dtype, device=nll.device).masked_scatter(mask, nll)
+        return torch.cat([torch.zeros_like(shifted[:, :1]), shifted], dim=1)  # (B, T)
+
+    def sequence_nll(self, batch: dict[str, Tensor]) -> Tensor:
+        """Mean NLL over each sample's labelled tokens: (B,). Samples with no label tokens give 0."""
+        nll = self.token_nll(batch["input_ids"], batch["attention_mask"], batch["labels"])  # (B, T)
+        count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).clamp_min(1)  # (B,)
+        return nll.sum(-1) / count
+

@@ -1,0 +1,143 @@
+"""WeightedSFTModule: fine-tune the policy on (prompt, response, weight) batches with an injected loss.
+
+The loss is a constructor argument (`class_path` in YAML): it receives per-token NLL (B, T), the target
+mask (B, T) and the per-sample weights (B,), and returns a `LossOutput`. The default is `WeightedNLL`.
+Checkpoints hold only the trainable tensors (adapter or norm gains) and loss-module buffers; the frozen base
+model is rebuilt from the config. At the end of `fit` the adapter is also exported in peft's own format
+(`<checkpoint dir>/adapter/`), or as `trainable.safetensors` for norm/all adaptation.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import Tensor, nn
+
+from lightning_modules.losses.functional import IGNORE_INDEX
+from lightning_modules.losses.weighted_nll import WeightedNLL
+from lightning_modules.policy import Policy
+
+
+def save_config_hyperparameters(module: L.LightningModule) -> None:
+    """Under LightningCLI the hparams are the config (class paths + init args), which lets `load_from_checkpoint`
+    rebuild the policy; built from Python, the policy and loss objects are not pickled into checkpoints."""
+    from_cli = _given_hyperparameters.get() is not None
+    caller = inspect.currentframe().f_back  # the module's __init__
+    module.save_hyperparameters(ignore=[] if from_cli else ["policy", "loss"], frame=caller)
+
+
+class TrainableStateMixin:
+    """Checkpoint only what trains: parameters with requires_grad and buffers outside the policy."""
+
+    strict_loading = False
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        full = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        keep = {prefix + n for n, p in self.named_parameters() if p.requires_grad}
+        keep |= {prefix + n for n, _ in self.named_buffers() if not n.startswith("policy.")}
+        return OrderedDict((k, v) for k, v in full.items() if k in keep)
+
+    def export_trainable(self, directory: Path) -> Path:
+        """The adapter in peft's format (LoRA), else the trainable tensors as `trainable.safetensors`."""
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        policy: Policy = self.policy
+        if policy.adapt == "lora":
+            policy.model.save_pretrained(directory)
+        else:
+            tensors = {n: p.detach().contiguous().cpu() for n, p in policy.model.named_parameters() if p.requires_grad}
+            save_file(tensors, directory / "trainable.safetensors")
+        return directory
+
+
+class WeightedSFTModule(TrainableStateMixin, L.LightningModule):
+    """Weighted supervised fine-tuning.
+
+    Args:
+        policy: the model and what it adapts.
+        loss: `(token_nll, mask, weight) -> LossOutput`; default `WeightedNLL(reduction="sample")`.
+        optimizer: optimizer factory over the trainable parameters (AdamW by default).
+        lr_scheduler: optional scheduler factory, stepped every optimizer step.
+        log_samples_every_n_steps: how often a decoded training sample goes to TensorBoard as text.
+        export_adapter: write the adapter in peft's format next to the checkpoints when fit ends.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        loss: nn.Module | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        log_samples_every_n_steps: int = 100,
+        export_adapter: bool = True,
+    ) -> None:
+        super().__init__()
+        save_config_hyperparameters(self)
+        self.policy = policy
+        self.loss = loss if loss is not None else WeightedNLL()
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.log_samples_every_n_steps, self.export_adapter = log_samples_every_n_steps, export_adapter
+        self._last_batch_end: float | None = None
+
+    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        token_nll = self.policy.token_nll(batch["input_ids"], batch["attention_mask"], batch["labels"])  # (B, T)
+        out = self.loss(token_nll, batch["labels"] != IGNORE_INDEX, batch["weight"])
+        batch_size = batch["input_ids"].shape[0]
+        self.log(f"{stage}/loss", out.loss, prog_bar=True, batch_size=batch_size, sync_dist=stage != "train")
+        for name, value in out.metrics.items():
+            self.log(f"{stage}/{name}", value, batch_size=batch_size, sync_dist=stage != "train")
+        return out.loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.global_step % self.log_samples_every_n_steps == 0 and batch_idx % self.trainer.accumulate_grad_batches == 0:
+            self._log_sample(batch)
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def on_train_batch_end(self, outputs, batch: dict[str, Tensor], batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            tokens = batch["attention_mask"].sum().item()
+            self.log("train/tokens_per_s", tokens / (now - self._last_batch_end), batch_size=1)
+        self._last_batch_end = now
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])), batch_size=1)
+
+    def _log_sample(self, batch: dict[str, Tensor]) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if not hasattr(experiment, "add_text"):
+            return
+        ids, labels = batch["input_ids"][0], batch["labels"][0]
+        ids = ids[batch["attention_mask"][0].bool()]
+        target = labels[labels != IGNORE_INDEX]
+        prompt = ids[: len(ids) - len(target)]
+        tok = self.policy.tokenizer
+        text = f"**prompt** (no loss):\n\n    {tok.decode(prompt)!r}\n\n**target**:\n\n    {tok.decode(target)!r}"
+        experiment.add_text("train/sample", text, self.global_step)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.policy.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    def on_fit_end(self) -> None:
+        if not self.export_adapter or not self.trainer.is_global_zero:
+            return
+        callback = self.trainer.checkpoint_callback
+        root = callback.dirpath if callback is not None and callback.dirpath else self.trainer.log_dir or "."
+        self.export_trainable(Path(root) / "adapter")
