@@ -8,11 +8,12 @@ the boundary between them is exact whatever the tokenizer merges across it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from lightning_modules.losses.functional import IGNORE_INDEX
 
@@ -72,6 +73,7 @@ class LengthBucketSampler(Sampler[list[int]]):
         self.lengths, self.batch_size, self.shuffle, self.seed = lengths, batch_size, shuffle, seed
         self.pool_batches, self.rank, self.world_size = pool_batches, rank, world_size
         self.epoch = 0
+        self.skip = 0  # batches of this epoch already trained before a resume
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -92,8 +94,26 @@ class LengthBucketSampler(Sampler[list[int]]):
     def __iter__(self):
         batches = self._all_batches()
         per_rank = len(batches) // self.world_size if self.world_size > 1 else len(batches)
-        return iter(batches[self.rank :: self.world_size][:per_rank])
+        skip, self.skip = self.skip, 0
+        return iter(batches[self.rank :: self.world_size][skip:per_rank])
 
     def __len__(self) -> int:
         n_batches = math.ceil(len(self.lengths) / self.batch_size)
         return n_batches // self.world_size if self.world_size > 1 else n_batches
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a `LengthBucketSampler` that Lightning checkpoints mid-epoch: its state is the epoch
+    and the number of batches already trained in it (`batches_done`, read from the trainer at save time);
+    after a resume the epoch's order is rebuilt and those batches are skipped, so nothing is seen twice or lost."""
+
+    def __init__(self, *args, batches_done: Callable[[], int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.batch_sampler.epoch, "batches_done": self._batches_done()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.set_epoch(state["epoch"])
+        self.batch_sampler.skip = state["batches_done"]

@@ -17,7 +17,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.collate import LengthBucketSampler, SFTExample, TokenizedExample, collate, tokenize_example
+from datamodules.collate import (
+    LengthBucketSampler,
+    ResumableDataLoader,
+    SFTExample,
+    TokenizedExample,
+    collate,
+    tokenize_example,
+)
 from datamodules.io import DataError, Row, read_rows
 from lightning_modules.model_store import DEFAULT_MODEL
 from lightning_modules.policy import format_prompt, load_tokenizer
@@ -156,7 +163,13 @@ class LabeledDataModule(L.LightningDataModule):
                 [len(e.input_ids) for e in dataset.examples], hp.batch_size, shuffle=shuffle, seed=hp.seed,
                 rank=rank, world_size=world,
             )
-            return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=hp.num_workers)
+            if not shuffle or trainer is None:
+                return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=hp.num_workers)
+            progress = trainer.fit_loop.epoch_loop.batch_progress.current
+            return ResumableDataLoader(
+                dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=hp.num_workers,
+                batches_done=lambda: progress.processed,
+            )
         return DataLoader(dataset, hp.batch_size, shuffle=shuffle, collate_fn=collate_fn, num_workers=hp.num_workers)
 
     def train_dataloader(self) -> DataLoader:

