@@ -83,7 +83,7 @@ class Policy(nn.Module):
         lora: LoraSettings | None = None,
         norm_skip_top_blocks: int = 0,
         gradient_checkpointing: bool = False,
-        nll_chunk_size: int = 1024,
+        nll_chunk_size: int = 256,
     ) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM

@@ -25,8 +25,10 @@ class _ChunkedLinearNLL(torch.autograd.Function):
         lse = torch.empty_like(nll)
         for s in range(0, n, chunk):
             logits = (hidden[s : s + chunk] @ weight.T).to(acc)  # (n, V)
-            lse[s : s + chunk] = logits.logsumexp(-1)
-            nll[s : s + chunk] = lse[s : s + chunk] - logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1)
+            target_logit = logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1)  # (n,)
+            lse[s : s + chunk] = torch.logsumexp(logits, -1)
+            nll[s : s + chunk] = lse[s : s + chunk] - target_logit
+            del logits
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk = chunk
         return nll
@@ -39,10 +41,10 @@ class _ChunkedLinearNLL(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=lse.dtype) if need_w else None
         for s in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[s : s + ctx.chunk].to(weight.dtype)  # (n, H)
-            probs = ((h @ weight.T).to(lse.dtype) - lse[s : s + ctx.chunk, None]).exp()  # (n, V) softmax
-            rows = torch.arange(h.shape[0], device=h.device)
-            probs[rows, targets[s : s + ctx.chunk]] -= 1.0  # d nll / d logits = softmax - onehot
-            g = (probs * grad_nll[s : s + ctx.chunk, None]).to(weight.dtype)  # (n, V)
+            # d nll / d logits = softmax - onehot, built in place in one (n, V) block
+            g = (h @ weight.T).to(lse.dtype).sub_(lse[s : s + ctx.chunk, None]).exp_()  # (n, V)
+            g[torch.arange(h.shape[0], device=h.device), targets[s : s + ctx.chunk]] -= 1.0
+            g = g.mul_(grad_nll[s : s + ctx.chunk, None]).to(weight.dtype)
             if need_h:
                 grad_h[s : s + ctx.chunk] = (g @ weight).to(hidden.dtype)
             if need_w:
@@ -50,7 +52,7 @@ class _ChunkedLinearNLL(torch.autograd.Function):
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
 
 
-def chunked_linear_nll(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 1024) -> Tensor:
+def chunked_linear_nll(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 256) -> Tensor:
     """-log softmax(hidden @ weight.T)[targets] per row. hidden (N, H), weight (V, H), targets (N,) -> (N,)."""
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32) + 0 * hidden.sum()

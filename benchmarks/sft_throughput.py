@@ -1,0 +1,160 @@
+"""LoRA SFT throughput: WeightedSFTModule vs TRL's SFTTrainer, side by side, same everything.
+
+Same model (default: the embedded SmolLM2-135M-Instruct), same prompt/response data (chat template, loss on the
+response only), same LoRA config, batch size, max length, optimizer and learning rate. Each engine runs in its
+own subprocess so that peak RSS is its own. Tokens are counted identically for both: a forward pre-hook on the
+decoder sums the attention mask (non-pad tokens). The first `--warmup` steps are not timed.
+
+    python benchmarks/sft_throughput.py                 # needs `pip install -e '.[bench]'` (trl)
+    python benchmarks/sft_throughput.py --gradient-checkpointing off --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "configs" / "data" / "arithmetic_sft.jsonl"
+LORA = dict(r=8, alpha=16, dropout=0.05, target_modules="all-linear")
+
+
+class Meter:
+    """Counts non-pad tokens entering the decoder and times steps after warm-up."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.steps, self.tokens, self.start = warmup, 0, 0, None
+
+    def hook(self, module, args, kwargs) -> None:
+        if module.training and self.start is not None:
+            mask = kwargs.get("attention_mask")
+            self.tokens += int(mask.sum()) if mask is not None else kwargs["input_ids"].numel()
+
+    def step_end(self) -> None:
+        self.steps += 1
+        if self.steps == self.warmup:
+            self.start = time.perf_counter()
+        self.end = time.perf_counter()
+
+    def result(self) -> dict:
+        elapsed = self.end - self.start
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return {"tokens_per_s": self.tokens / elapsed, "timed_steps": self.steps - self.warmup,
+                "tokens": self.tokens, "peak_rss_gib": peak_gib}
+
+
+def run_labelfree(args, meter: Meter) -> None:
+    import lightning as L
+    import torch
+
+    from datamodules.labeled import LabeledDataModule
+    from lightning_modules.policy import LoraSettings, Policy
+    from lightning_modules.sft import WeightedSFTModule
+
+    class Timer(L.Callback):
+        def on_train_batch_end(self, *a, **k):
+            meter.step_end()
+
+    policy = Policy(args.model, dtype=args.dtype, lora=LoraSettings(**LORA),
+                    gradient_checkpointing=args.gradient_checkpointing == "on")
+    policy.causal_lm.get_decoder().register_forward_pre_hook(meter.hook, with_kwargs=True)
+    module = WeightedSFTModule(
+        policy, optimizer=lambda p: torch.optim.AdamW(p, lr=2e-4), log_samples_every_n_steps=10**9,
+        export_adapter=False,
+    )
+    data = LabeledDataModule(str(DATA), tokenizer=args.model, batch_size=args.batch_size, max_length=args.max_length,
+                             bucket_by_length=not args.no_bucketing)
+    trainer = L.Trainer(max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Timer()], limit_val_batches=0)
+    trainer.fit(module, data)
+
+
+def run_trl(args, meter: Meter) -> None:
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from lightning_modules.policy import load_tokenizer
+    from lightning_modules.model_store import resolve_model
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            meter.step_end()
+
+    rows = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
+    dataset = datasets.Dataset.from_list([
+        {"prompt": [{"role": "user", "content": r["question"]}],
+         "completion": [{"role": "assistant", "content": r["rationale"]}]}
+        for r in rows
+    ])
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=dtype)
+    model.get_decoder().register_forward_pre_hook(meter.hook, with_kwargs=True)
+    config = SFTConfig(
+        output_dir=str(Path(args.tmp) / "trl"), per_device_train_batch_size=args.batch_size, max_length=args.max_length,
+        max_steps=args.steps, learning_rate=2e-4, lr_scheduler_type="constant", logging_steps=10**9,
+        save_strategy="no", report_to=[], use_cpu=True, bf16=args.dtype == "bfloat16", dataloader_num_workers=0,
+        gradient_checkpointing=args.gradient_checkpointing == "on",
+    )
+    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                             target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=load_tokenizer(args.model),
+                         peft_config=peft_config, callbacks=[Timer()])
+    trainer.train()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--gradient-checkpointing", default="on", choices=["on", "off"],
+                        help="for both engines; TRL's SFTConfig default is on")
+    parser.add_argument("--no-bucketing", action="store_true", help="labelfree without length bucketing")
+    parser.add_argument("--engine", choices=["labelfree", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", default="/tmp/labelfree-bench", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.engine:  # child process: run one engine, print its result as JSON on the last line
+        import torch
+
+        torch.manual_seed(0)
+        meter = Meter(args.warmup)
+        {"labelfree": run_labelfree, "trl": run_trl}[args.engine](args, meter)
+        print(json.dumps(meter.result()))
+        return
+
+    results = {}
+    for engine in ("labelfree", "trl"):
+        cmd = [sys.executable, __file__, "--engine", engine] + sys.argv[1:]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+        results[engine] = json.loads(out.stdout.strip().splitlines()[-1])
+    ours, trl = results["labelfree"], results["trl"]
+    print(f"model={args.model} dtype={args.dtype} batch={args.batch_size} max_length={args.max_length} "
+          f"gradient_checkpointing={args.gradient_checkpointing} bucketing={not args.no_bucketing} "
+          f"timed_steps={ours['timed_steps']} lora=r{LORA['r']}/{LORA['target_modules']} threads={_threads()}")
+    print("| engine | tokens/s | peak RSS (GiB) |\n|---|---|---|")
+    for name, r in (("labelfree WeightedSFTModule", ours), ("TRL SFTTrainer", trl)):
+        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['peak_rss_gib']:.2f} |")
+    print(f"throughput ratio labelfree/TRL: {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x; "
+          f"peak RSS ratio: {ours['peak_rss_gib'] / trl['peak_rss_gib']:.2f}x")
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    main()

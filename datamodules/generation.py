@@ -1,0 +1,336 @@
+"""Sampling many answers per question, fast, cached and resumable.
+
+How it saves work (all exact, greedy output equals `model.generate` token for token):
+- the few-shot prefix shared by every prompt of a task is run once per call; each batch starts from a copy of
+  its KV cache (layout [prefix | left-padded question | generated], positions counted over real tokens only);
+- each prompt is prefilled once, then its KV cache is repeated `n` times (`batch_repeat_interleave`);
+- rows that finished (EOS or a stop string) leave the batch (`batch_select_indices`), so the cost per step
+  follows the rows still running.
+Each candidate keeps the log-probability of each of its tokens at temperature 1 (for entropy signals without a
+second pass).
+
+Caching: results live under `<cache_dir>/<key>/chunk-NNNNN/` as `datasets` Arrow tables, one per chunk of
+`chunk_size` questions, written to a temporary directory and renamed (atomic). The key hashes the model and
+adapter weights, the task's prompt settings, the sampling parameters, the seed and the question ids, so an
+interrupted run generates only the missing chunks and a finished one is reused. Each chunk has its own seed
+(seed, chunk index), so a resumed run gives the same candidates as an uninterrupted one.
+
+Distributed: chunk i belongs to rank i % world_size; ranks exchange their rows with `all_gather_object`
+and every rank returns all candidates in question order. Generation needs whole weights on each rank: under
+FSDP / ZeRO-3 call it from a separate predict pass on a gathered (unsharded) copy of the policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import datasets
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from datamodules.tasks.base import Question, Task
+
+log = logging.getLogger(__name__)
+ENGINE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """n samples per question; temperature 0 means greedy (then n is usually 1)."""
+
+    n: int = 8
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    seed: int = 0
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    logprobs: list[float]  # at temperature 1
+    finish_reason: str  # "eos", "stop" or "length"
+
+
+class Generator(Protocol):
+    """What every generation backend offers (this HF engine is the default)."""
+
+    def sample(self, policy, questions: Sequence[Question], task: Task, params: SamplingParams) -> datasets.Dataset:
+        ...
+
+
+# ---------------------------------------------------------------------------------------------- sampling maths
+def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    """Logits outside the smallest set of tokens whose probability reaches `top_p` become -inf. (R, V)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    outside = probs.cumsum(-1) - probs > top_p  # the top token is always kept
+    return logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+
+
+def choose_tokens(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
+    """Greedy when temperature == 0, else a sample from softmax(logits / T) restricted to the top-p set. (R,)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = top_p_filter(logits / temperature, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------- the decode loop
+class _StopChecker:
+    def __init__(self, tokenizer, stop: Sequence[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.window = 2 + max((len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in self.stop), default=0)
+
+    def hit(self, tokens: list[int]) -> bool:
+        if not self.stop:
+            return False
+        tail = self.tokenizer.decode(tokens[-self.window :], skip_special_tokens=True)
+        return any(s in tail for s in self.stop)
+
+
+@torch.no_grad()
+def generate_batch(
+    model, tokenizer, prefix_cache, prefix_len: int, suffixes: Sequence[Sequence[int]], params: SamplingParams,
+    stop: Sequence[str] = (), generator: torch.Generator | None = None,
+) -> list[Completion]:
+    """`params.n` completions for each suffix (row order: suffix 0 samples 0..n-1, suffix 1 ...)."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    eos_ids = torch.tensor(sorted(_eos_ids(model, tokenizer)), device=device)
+    b, s = len(suffixes), max(len(x) for x in suffixes)
+    ids = torch.full((b, s), pad, dtype=torch.long, device=device)  # (B, S) left-padded
+    mask = torch.zeros((b, prefix_len + s), dtype=torch.long, device=device)  # (B, P+S)
+    mask[:, :prefix_len] = 1
+    for i, x in enumerate(suffixes):
+        ids[i, s - len(x) :] = torch.tensor(x, device=device)
+        mask[i, prefix_len + s - len(x) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, prefix_len:]  # (B, S) over real tokens only
+    cache = copy.deepcopy(prefix_cache) if prefix_len else None
+    if cache is not None:
+        cache.batch_repeat_interleave(b)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    cache, logits = out.past_key_values, out.logits[:, -1].float()  # (B, V)
+    # prefill once per prompt, then n rows per prompt
+    n = params.n
+    cache.batch_repeat_interleave(n)
+    mask, logits = mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
+    next_pos = positions[:, -1:].repeat_interleave(n, 0) + 1  # (R, 1)
+    rows = torch.arange(b * n, device=device)  # which output row each batch row is
+    tokens: list[list[int]] = [[] for _ in range(b * n)]
+    logprobs: list[list[float]] = [[] for _ in range(b * n)]
+    reasons = ["length"] * (b * n)
+    checker = _StopChecker(tokenizer, stop)
+    for step in range(params.max_new_tokens):
+        chosen = choose_tokens(logits, params.temperature, params.top_p, generator)  # (R,)
+        chosen_lp = logits.log_softmax(-1).gather(-1, chosen[:, None]).squeeze(-1)  # (R,) at temperature 1
+        is_eos = torch.isin(chosen, eos_ids)
+        keep = []
+        for j, (row, tok, lp, eos) in enumerate(zip(rows.tolist(), chosen.tolist(), chosen_lp.tolist(), is_eos.tolist())):
+            tokens[row].append(tok)
+            logprobs[row].append(lp)
+            if eos:
+                reasons[row] = "eos"
+            elif checker.hit(tokens[row]):
+                reasons[row] = "stop"
+            else:
+                keep.append(j)
+        if not keep or step == params.max_new_tokens - 1:
+            break
+        if len(keep) < len(rows):  # finished rows leave the batch
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            rows, chosen, mask, next_pos = rows[index], chosen[index], mask[index], next_pos[index]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+                    use_cache=True)
+        cache, logits, next_pos = out.past_key_values, out.logits[:, -1].float(), next_pos + 1
+    return [Completion(t, lp, r) for t, lp, r in zip(tokens, logprobs, reasons)]
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    return ids | {tokenizer.eos_token_id}
+
+
+def finish_text(tokenizer, completion: Completion, stop: Sequence[str]) -> tuple[str, Completion]:
+    """The completion's text (special tokens dropped, cut before a stop string) and, for a stop, the
+    tokens up to the one that completed the stop string excluded."""
+    text = tokenizer.decode(completion.tokens, skip_special_tokens=True)
+    if completion.finish_reason != "stop":
+        return text, completion
+    cut = min(i for i in (text.find(s) for s in stop) if i >= 0)
+    k = len(completion.tokens) - 1
+    return text[:cut], Completion(completion.tokens[:k], completion.logprobs[:k], "stop")
+
+
+# ---------------------------------------------------------------------------------------------- cache + chunks
+def model_fingerprint(policy) -> str:
+    """Model name, dtype, adaptation and a hash of the trainable weights (the adapter's current values)."""
+    h = hashlib.sha256(f"{policy.name}|{policy.adapt}|{next(policy.parameters()).dtype}".encode())
+    for name, p in sorted(policy.named_parameters()):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(policy, task: Task, questions: Sequence[Question], params: SamplingParams, chunk_size: int) -> str:
+    payload = {
+        "engine": ENGINE_VERSION, "model": model_fingerprint(policy), "task": task.fingerprint(),
+        "params": asdict(params), "chunk_size": chunk_size, "questions": [q.id for q in questions],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _write_chunk(directory: Path, index: int, rows: list[dict]) -> None:
+    final = directory / f"chunk-{index:05d}"
+    tmp = directory / f".tmp-chunk-{index:05d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    datasets.Dataset.from_list(rows, features=FEATURES).save_to_disk(str(tmp))
+    os.replace(tmp, final) if not final.exists() else shutil.rmtree(tmp)
+
+
+def _read_chunk(directory: Path, index: int) -> list[dict] | None:
+    path = directory / f"chunk-{index:05d}"
+    return datasets.load_from_disk(str(path)).to_list() if path.exists() else None
+
+
+FEATURES = datasets.Features({
+    "question_id": datasets.Value("string"),
+    "sample_index": datasets.Value("int32"),
+    "completion": datasets.Value("string"),
+    "answer": datasets.Value("string"),
+    "num_tokens": datasets.Value("int32"),
+    "token_ids": datasets.Sequence(datasets.Value("int32")),
+    "token_logprobs": datasets.Sequence(datasets.Value("float32")),
+    "finish_reason": datasets.Value("string"),
+})
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+class HFGenerator:
+    """The default engine: batched, prefix-shared, resumable sampling with a Hugging Face model.
+
+    Args:
+        batch_size: questions per forward batch (each brings `n` rows after the prefill).
+        chunk_size: questions per cached chunk (the unit of resumption and of sharding over ranks).
+        cache_dir: where chunks are written; None keeps everything in memory (no resume).
+        progress: show a progress bar with generated tokens/s.
+    """
+
+    def __init__(self, batch_size: int = 8, chunk_size: int = 32, cache_dir: str | None = None,
+                 progress: bool = True) -> None:
+        self.batch_size, self.chunk_size, self.cache_dir, self.progress = batch_size, chunk_size, cache_dir, progress
+        self.stats: dict[str, float] = {}
+
+    def sample(self, policy, questions: Sequence[Question], task: Task, params: SamplingParams) -> datasets.Dataset:
+        questions = list(questions)
+        if not questions:
+            raise ValueError("no questions to sample answers for")
+        rank, world = _dist_info()
+        tokenizer, model = policy.tokenizer, policy.model
+        directory = None
+        if self.cache_dir is not None:
+            directory = Path(self.cache_dir) / cache_key(policy, task, questions, params, self.chunk_size)
+            directory.mkdir(parents=True, exist_ok=True)
+        chunks = [questions[i : i + self.chunk_size] for i in range(0, len(questions), self.chunk_size)]
+        mine = [i for i in range(len(chunks)) if i % world == rank]
+        done = {i: rows for i in mine if directory is not None and (rows := _read_chunk(directory, i)) is not None}
+        todo = [i for i in mine if i not in done]
+        if done:
+            log.info("generation: reusing %d of %d chunks from %s", len(done), len(mine), directory)
+        was_training = model.training
+        model.eval()
+        try:
+            prefix = self._prefix(policy, task, questions[0])
+            bar = tqdm(total=sum(len(chunks[i]) for i in todo), desc="generate", unit="q", disable=not self.progress)
+            start, generated = time.perf_counter(), 0
+            for i in todo:
+                rows = self._chunk(policy, task, chunks[i], params, prefix, seed=(params.seed, i))
+                generated += sum(r["num_tokens"] for r in rows)
+                if directory is not None:
+                    _write_chunk(directory, i, rows)
+                done[i] = rows
+                bar.update(len(chunks[i]))
+                bar.set_postfix(tok_per_s=f"{generated / (time.perf_counter() - start):.0f}")
+            bar.close()
+            self.stats = {"generated_tokens": generated, "seconds": time.perf_counter() - start}
+        finally:
+            model.train(was_training)
+        all_rows = _gather_chunks(done, world)
+        return datasets.Dataset.from_list([r for i in range(len(chunks)) for r in all_rows[i]], features=FEATURES)
+
+    def _prefix(self, policy, task: Task, probe: Question):
+        """KV cache of the task's shared prefix (batch 1), or (None, 0) when there is none."""
+        prefix_ids = task.prompt_parts(policy.tokenizer, probe).prefix_ids
+        if not prefix_ids:
+            return None, 0
+        device = next(policy.model.parameters()).device
+        with torch.no_grad():
+            out = policy.model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True, logits_to_keep=1)
+        return out.past_key_values, len(prefix_ids)
+
+    def _chunk(self, policy, task, questions, params, prefix, seed) -> list[dict]:
+        tokenizer = policy.tokenizer
+        generator = torch.Generator().manual_seed(hash_seed(*seed))
+        suffixes = [task.prompt_parts(tokenizer, q).suffix_ids for q in questions]
+        order = sorted(range(len(questions)), key=lambda i: len(suffixes[i]))  # similar lengths batch together
+        rows: dict[int, list[dict]] = {}
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            completions = generate_batch(policy.model, tokenizer, prefix[0], prefix[1], [suffixes[i] for i in batch],
+                                         params, task.stop, generator)
+            for k, qi in enumerate(batch):
+                rows[qi] = []
+                for j in range(params.n):
+                    text, c = finish_text(tokenizer, completions[k * params.n + j], task.stop)
+                    rows[qi].append({
+                        "question_id": questions[qi].id, "sample_index": j, "completion": text,
+                        "answer": task.extract(text), "num_tokens": len(c.tokens), "token_ids": c.tokens,
+                        "token_logprobs": c.logprobs,
+                        "finish_reason": c.finish_reason,
+                    })
+        return [r for qi in range(len(questions)) for r in rows[qi]]
+
+
+def hash_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather_chunks(done: dict[int, list[dict]], world: int) -> dict[int, list[dict]]:
+    if world == 1:
+        return done
+    gathered: list[dict[int, list[dict]]] = [{} for _ in range(world)]
+    torch.distributed.all_gather_object(gathered, done)
+    return {i: rows for part in gathered for i, rows in part.items()}
+
+
+def sample(
+    policy, questions: Sequence[Question], task: Task, n: int = 8, temperature: float = 0.7, top_p: float = 1.0,
+    max_new_tokens: int = 128, seed: int = 0, **engine_kwargs,
+) -> datasets.Dataset:
+    """`n` candidates per question with the default engine; see `HFGenerator` for `engine_kwargs`."""
+    params = SamplingParams(n, temperature, top_p, max_new_tokens, seed)
+    return HFGenerator(**engine_kwargs).sample(policy, questions, task, params)

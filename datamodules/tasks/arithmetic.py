@@ -1,0 +1,64 @@
+"""Arithmetic: the procedural demo task — no download, any split size, gold answers and rationales.
+
+Family (chosen by measuring the default model, see the README): "N has a boxes. Each box holds b items. How many
+items does N have in total?", a in 2..12, b in 3..20. SmolLM2-135M-Instruct answers about half of them right
+greedily and a majority vote over 8 samples does better, which leaves room and signal for self-improvement.
+"""
+
+from __future__ import annotations
+
+from datamodules.tasks.base import Question, Task, split_rng
+from datamodules.tasks.extract import extract_number, same_number
+
+NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivo", "Juno", "Kofi", "Lena", "Mira", "Noah")
+ITEMS = ("apples", "pencils", "marbles", "books", "cookies", "stickers", "shells", "coins", "cards", "buttons")
+
+
+class Arithmetic(Task):
+    """Multiplication word problems.
+
+    Args:
+        a_range: inclusive range of the number of boxes.
+        b_range: inclusive range of the items per box.
+        seed: questions of split s come from a generator seeded with (seed, s); exemplars from (seed, "exemplars").
+    """
+
+    name = "arithmetic"
+
+    def __init__(
+        self, a_range: tuple[int, int] = (2, 12), b_range: tuple[int, int] = (3, 20), seed: int = 0, **kwargs
+    ) -> None:
+        super().__init__(**kwargs)
+        self.a_range, self.b_range, self.seed = tuple(a_range), tuple(b_range), seed
+
+    def make(self, split: str, n: int) -> list[Question]:
+        rng = split_rng(self.seed, split)
+        out = []
+        for i in range(n):
+            a, b = rng.randint(*self.a_range), rng.randint(*self.b_range)
+            name, item = rng.choice(NAMES), rng.choice(ITEMS)
+            out.append(Question(
+                id=f"{split}-{i}",
+                question=f"{name} has {a} boxes. Each box holds {b} {item}. How many {item} does {name} have in total?",
+                answer=str(a * b),
+                rationale=f"{name} has {a} boxes with {b} {item} each, so the total is {a} x {b} = {a * b}. "
+                f"The answer is {a * b}.",
+            ))
+        return out
+
+    def load(self, split: str, limit: int | None = None) -> list[Question]:
+        if self.data_path is not None:
+            return super().load(split, limit)
+        return self.make(split, limit if limit is not None else 100)
+
+    def exemplars(self) -> list[Question]:
+        return self.make("exemplars", 8)
+
+    def extract(self, completion: str) -> str | None:
+        return extract_number(completion)
+
+    def same(self, a: str | None, b: str | None) -> bool:
+        return same_number(a, b)
+
+    def fingerprint(self) -> dict:
+        return {**super().fingerprint(), "a_range": self.a_range, "b_range": self.b_range, "seed": self.seed}

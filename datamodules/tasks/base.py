@@ -1,0 +1,156 @@
+"""A task: how a question becomes a prompt, where generation stops, how an answer is read and compared.
+
+The prompt is built in two parts so that generation can share work across questions:
+`prefix` (system message + few-shot exemplars, identical for every question of the task) and `suffix`
+(the question turn and the start of the answer). Their token ids are concatenated, never re-tokenised
+together, so the prefix's KV cache is exactly reusable.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+from datamodules.io import DataError, read_rows
+
+
+@dataclass
+class Question:
+    id: str
+    question: str
+    answer: str | None = None  # gold, for evaluation (and labeled sets) only
+    rationale: str | None = None  # gold chain of thought ending in the answer sentence
+    options: list[str] | None = None  # multiple choice, shown as (A) ... (B) ...
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class PromptParts:
+    prefix_ids: list[int]  # shared by every question of the task
+    suffix_ids: list[int]
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prefix_ids + self.suffix_ids
+
+
+class Task:
+    """Base class: subclasses define `extract`, `same`, `load` and exemplars.
+
+    Args:
+        few_shot: number of exemplars with gold rationales placed before the question (0 = zero-shot).
+        template: `chat` uses the tokenizer's chat template (exemplars as earlier turns) when it has one;
+            `plain` uses "Q: ...\\nA: ..." blocks and stops at the next "\\nQ:".
+        system_prompt: optional system message (chat) or first line (plain).
+        data_path: local jsonl/json/csv/parquet with fields question, answer, rationale, options, id.
+    """
+
+    name = "task"
+    answer_sentence = "The answer is {answer}."
+
+    def __init__(
+        self,
+        few_shot: int = 2,
+        template: Literal["chat", "plain"] = "chat",
+        system_prompt: str | None = None,
+        data_path: str | None = None,
+    ) -> None:
+        self.few_shot, self.template, self.system_prompt, self.data_path = few_shot, template, system_prompt, data_path
+
+    # ----------------------------------------------------------------- what subclasses define
+    def extract(self, completion: str) -> str | None:
+        """The answer in a completion, normalised; None when there is none. Never raises."""
+        raise NotImplementedError
+
+    def same(self, a: str | None, b: str | None) -> bool:
+        return a is not None and b is not None and a == b
+
+    def exemplars(self) -> list[Question]:
+        raise NotImplementedError
+
+    def load(self, split: str, limit: int | None = None) -> list[Question]:
+        """Questions of a split: from `data_path` (a file per split: `{split}` in the path is replaced)."""
+        if self.data_path is None:
+            raise ValueError(f"task {self.name!r} needs data_path (a local file; `{{split}}` is replaced by the split)")
+        return load_questions(self.data_path.replace("{split}", split), limit)
+
+    # ----------------------------------------------------------------- shared behaviour
+    def format_question(self, q: Question) -> str:
+        if not q.options:
+            return q.question
+        letters = "ABCDEFGHIJ"
+        return q.question + "\nAnswer choices: " + " ".join(f"({letters[i]}) {o}" for i, o in enumerate(q.options))
+
+    def format_rationale(self, q: Question) -> str:
+        """The gold completion: the rationale, ending with the answer sentence."""
+        if q.rationale is None:
+            return self.answer_sentence.format(answer=q.answer)
+        if self.extract(q.rationale) is not None:
+            return q.rationale
+        return f"{q.rationale.rstrip()} {self.answer_sentence.format(answer=q.answer)}"
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return ("\nQ:",) if self.template == "plain" else ()
+
+    def prompt_parts(self, tokenizer, q: Question) -> PromptParts:
+        shots = self.exemplars()[: self.few_shot]
+        if self.template == "chat" and tokenizer.chat_template:
+            prefix_msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            for ex in shots:
+                prefix_msgs += [
+                    {"role": "user", "content": self.format_question(ex)},
+                    {"role": "assistant", "content": self.format_rationale(ex)},
+                ]
+            full_msgs = prefix_msgs + [{"role": "user", "content": self.format_question(q)}]
+            full = tokenizer.apply_chat_template(full_msgs, add_generation_prompt=True, tokenize=False)
+            prefix = tokenizer.apply_chat_template(prefix_msgs, tokenize=False) if prefix_msgs else ""
+            if not full.startswith(prefix):  # a template that renders earlier turns differently: no sharing
+                prefix = ""
+            special = False
+        else:
+            head = f"{self.system_prompt}\n\n" if self.system_prompt else ""
+            prefix = head + "".join(f"Q: {self.format_question(ex)}\nA: {self.format_rationale(ex)}\n\n" for ex in shots)
+            full = prefix + f"Q: {self.format_question(q)}\nA:"
+            special = True
+        prefix_ids = tokenizer(prefix, add_special_tokens=special)["input_ids"] if prefix else []
+        add_bos = special and not prefix
+        suffix_ids = tokenizer(full[len(prefix) :], add_special_tokens=add_bos)["input_ids"]
+        return PromptParts(prefix_ids, suffix_ids)
+
+    def prompt_text(self, tokenizer, q: Question) -> str:
+        return tokenizer.decode(self.prompt_parts(tokenizer, q).ids)
+
+    def fingerprint(self) -> dict:
+        """What changes the prompts: part of the generation cache key."""
+        return {"task": type(self).__qualname__, "few_shot": self.few_shot, "template": self.template,
+                "system_prompt": self.system_prompt, "exemplars": [e.id for e in self.exemplars()[: self.few_shot]]}
+
+
+def load_questions(source: str, limit: int | None = None) -> list[Question]:
+    """Questions from a file or `datasets` name in the common schema (question, answer, rationale, options, id)."""
+    questions = []
+    for i, row in enumerate(read_rows(source)):
+        d = row.data
+        if not isinstance(d.get("question"), str) or not d["question"].strip():
+            raise DataError(f"{row.where}: missing or empty field 'question'")
+        options = d.get("options")
+        if options is not None and not (isinstance(options, list) and all(isinstance(o, str) for o in options)):
+            raise DataError(f"{row.where}: 'options' must be a list of strings")
+        answer = d.get("answer")
+        questions.append(Question(
+            id=str(d.get("id", i)), question=d["question"], answer=None if answer is None else str(answer),
+            rationale=d.get("rationale"), options=options,
+        ))
+        if limit is not None and len(questions) >= limit:
+            break
+    ids = [q.id for q in questions]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{source}: question ids are not unique")
+    return questions
+
+
+def split_rng(seed: int, split: str) -> random.Random:
+    """A generator per (seed, split): splits never share a stream, and the same split is the same every run."""
+    return random.Random(f"{seed}-{split}")

@@ -1,0 +1,162 @@
+"""The generation engine: equivalence with model.generate, log-probs, determinism, caching, resume, DDP gather."""
+
+import math
+
+import pytest
+import torch
+
+from datamodules import generation
+from datamodules.generation import HFGenerator, SamplingParams, sample, top_p_filter
+from datamodules.tasks import Arithmetic
+from lightning_modules.policy import Policy
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    return Policy(tiny_model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def task():
+    return Arithmetic()
+
+
+@pytest.mark.parametrize("few_shot, template", [(2, "chat"), (0, "chat"), (1, "plain")])
+def test_greedy_is_token_identical_to_model_generate(policy, task, few_shot, template, tiny_model_dir):
+    task = Arithmetic(few_shot=few_shot, template=template)
+    questions = task.load("test", 7)
+    cands = sample(policy, questions, task, n=1, temperature=0, max_new_tokens=10, batch_size=3, progress=False)
+    assert cands["question_id"] == [q.id for q in questions]
+    for q, c in zip(questions, cands):
+        ids = torch.tensor([task.prompt_parts(policy.tokenizer, q).ids])
+        ref = policy.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    max_new_tokens=10, pad_token_id=policy.tokenizer.pad_token_id)[0, ids.shape[1]:]
+        want = ref.tolist()
+        if c["finish_reason"] != "stop":
+            assert c["token_ids"] == want[: len(c["token_ids"])] and len(c["token_ids"]) == len(want)
+        else:  # cut before the stop string; the text matches generate's up to it
+            assert policy.tokenizer.decode(want).startswith(c["completion"])
+
+
+def test_prefix_is_shared_and_prompt_parts_concatenate(policy, task):
+    a, b = task.load("test", 2)
+    pa, pb = task.prompt_parts(policy.tokenizer, a), task.prompt_parts(policy.tokenizer, b)
+    assert pa.prefix_ids == pb.prefix_ids and len(pa.prefix_ids) > 20
+    assert policy.tokenizer.decode(pa.ids).endswith(a.question + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_logprobs_are_the_models_temperature_one_logprobs(policy, task):
+    q = task.load("test", 1)[0]
+    c = sample(policy, [q], task, n=2, temperature=1.3, max_new_tokens=8, progress=False)[1]
+    prompt = task.prompt_parts(policy.tokenizer, q).ids
+    ids = torch.tensor([prompt + c["token_ids"]])
+    labels = ids.clone()
+    labels[0, : len(prompt)] = -100
+    nll = policy.token_nll(ids, torch.ones_like(ids), labels)[0, len(prompt):]
+    torch.testing.assert_close(torch.tensor(c["token_logprobs"]), -nll, atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_is_seeded(policy, task):
+    qs = task.load("test", 3)
+    kw = dict(n=4, temperature=1.0, max_new_tokens=8, progress=False)
+    one, two = sample(policy, qs, task, seed=1, **kw), sample(policy, qs, task, seed=1, **kw)
+    other = sample(policy, qs, task, seed=2, **kw)
+    assert one["token_ids"] == two["token_ids"] and one["token_ids"] != other["token_ids"]
+    assert len(one) == 12 and one["sample_index"] == [0, 1, 2, 3] * 3
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(top_p_filter(logits, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    assert torch.isfinite(top_p_filter(logits, 0.1)).sum() == 1  # the top token always stays
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def test_stop_string_cuts_the_completion(policy):
+    task = Arithmetic(template="plain", few_shot=1)
+    c = generation.Completion(tokens=policy.tokenizer("The answer is 84.\nQ: next", add_special_tokens=False)["input_ids"],
+                              logprobs=[0.0] * 20, finish_reason="stop")
+    text, trimmed = generation.finish_text(policy.tokenizer, c, task.stop)
+    assert text == "The answer is 84." and len(trimmed.tokens) == len(c.tokens) - 1
+
+
+def test_cache_resumes_after_an_interruption_without_loss_or_duplication(policy, task, tmp_path, monkeypatch):
+    qs = task.load("test", 10)
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=3)
+    straight = HFGenerator(chunk_size=3, progress=False).sample(policy, qs, task, params)
+
+    calls = []
+    original = HFGenerator._chunk
+
+    def dies_after_two(self, *args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HFGenerator, "_chunk", dies_after_two)
+    engine = HFGenerator(chunk_size=3, cache_dir=str(tmp_path), progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        engine.sample(policy, qs, task, params)
+    assert len(list(tmp_path.rglob("chunk-*"))) == 2 and not list(tmp_path.rglob(".tmp-*"))
+    calls.clear()
+    monkeypatch.setattr(HFGenerator, "_chunk", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    resumed = engine.sample(policy, qs, task, params)
+    assert len(calls) == 2  # only the 2 missing chunks of 4
+    assert resumed.to_list() == straight.to_list()  # 0 lost, 0 duplicated, same samples
+    calls.clear()
+    engine.sample(policy, qs, task, params)
+    assert not calls  # a finished run is reused
+
+
+def test_cache_key_changes_with_what_changes_the_samples(policy, task):
+    qs = task.load("test", 3)
+    base = generation.cache_key(policy, task, qs, SamplingParams(), 32)
+    assert base == generation.cache_key(policy, task, qs, SamplingParams(), 32)
+    assert base != generation.cache_key(policy, task, qs, SamplingParams(temperature=1.0), 32)
+    assert base != generation.cache_key(policy, Arithmetic(few_shot=0), qs, SamplingParams(), 32)
+    assert base != generation.cache_key(policy, task, qs[:2], SamplingParams(), 32)
+    with torch.no_grad():
+        lora_b = next(p for n, p in policy.named_parameters() if "lora_B" in n)
+        lora_b.add_(0.1)
+        changed = generation.cache_key(policy, task, qs, SamplingParams(), 32)
+        lora_b.sub_(0.1)
+    assert base != changed  # the adapter's weights are part of the key
+
+
+def _ddp_worker(rank, world, port, model_dir, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    policy = Policy(model_dir).eval()
+    task = Arithmetic()
+    cands = HFGenerator(chunk_size=2, progress=False).sample(policy, task.load("test", 7), task,
+                                                            SamplingParams(n=2, temperature=1.0, max_new_tokens=5))
+    torch.save(cands.to_list(), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_processes_gather_in_question_order(policy, task, tiny_model_dir, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, tiny_model_dir, str(tmp_path)), nprocs=2)
+    single = HFGenerator(chunk_size=2, progress=False).sample(policy, task.load("test", 7), task,
+                                                             SamplingParams(n=2, temperature=1.0, max_new_tokens=5))
+    for rank in range(2):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == single.to_list()
+
+
+def test_empty_question_list_is_an_error(policy, task):
+    with pytest.raises(ValueError, match="no questions"):
+        sample(policy, [], task, progress=False)
+
+
+def test_every_candidate_is_finite(policy, task):
+    cands = sample(policy, task.load("test", 2), task, n=3, temperature=1.0, max_new_tokens=6, progress=False)
+    assert all(math.isfinite(x) and x <= 0 for lp in cands["token_logprobs"] for x in lp)
+    assert all(n == len(lp) for n, lp in zip(cands["num_tokens"], cands["token_logprobs"]))
