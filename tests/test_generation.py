@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from datamodules import generation
-from datamodules.generation import HFGenerator, SamplingParams, sample, top_p_filter
+from datamodules.generation import HFGenerator, sample
 from datamodules.tasks import Arithmetic
+from lightning_modules import sampling
 from lightning_modules.policy import Policy
+from lightning_modules.sampling import SamplingParams, top_p_filter
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +77,9 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_stop_string_cuts_the_completion(policy):
     task = Arithmetic(template="plain", few_shot=1)
-    c = generation.Completion(tokens=policy.tokenizer("The answer is 84.\nQ: next", add_special_tokens=False)["input_ids"],
+    c = sampling.Completion(tokens=policy.tokenizer("The answer is 84.\nQ: next", add_special_tokens=False)["input_ids"],
                               logprobs=[0.0] * 20, finish_reason="stop")
-    text, trimmed = generation.finish_text(policy.tokenizer, c, task.stop)
+    text, trimmed = sampling.finish_text(policy.tokenizer, c, task.stop)
     assert text == "The answer is 84." and len(trimmed.tokens) == len(c.tokens) - 1
 
 

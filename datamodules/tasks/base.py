@@ -9,6 +9,7 @@ together, so the prefix's KV cache is exactly reusable.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -68,6 +69,25 @@ class Task:
 
     def exemplars(self) -> list[Question]:
         raise NotImplementedError
+
+    def majority(self, answers: Sequence[str | None]) -> tuple[str | None, int, int]:
+        """(majority answer, its votes, parsed answers). None gets no vote; answers equal under `same` pool
+        their votes; ties go to the answer seen first (SPEC §1)."""
+        groups: list[list] = []  # [representative, votes] in first-seen order
+        for a in answers:
+            if a is None:
+                continue
+            for group in groups:
+                if self.same(group[0], a):
+                    group[1] += 1
+                    break
+            else:
+                groups.append([a, 1])
+        parsed = sum(g[1] for g in groups)
+        if not groups:
+            return None, 0, 0
+        best = max(groups, key=lambda g: g[1])  # max keeps the first of equals
+        return best[0], best[1], parsed
 
     def load(self, split: str, limit: int | None = None) -> list[Question]:
         """Questions of a split: from `data_path` (a file per split: `{split}` in the path is replaced)."""

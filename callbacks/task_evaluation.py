@@ -1,0 +1,136 @@
+"""TaskEvaluation: greedy accuracy, maj@k and pass@k on a task's held-out questions, logged to TensorBoard.
+
+- `labelfree test` (QuestionDataModule + AnswerSamplingModule): scores each test step's completions with the
+  datamodule's task and logs `test/greedy_accuracy`, `test/maj@k`, `test/pass@k`, `test/greedy_parse_rate`.
+- during `fit`: evaluates the policy at fit start (the base model) and at fit end with the generation engine,
+  logging `eval/...` at the current step and printing a one-line summary.
+maj@k: the majority of the k sampled answers (unparsable answers get no vote, ties go to the first seen) equals
+the gold answer; pass@k: any of the k does. Each evaluation writes `predictions-<when>.jsonl` (question,
+completions, extracted answers, gold) to the run directory and a few rows as TensorBoard text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from datamodules.generation import HFGenerator
+from datamodules.tasks.base import Question, Task
+from lightning_modules.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def score(task: Task, question: Question, greedy: str, samples: list[str]) -> dict:
+    """One question's evaluation row."""
+    greedy_answer = task.extract(greedy)
+    answers = [task.extract(s) for s in samples]
+    majority, votes, parsed = task.majority(answers)
+    return {
+        "id": question.id, "question": question.question, "gold": question.answer,
+        "greedy_completion": greedy, "greedy_answer": greedy_answer,
+        "greedy_correct": task.same(greedy_answer, question.answer),
+        "samples": samples, "sample_answers": answers, "majority": majority, "votes": votes, "parsed": parsed,
+        "maj_correct": task.same(majority, question.answer),
+        "pass": any(task.same(a, question.answer) for a in answers),
+    }
+
+
+class TaskEvaluation(L.Callback):
+    """Args:
+        task: the task for fit-time evaluation (in `labelfree test` the datamodule's task is used).
+        split, num_questions: the held-out questions.
+        k, temperature, top_p, max_new_tokens, seed: the k sampled answers behind maj@k and pass@k (0 = greedy only).
+        batch_size: questions per generation batch.
+        at_fit_start, at_fit_end: when to evaluate during fit.
+        num_text_rows: rows shown as TensorBoard text.
+    """
+
+    def __init__(
+        self, task: Task | None = None, split: str = "test", num_questions: int = 100, k: int = 8,
+        temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0, batch_size: int = 8,
+        at_fit_start: bool = True, at_fit_end: bool = True, num_text_rows: int = 5,
+    ) -> None:
+        self.task, self.split, self.num_questions, self.k = task, split, num_questions, k
+        self.sampled = SamplingParams(k, temperature, top_p, max_new_tokens, seed)
+        self.greedy = SamplingParams(1, 0.0, 1.0, max_new_tokens, seed)
+        self.batch_size, self.at_fit_start, self.at_fit_end = batch_size, at_fit_start, at_fit_end
+        self.num_text_rows = num_text_rows
+        self.rows: list[dict] = []
+        self.results: dict[str, dict[str, float]] = {}  # when -> metrics
+
+    # ------------------------------------------------------------------ metrics
+    def _metrics(self, rows: list[dict], device: torch.device) -> dict[str, float]:
+        columns = {"greedy_accuracy": "greedy_correct", "greedy_parse_rate": "greedy_answer"}
+        k = len(rows[0]["samples"]) if rows else 0  # in `labelfree test` the module decides k
+        if k:
+            columns |= {f"maj@{k}": "maj_correct", f"pass@{k}": "pass"}
+        out = {}
+        for name, column in columns.items():
+            metric = MeanMetric().to(device)  # syncs across ranks in compute()
+            metric.update(torch.tensor([float(r[column] is not None and r[column] is not False) for r in rows],
+                                       device=device))
+            out[name] = metric.compute().item()
+        return out
+
+    def _report(self, trainer: L.Trainer, when: str, rows: list[dict], prefix: str) -> dict[str, float]:
+        metrics = self._metrics(rows, trainer.strategy.root_device)
+        self.results[when] = metrics
+        summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+        log.info("evaluation (%s, %d questions): %s", when, len(rows), summary)
+        if trainer.is_global_zero:
+            print(f"[{when}] {len(rows)} questions: {summary}")
+            directory = Path(trainer.log_dir or trainer.default_root_dir)
+            directory.mkdir(parents=True, exist_ok=True)
+            with open(directory / f"predictions-{when}.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            experiment = getattr(trainer.logger, "experiment", None)
+            if hasattr(experiment, "add_text"):
+                table = "| question | greedy completion | extracted | gold |\n|---|---|---|---|\n" + "".join(
+                    f"| {r['question']} | {r['greedy_completion']!r} | {r['greedy_answer']} | {r['gold']} |\n"
+                    for r in rows[: self.num_text_rows]
+                )
+                experiment.add_text(f"{prefix}/predictions_{when}", table, trainer.global_step)
+        return {f"{prefix}/{k}": v for k, v in metrics.items()}
+
+    # ------------------------------------------------------------------ labelfree test
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self.rows = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        task = trainer.datamodule.task
+        for q, greedy, samples in zip(batch["questions"], outputs["greedy"], outputs["samples"]):
+            self.rows.append(score(task, q, greedy, samples))
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.log_dict(self._report(trainer, "test", self.rows, "test"))
+
+    # ------------------------------------------------------------------ during fit
+    def evaluate(self, policy, task: Task, questions: list[Question]) -> list[dict]:
+        engine = HFGenerator(batch_size=self.batch_size, progress=False)
+        greedy = engine.sample(policy, questions, task, self.greedy)["completion"]
+        samples = engine.sample(policy, questions, task, self.sampled)["completion"] if self.k else []
+        k = self.k
+        return [score(task, q, greedy[i], samples[i * k : (i + 1) * k]) for i, q in enumerate(questions)]
+
+    def _fit_eval(self, trainer, pl_module, when: str) -> None:
+        task = self.task or getattr(trainer.datamodule, "task", None)
+        if task is None:
+            raise ValueError("TaskEvaluation needs a task (its `task` argument or the datamodule's)")
+        rows = self.evaluate(pl_module.policy, task, task.load(self.split, self.num_questions))
+        metrics = self._report(trainer, when, rows, "eval")
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.at_fit_start:
+            self._fit_eval(trainer, pl_module, "fit_start")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.at_fit_end:
+            self._fit_eval(trainer, pl_module, "fit_end")

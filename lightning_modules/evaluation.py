@@ -1,0 +1,58 @@
+"""AnswerSamplingModule: greedy and k sampled answers for each prompt of a test/predict batch.
+
+Task-free: a batch brings token ids (`prefix_ids` shared, `suffix_ids` per prompt) and stop strings, and the
+step returns completion texts; the `TaskEvaluation` callback reads and scores them with the task.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from lightning_modules.policy import Policy
+from lightning_modules.sampling import SamplingParams, finish_text, generate_batch
+
+
+class AnswerSamplingModule(L.LightningModule):
+    """Args:
+        policy: the model under evaluation.
+        k: sampled answers per prompt (for maj@k and pass@k); 0 = greedy only.
+        temperature, top_p, max_new_tokens, seed: sampling settings of the k answers.
+    """
+
+    def __init__(self, policy: Policy, k: int = 8, temperature: float = 0.7, top_p: float = 1.0,
+                 max_new_tokens: int = 128, seed: int = 0) -> None:
+        super().__init__()
+        self.policy, self.k = policy, k
+        self.greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+        self.sampled = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                      seed=seed)
+        self._prefix: tuple[tuple[int, ...], object] | None = None
+
+    def _prefix_cache(self, prefix_ids: list[int]):
+        if self._prefix is None or self._prefix[0] != tuple(prefix_ids):
+            out = self.policy.model(input_ids=torch.tensor([prefix_ids], device=self.device), use_cache=True,
+                                    logits_to_keep=1)
+            self._prefix = (tuple(prefix_ids), out.past_key_values)
+        return self._prefix[1]
+
+    def _texts(self, batch: dict, params: SamplingParams, generator: torch.Generator | None) -> list[list[str]]:
+        prefix = self._prefix_cache(batch["prefix_ids"]) if batch["prefix_ids"] else None
+        completions = generate_batch(self.policy.model, self.policy.tokenizer, prefix, len(batch["prefix_ids"]),
+                                     batch["suffix_ids"], params, batch["stop"], generator)
+        texts = [finish_text(self.policy.tokenizer, c, batch["stop"])[0] for c in completions]
+        return [texts[i * params.n : (i + 1) * params.n] for i in range(len(batch["suffix_ids"]))]
+
+    @torch.no_grad()
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        generator = torch.Generator().manual_seed(self.sampled.seed * 1_000_003 + batch_idx)
+        greedy = [t[0] for t in self._texts(batch, self.greedy, None)]
+        samples = self._texts(batch, self.sampled, generator) if self.k else [[] for _ in greedy]
+        return {"greedy": greedy, "samples": samples}
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return self.test_step(batch, batch_idx)
+
+    def on_test_start(self) -> None:
+        self.policy.eval()
+        self._prefix = None

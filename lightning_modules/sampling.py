@@ -1,0 +1,147 @@
+"""The decode loop: many samples per prompt from a causal LM, sharing every bit of work that is shared.
+
+Task-free (token ids in, token ids and log-probs out) so that every pipeline uses it: the data side's cached
+engine (`datamodules/generation.py`), evaluation, and online RL.
+
+- the prefix shared by every prompt (a task's few-shot exemplars) is run once by the caller; each batch starts
+  from a copy of its KV cache (layout [prefix | left-padded prompt | generated], positions counted over real
+  tokens only, so the result equals running each prompt alone);
+- each prompt is prefilled once, then its KV cache is repeated `n` times (`batch_repeat_interleave`);
+- rows that finished (EOS or a stop string) leave the batch (`batch_select_indices`).
+Greedy decoding is token-identical to `model.generate` on the same ids (tested).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """n samples per question; temperature 0 means greedy (then n is usually 1)."""
+
+    n: int = 8
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    seed: int = 0
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    logprobs: list[float]  # at temperature 1
+    finish_reason: str  # "eos", "stop" or "length"
+
+
+def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    """Logits outside the smallest set of tokens whose probability reaches `top_p` become -inf. (R, V)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    outside = probs.cumsum(-1) - probs > top_p  # the top token is always kept
+    return logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+
+
+def choose_tokens(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
+    """Greedy when temperature == 0, else a sample from softmax(logits / T) restricted to the top-p set. (R,)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = top_p_filter(logits / temperature, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------- the decode loop
+class _StopChecker:
+    def __init__(self, tokenizer, stop: Sequence[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.window = 2 + max((len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in self.stop), default=0)
+
+    def hit(self, tokens: list[int]) -> bool:
+        if not self.stop:
+            return False
+        tail = self.tokenizer.decode(tokens[-self.window :], skip_special_tokens=True)
+        return any(s in tail for s in self.stop)
+
+
+@torch.no_grad()
+def generate_batch(
+    model, tokenizer, prefix_cache, prefix_len: int, suffixes: Sequence[Sequence[int]], params: SamplingParams,
+    stop: Sequence[str] = (), generator: torch.Generator | None = None,
+) -> list[Completion]:
+    """`params.n` completions for each suffix (row order: suffix 0 samples 0..n-1, suffix 1 ...)."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    eos_ids = torch.tensor(sorted(_eos_ids(model, tokenizer)), device=device)
+    b, s = len(suffixes), max(len(x) for x in suffixes)
+    ids = torch.full((b, s), pad, dtype=torch.long, device=device)  # (B, S) left-padded
+    mask = torch.zeros((b, prefix_len + s), dtype=torch.long, device=device)  # (B, P+S)
+    mask[:, :prefix_len] = 1
+    for i, x in enumerate(suffixes):
+        ids[i, s - len(x) :] = torch.tensor(x, device=device)
+        mask[i, prefix_len + s - len(x) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, prefix_len:]  # (B, S) over real tokens only
+    cache = copy.deepcopy(prefix_cache) if prefix_len else None
+    if cache is not None:
+        cache.batch_repeat_interleave(b)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    cache, logits = out.past_key_values, out.logits[:, -1].float()  # (B, V)
+    # prefill once per prompt, then n rows per prompt
+    n = params.n
+    cache.batch_repeat_interleave(n)
+    mask, logits = mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
+    next_pos = positions[:, -1:].repeat_interleave(n, 0) + 1  # (R, 1)
+    rows = torch.arange(b * n, device=device)  # which output row each batch row is
+    tokens: list[list[int]] = [[] for _ in range(b * n)]
+    logprobs: list[list[float]] = [[] for _ in range(b * n)]
+    reasons = ["length"] * (b * n)
+    checker = _StopChecker(tokenizer, stop)
+    for step in range(params.max_new_tokens):
+        chosen = choose_tokens(logits, params.temperature, params.top_p, generator)  # (R,)
+        chosen_lp = logits.log_softmax(-1).gather(-1, chosen[:, None]).squeeze(-1)  # (R,) at temperature 1
+        is_eos = torch.isin(chosen, eos_ids)
+        keep = []
+        for j, (row, tok, lp, eos) in enumerate(zip(rows.tolist(), chosen.tolist(), chosen_lp.tolist(), is_eos.tolist())):
+            tokens[row].append(tok)
+            logprobs[row].append(lp)
+            if eos:
+                reasons[row] = "eos"
+            elif checker.hit(tokens[row]):
+                reasons[row] = "stop"
+            else:
+                keep.append(j)
+        if not keep or step == params.max_new_tokens - 1:
+            break
+        if len(keep) < len(rows):  # finished rows leave the batch
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            rows, chosen, mask, next_pos = rows[index], chosen[index], mask[index], next_pos[index]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+                    use_cache=True)
+        cache, logits, next_pos = out.past_key_values, out.logits[:, -1].float(), next_pos + 1
+    return [Completion(t, lp, r) for t, lp, r in zip(tokens, logprobs, reasons)]
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    return ids | {tokenizer.eos_token_id}
+
+
+def finish_text(tokenizer, completion: Completion, stop: Sequence[str]) -> tuple[str, Completion]:
+    """The completion's text (special tokens dropped, cut before a stop string) and, for a stop, the
+    tokens up to the one that completed the stop string excluded."""
+    text = tokenizer.decode(completion.tokens, skip_special_tokens=True)
+    if completion.finish_reason != "stop":
+        return text, completion
+    cut = min(i for i in (text.find(s) for s in stop) if i >= 0)
+    k = len(completion.tokens) - 1
+    return text[:cut], Completion(completion.tokens[:k], completion.logprobs[:k], "stop")

@@ -1,0 +1,52 @@
+"""Evaluation: `labelfree test` on the tiny model, and fit-time evaluation with the TaskEvaluation callback."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from callbacks.task_evaluation import TaskEvaluation
+from datamodules.generation import sample
+from datamodules.tasks import Arithmetic
+from lightning_modules.cli import build_cli
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_labelfree_test_scores_greedy_majority_and_pass(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cli = build_cli([
+        "test", "-c", "configs/eval/arithmetic.yaml", f"--model.init_args.policy.init_args.model={tiny_model_dir}",
+        "--data.init_args.num_questions=5", "--data.init_args.batch_size=2", "--model.init_args.k=3",
+        "--model.init_args.max_new_tokens=6", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+    ])
+    metrics = cli.trainer.callback_metrics
+    assert {"test/greedy_accuracy", "test/maj@3", "test/pass@3", "test/greedy_parse_rate"} <= set(metrics)
+    rows = [json.loads(x) for x in next(tmp_path.rglob("predictions-test.jsonl")).read_text().splitlines()]
+    assert len(rows) == 5 and all(len(r["samples"]) == 3 for r in rows)
+    # the reported numbers are the rows' means, and the greedy completions are the engine's greedy answers
+    assert metrics["test/pass@3"].item() == sum(r["pass"] for r in rows) / 5
+    task = Arithmetic()
+    engine = sample(cli.model.policy, task.load("test", 5), task, n=1, temperature=0, max_new_tokens=6,
+                    progress=False)
+    assert [r["greedy_completion"] for r in rows] == engine["completion"]
+
+
+def test_fit_time_evaluation_logs_before_and_after(tiny_model_dir, tmp_path):
+    from datamodules.labeled import LabeledDataModule
+    from lightning_modules.policy import Policy
+    from lightning_modules.sft import WeightedSFTModule
+
+    evaluation = TaskEvaluation(Arithmetic(), num_questions=3, k=2, max_new_tokens=5)
+    trainer = L.Trainer(max_steps=1, default_root_dir=tmp_path, callbacks=[evaluation], enable_progress_bar=False,
+                        limit_val_batches=0, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path))
+    module = WeightedSFTModule(Policy(tiny_model_dir), export_adapter=False)
+    trainer.fit(module, LabeledDataModule(str(ROOT / "configs/data/arithmetic_sft.jsonl"), tokenizer=tiny_model_dir))
+    assert set(evaluation.results) == {"fit_start", "fit_end"}
+    assert set(evaluation.results["fit_end"]) == {"greedy_accuracy", "greedy_parse_rate", "maj@2", "pass@2"}
+    assert all(0.0 <= v <= 1.0 for r in evaluation.results.values() for v in r.values())
+    assert (Path(trainer.log_dir) / "predictions-fit_start.jsonl").exists()
+    assert module.policy.model.training  # evaluation put the policy back in train mode
+    assert torch.is_grad_enabled()
