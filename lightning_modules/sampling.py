@@ -7,18 +7,19 @@ engine (`datamodules/generation.py`), evaluation, and online RL.
   from a copy of its KV cache (layout [prefix | left-padded prompt | generated], positions counted over real
   tokens only, so the result equals running each prompt alone);
 - each prompt is prefilled once, then its KV cache is repeated `n` times (`batch_repeat_interleave`);
-- rows that finished (EOS or a stop string) leave the batch (`batch_select_indices`).
+- rows that finished (EOS or a stop string) leave the batch (`batch_select_indices`) once a quarter of the
+  batch has finished; the KV cache has reserved room, so a step appends in place instead of re-copying it.
 Greedy decoding is token-identical to `model.generate` on the same ids (tested).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,55 @@ class Completion:
     finish_reason: str  # "eos", "stop" or "length"
 
 
+class ReservedLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values live in a buffer with room for `capacity` positions: a decode step
+    writes its token in place instead of `torch.cat`-ing the whole cache (which re-copies it every step)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def _reset_to(self, keys: Tensor, values: Tensor) -> None:
+        b, h, t, d = keys.shape
+        self._k = keys.new_empty(b, h, max(t, self.capacity), d)
+        self._v = values.new_empty(b, h, max(t, self.capacity), values.shape[-1])
+        self._k[:, :, :t], self._v[:, :, :t] = keys, values
+        self.length = t
+        self.keys, self.values = self._k[:, :, :t], self._v[:, :, :t]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._reset_to(key_states, value_states)
+            return self.keys, self.values
+        end = self.length + key_states.shape[-2]
+        if end > self._k.shape[-2]:
+            self._reset_to(torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2))
+        else:
+            self._k[:, :, self.length : end], self._v[:, :, self.length : end] = key_states, value_states
+            self.length = end
+            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._reset_to(self.keys.repeat_interleave(repeats, 0), self.values.repeat_interleave(repeats, 0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+
+def reserved_cache(prefix_cache, batch: int, n_layers: int, capacity: int) -> Cache:
+    """A cache of `ReservedLayer`s holding `batch` copies of `prefix_cache` (or nothing)."""
+    cache = Cache(layers=[ReservedLayer(capacity) for _ in range(n_layers)])
+    if prefix_cache is not None:
+        for layer, source in zip(cache.layers, prefix_cache.layers):
+            layer.update(source.keys.expand(batch, -1, -1, -1), source.values.expand(batch, -1, -1, -1))
+    return cache
+
+
 def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     """Logits outside the smallest set of tokens whose probability reaches `top_p` become -inf. (R, V)."""
     if top_p >= 1.0:
@@ -53,8 +103,11 @@ def choose_tokens(logits: Tensor, temperature: float, top_p: float, generator: t
     """Greedy when temperature == 0, else a sample from softmax(logits / T) restricted to the top-p set. (R,)."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = top_p_filter(logits / temperature, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    probs = top_p_filter(logits / temperature, top_p).softmax(-1)  # (R, V)
+    # inverse CDF with one uniform per row: exact, and ~20x faster on CPU than multinomial over a 49k vocabulary
+    cdf = probs.double().cumsum(-1)  # (R, V)
+    u = torch.rand(len(cdf), 1, dtype=torch.float64, generator=generator, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
 
 
 # ---------------------------------------------------------------------------------------------- the decode loop
@@ -87,9 +140,8 @@ def generate_batch(
         ids[i, s - len(x) :] = torch.tensor(x, device=device)
         mask[i, prefix_len + s - len(x) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, prefix_len:]  # (B, S) over real tokens only
-    cache = copy.deepcopy(prefix_cache) if prefix_len else None
-    if cache is not None:
-        cache.batch_repeat_interleave(b)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    cache = reserved_cache(prefix_cache if prefix_len else None, b, n_layers, prefix_len + s + params.max_new_tokens)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1].float()  # (B, V)
@@ -98,7 +150,8 @@ def generate_batch(
     cache.batch_repeat_interleave(n)
     mask, logits = mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
     next_pos = positions[:, -1:].repeat_interleave(n, 0) + 1  # (R, 1)
-    rows = torch.arange(b * n, device=device)  # which output row each batch row is
+    rows = list(range(b * n))  # the output row of each batch row
+    alive = [True] * (b * n)  # finished rows stay in the batch (outputs ignored) until compaction
     tokens: list[list[int]] = [[] for _ in range(b * n)]
     logprobs: list[list[float]] = [[] for _ in range(b * n)]
     reasons = ["length"] * (b * n)
@@ -107,22 +160,25 @@ def generate_batch(
         chosen = choose_tokens(logits, params.temperature, params.top_p, generator)  # (R,)
         chosen_lp = logits.log_softmax(-1).gather(-1, chosen[:, None]).squeeze(-1)  # (R,) at temperature 1
         is_eos = torch.isin(chosen, eos_ids)
-        keep = []
-        for j, (row, tok, lp, eos) in enumerate(zip(rows.tolist(), chosen.tolist(), chosen_lp.tolist(), is_eos.tolist())):
+        for j, (tok, lp, eos) in enumerate(zip(chosen.tolist(), chosen_lp.tolist(), is_eos.tolist())):
+            if not alive[j]:
+                continue
+            row = rows[j]
             tokens[row].append(tok)
             logprobs[row].append(lp)
             if eos:
-                reasons[row] = "eos"
+                reasons[row], alive[j] = "eos", False
             elif checker.hit(tokens[row]):
-                reasons[row] = "stop"
-            else:
-                keep.append(j)
-        if not keep or step == params.max_new_tokens - 1:
+                reasons[row], alive[j] = "stop", False
+        n_alive = sum(alive)
+        if n_alive == 0 or step == params.max_new_tokens - 1:
             break
-        if len(keep) < len(rows):  # finished rows leave the batch
+        if n_alive <= 0.75 * len(rows):  # compact: a copy of the cache pays off once a quarter has finished
+            keep = [j for j, a in enumerate(alive) if a]
             index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
-            rows, chosen, mask, next_pos = rows[index], chosen[index], mask[index], next_pos[index]
+            chosen, mask, next_pos = chosen[index], mask[index], next_pos[index]
+            rows, alive = [rows[j] for j in keep], [True] * len(keep)
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
                     use_cache=True)

@@ -162,3 +162,17 @@ def test_every_candidate_is_finite(policy, task):
     cands = sample(policy, task.load("test", 2), task, n=3, temperature=1.0, max_new_tokens=6, progress=False)
     assert all(math.isfinite(x) and x <= 0 for lp in cands["token_logprobs"] for x in lp)
     assert all(n == len(lp) for n, lp in zip(cands["num_tokens"], cands["token_logprobs"]))
+
+
+def test_sampler_draws_from_the_tempered_top_p_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().repeat(40000, 1)
+    g = torch.Generator().manual_seed(0)
+
+    def freq(temperature, top_p):
+        return torch.bincount(sampling.choose_tokens(logits, temperature, top_p, g), minlength=4) / len(logits)
+
+    torch.testing.assert_close(freq(1.0, 1.0), probs, atol=0.01, rtol=0)
+    torch.testing.assert_close(freq(0.5, 1.0), probs**2 / (probs**2).sum(), atol=0.01, rtol=0)
+    torch.testing.assert_close(freq(1.0, 0.7), torch.tensor([0.625, 0.375, 0, 0]), atol=0.01, rtol=0)
+    assert torch.equal(sampling.choose_tokens(logits[:3], 0.0, 1.0, g), torch.zeros(3, dtype=torch.long))
