@@ -81,8 +81,8 @@ def run_trl(args, meter: Meter) -> None:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from lightning_modules.policy import load_tokenizer
     from lightning_modules.model_store import resolve_model
+    from lightning_modules.policy import load_tokenizer
 
     class Timer(TrainerCallback):
         def on_step_end(self, *a, **k):

@@ -123,7 +123,8 @@ class LabeledDataModule(L.LightningDataModule):
                 skipped.append(str(e))
                 continue
             text = format_prompt(self.tokenizer, prompt, hp.system_prompt)
-            examples.append(tokenize_example(self.tokenizer, SFTExample(text, response, weight, row.where), hp.max_length))
+            example = SFTExample(text, response, weight, row.where)
+            examples.append(tokenize_example(self.tokenizer, example, hp.max_length))
         n_skipped = len(skipped or [])
         if n_skipped:
             log.warning("%s: skipped %d bad rows, e.g. %s", source, n_skipped, "; ".join(skipped[:3]))
@@ -131,8 +132,11 @@ class LabeledDataModule(L.LightningDataModule):
             raise DataError(f"{source}: no usable rows ({n_skipped} skipped)")
         truncated = sum(e.truncated for e in examples)
         if truncated:
-            log.warning("%s: truncated %d of %d samples to max_length=%d", source, truncated, len(examples), hp.max_length)
-        self.stats.update({f"{stage}_rows": len(examples), f"{stage}_skipped_rows": n_skipped, f"{stage}_truncated": truncated})
+            log.warning("%s: truncated %d of %d samples to max_length=%d",
+                        source, truncated, len(examples), hp.max_length)
+        self.stats[f"{stage}_rows"] = len(examples)
+        self.stats[f"{stage}_skipped_rows"] = n_skipped
+        self.stats[f"{stage}_truncated"] = truncated
         return examples
 
     def setup(self, stage: str | None = None) -> None:

@@ -97,7 +97,8 @@ class WeightedSFTModule(TrainableStateMixin, L.LightningModule):
         return out.loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        if self.global_step % self.log_samples_every_n_steps == 0 and batch_idx % self.trainer.accumulate_grad_batches == 0:
+        first_micro_batch = batch_idx % self.trainer.accumulate_grad_batches == 0
+        if self.global_step % self.log_samples_every_n_steps == 0 and first_micro_batch:
             self._log_sample(batch)
         return self._step(batch, "train")
 
@@ -133,7 +134,8 @@ class WeightedSFTModule(TrainableStateMixin, L.LightningModule):
         optimizer = self.optimizer_factory(self.policy.trainable_parameters())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        scheduler = {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def on_fit_end(self) -> None:
         if not self.export_adapter or not self.trainer.is_global_zero:

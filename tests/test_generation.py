@@ -77,8 +77,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_stop_string_cuts_the_completion(policy):
     task = Arithmetic(template="plain", few_shot=1)
-    c = sampling.Completion(tokens=policy.tokenizer("The answer is 84.\nQ: next", add_special_tokens=False)["input_ids"],
-                              logprobs=[0.0] * 20, finish_reason="stop")
+    ids = policy.tokenizer("The answer is 84.\nQ: next", add_special_tokens=False)["input_ids"]
+    c = sampling.Completion(tokens=ids, logprobs=[0.0] * len(ids), finish_reason="stop")
     text, trimmed = sampling.finish_text(policy.tokenizer, c, task.stop)
     assert text == "The answer is 84." and len(trimmed.tokens) == len(c.tokens) - 1
 

@@ -9,7 +9,8 @@ from datamodules.collate import LengthBucketSampler
 from datamodules.io import DataError
 from datamodules.labeled import LabeledDataModule
 
-GOOD = {"question": "Ana has 7 boxes. Each box holds 12 apples. How many?", "rationale": "7 x 12 = 84. The answer is 84."}
+GOOD = {"question": "Ana has 7 boxes. Each box holds 12 apples. How many?",
+        "rationale": "7 x 12 = 84. The answer is 84."}
 
 
 def _setup(tiny_model_dir, path, **kwargs):

@@ -131,7 +131,8 @@ class Task:
             special = False
         else:
             head = f"{self.system_prompt}\n\n" if self.system_prompt else ""
-            prefix = head + "".join(f"Q: {self.format_question(ex)}\nA: {self.format_rationale(ex)}\n\n" for ex in shots)
+            blocks = (f"Q: {self.format_question(ex)}\nA: {self.format_rationale(ex)}\n\n" for ex in shots)
+            prefix = head + "".join(blocks)
             full = prefix + f"Q: {self.format_question(q)}\nA:"
             special = True
         prefix_ids = tokenizer(prefix, add_special_tokens=special)["input_ids"] if prefix else []

@@ -95,7 +95,8 @@ class OpenBookQA(MultipleChoiceTask):
     hub = ("allenai/openbookqa", "main")
 
     def from_hub(self, row: dict, i: int) -> Question:
-        return Question(row.get("id", f"obqa-{i}"), row["question_stem"], row["answerKey"], None, row["choices"]["text"])
+        options = row["choices"]["text"]
+        return Question(row.get("id", f"obqa-{i}"), row["question_stem"], row["answerKey"], None, options)
 
 
 class ANLI(MultipleChoiceTask):
@@ -112,7 +113,8 @@ class ANLI(MultipleChoiceTask):
         self.hub_splits = {s: f"{h}_r{round}" for s, h in (("train", "train"), ("validation", "dev"), ("test", "test"))}
 
     def from_hub(self, row: dict, i: int) -> Question:
-        question = f"Premise: {row['premise']}\nHypothesis: {row['hypothesis']}\nDoes the premise entail the hypothesis?"
+        question = (f"Premise: {row['premise']}\nHypothesis: {row['hypothesis']}\n"
+                    "Does the premise entail the hypothesis?")
         return Question(row.get("uid", f"anli-{i}"), question, LETTERS[row["label"]], row.get("reason") or None,
                         list(self.OPTIONS))
 
