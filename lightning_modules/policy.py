@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.losses.functional import IGNORE_INDEX, chunked_linear_nll
+from lightning_modules.losses.functional import IGNORE_INDEX, chunked_linear_entropy, chunked_linear_nll, entropy
 from lightning_modules.model_store import DEFAULT_MODEL, resolve_model, split_gguf
 
 PLAIN_TEMPLATE = "Question: {prompt}\nAnswer: "
@@ -195,6 +195,21 @@ class Policy(nn.Module):
             nll = -log_probs.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
         shifted = torch.zeros(mask.shape, dtype=nll.dtype, device=nll.device).masked_scatter(mask, nll)
         return torch.cat([torch.zeros_like(shifted[:, :1]), shifted], dim=1)  # (B, T)
+
+    def token_entropy(self, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> Tensor:
+        """Entropy (nats, float32) of the next-token distribution at each position where `mask` (B, T) is set,
+        i.e. of the distribution that produced token t+1; 0 elsewhere. Chunked like `token_nll`. (B, T)."""
+        causal_lm = self.causal_lm
+        if self._fused_head_supported():
+            hidden = causal_lm.get_decoder()(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state  # (B, T, H)
+            weight = causal_lm.get_output_embeddings().weight
+            ent = chunked_linear_entropy(hidden[mask], weight, self.nll_chunk_size)  # (N,)
+        else:
+            logits = causal_lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            ent = entropy(logits[mask])
+        return torch.zeros(mask.shape, dtype=ent.dtype, device=ent.device).masked_scatter(mask, ent)
 
     def sequence_nll(self, batch: dict[str, Tensor]) -> Tensor:
         """Mean NLL over each sample's labelled tokens: (B,). Samples with no label tokens give 0."""

@@ -49,6 +49,8 @@ class Task:
 
     name = "task"
     answer_sentence = "The answer is {answer}."
+    verbalizers: tuple[str, ...] | None = None  # classification: the label words, in label order
+    answer_prefix = "The answer is "  # label level: the answer slot comes right after this
 
     def __init__(
         self,
@@ -139,6 +141,29 @@ class Task:
         add_bos = special and not prefix
         suffix_ids = tokenizer(full[len(prefix) :], add_special_tokens=add_bos)["input_ids"]
         return PromptParts(prefix_ids, suffix_ids)
+
+    def label_prompt_ids(self, tokenizer, q: Question) -> list[int]:
+        """The prompt followed by the start of the answer (`answer_prefix`): the next token is the label."""
+        return self.prompt_parts(tokenizer, q).ids + tokenizer(self.answer_prefix, add_special_tokens=False)["input_ids"]
+
+    def verbalizer_ids(self, tokenizer) -> list[int]:
+        """The token of each verbalizer right after `answer_prefix`; an error unless each is one distinct token."""
+        if not self.verbalizers:
+            raise ValueError(f"task {self.name!r} has no verbalizers (label-level methods need a classification task)")
+        base = tokenizer(self.answer_prefix, add_special_tokens=False)["input_ids"]
+        ids = []
+        for word in self.verbalizers:
+            full = tokenizer(self.answer_prefix + word, add_special_tokens=False)["input_ids"]
+            if full[: len(base)] != base or len(full) != len(base) + 1:
+                raise ValueError(f"verbalizer {word!r} is not a single token after {self.answer_prefix!r}")
+            ids.append(full[-1])
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"verbalizers {self.verbalizers} share a token")
+        return ids
+
+    def label_index(self, q: Question) -> int:
+        """The gold label's position in `verbalizers` (evaluation only)."""
+        return self.verbalizers.index(q.answer)
 
     def prompt_text(self, tokenizer, q: Question) -> str:
         return tokenizer.decode(self.prompt_parts(tokenizer, q).ids)

@@ -57,3 +57,115 @@ def chunked_linear_nll(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: i
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32) + 0 * hidden.sum()
     return _ChunkedLinearNLL.apply(hidden, weight, targets, chunk)
+
+
+
+class _ChunkedLinearEntropy(torch.autograd.Function):
+    """H(softmax(hidden @ weight.T)) per row, chunk by chunk; backward recomputes each chunk's logits.
+    dH/dz = -p (log p + H)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, chunk: int) -> Tensor:
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)  # (N,)
+        for s in range(0, hidden.shape[0], chunk):
+            log_p = (hidden[s : s + chunk] @ weight.T).to(acc).log_softmax(-1)  # (n, V)
+            out[s : s + chunk] = -(log_p.exp() * log_p).sum(-1)
+        ctx.save_for_backward(hidden, weight, out)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, ent = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=ent.dtype) if need_w else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[s : s + ctx.chunk].to(weight.dtype)
+            log_p = (h @ weight.T).to(ent.dtype).log_softmax(-1)  # (n, V)
+            g = -(log_p.exp() * (log_p + ent[s : s + ctx.chunk, None])) * grad_out[s : s + ctx.chunk, None]
+            g = g.to(weight.dtype)
+            if need_h:
+                grad_h[s : s + ctx.chunk] = (g @ weight).to(hidden.dtype)
+            if need_w:
+                grad_w += (g.T @ h).to(ent.dtype)
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None
+
+
+def chunked_linear_entropy(hidden: Tensor, weight: Tensor, chunk: int = 256) -> Tensor:
+    """Entropy (nats) of softmax(hidden @ weight.T) per row. hidden (N, H), weight (V, H) -> (N,)."""
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32) + 0 * hidden.sum()
+    return _ChunkedLinearEntropy.apply(hidden, weight, chunk)
+
+# ------------------------------------------------------------------------------------- test-time adaptation
+def entropy(logits: Tensor) -> Tensor:
+    """Shannon entropy (nats) of softmax(logits) over the last dim, float32. (..., C) -> (...)."""
+    log_p = logits.float().log_softmax(-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def soft_likelihood_ratio(logits: Tensor, clip: float = 0.99, eps: float = 1e-5) -> Tensor:
+    """ROID's soft likelihood ratio: q = clamp(softmax, max=clip), -sum_c q log(q / (1 - q) + eps). (B, C) -> (B,).
+    Gradients flow through q (zero where clipped)."""
+    q = logits.float().softmax(-1).clamp(max=clip)
+    return -(q * torch.log(q / (1 - q) + eps)).sum(-1)
+
+
+def _minmax(x: Tensor) -> Tensor:
+    """(x - min) / (max - min), and 0 everywhere when max == min (the reference divides by zero there)."""
+    span = x.max() - x.min()
+    return (x - x.min()) / span if span > 0 else torch.zeros_like(x)
+
+
+@torch.no_grad()
+def roid_weights(logits: Tensor, class_probs_ema: Tensor, temperature: float = 1 / 3) -> tuple[Tensor, Tensor]:
+    """ROID's per-sample weights (no gradient). (B, C), (C,) -> weights (B,), keep (B,) bool.
+
+    w_div = minmax(1 - cos(ema, p_i)); samples with w_div below its batch mean are excluded (weight 0);
+    w_cert = minmax(-H(p_i)); w = exp(w_div * w_cert / temperature)."""
+    probs = logits.float().softmax(-1)
+    w_div = _minmax(1 - torch.nn.functional.cosine_similarity(class_probs_ema[None].float(), probs, dim=-1))
+    keep = ~(w_div < w_div.mean())
+    w_cert = _minmax(-entropy(logits))
+    weights = torch.exp(w_div * w_cert / temperature) * keep
+    return weights, keep
+
+
+@torch.no_grad()
+def update_class_probs_ema(class_probs_ema: Tensor, logits: Tensor, momentum: float = 0.9) -> Tensor:
+    """ema <- momentum * ema + (1 - momentum) * mean_B softmax(logits). (C,), (B, C) -> (C,)."""
+    return momentum * class_probs_ema + (1 - momentum) * logits.float().softmax(-1).mean(0)
+
+
+def prior_correction(x: Tensor, on_logits: bool = False) -> Tensor:
+    """ROID's prior correction at prediction time. x (B, C): probabilities (default) or logits (`on_logits`).
+
+    prior = mean_B p; s = max(1/B, 1/C) / max(prior); prior~ = (prior + s) / (1 + s C).
+    Probabilities -> p * prior~ renormalised; logits -> logits * prior~ (what the reference does)."""
+    probs = x.float().softmax(-1) if on_logits else x.float()
+    b, c = probs.shape
+    prior = probs.mean(0)
+    smooth = max(1 / b, 1 / c) / prior.max()
+    smoothed = (prior + smooth) / (1 + smooth * c)  # (C,)
+    if on_logits:
+        return x * smoothed
+    corrected = probs * smoothed
+    return corrected / corrected.sum(-1, keepdim=True)
+
+
+# ------------------------------------------------------------------------------------- self-training
+def ds_weight(sample_loss: Tensor, valid_mean_loss: float | Tensor, clip_like_reference: bool = False) -> Tensor:
+    """IWSI's distribution-shift weight, elementwise: w' = L_v / L, w = max(w', 1/w') >= 1.
+
+    `clip_like_reference` (the official code): w' clamped to [0, 2] and 1/w' capped at 5. A sample with L = 0
+    gets +inf in both modes, so a `<= percentile` filter always drops it (the official code drops it)."""
+    loss = sample_loss.float()
+    ratio = valid_mean_loss / loss  # inf where L = 0
+    if clip_like_reference:
+        ratio = ratio.clamp(0, 2)
+        weight = torch.maximum(ratio, (1 / ratio).clamp(max=5))
+    else:
+        weight = torch.maximum(ratio, 1 / ratio)
+    return weight.masked_fill(loss == 0, float("inf"))

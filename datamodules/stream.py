@@ -1,0 +1,98 @@
+"""StreamDataModule: an ordered test stream for test-time adaptation, with the shifts of the TTA literature.
+
+- `order="by_label"`: one class after another (SAR's online imbalanced label shift); `"random"`: shuffled once.
+- `format_shift_at=f`: from fraction f of the stream on, prompts switch to `shifted_few_shot` exemplars and the
+  `shifted_template` (a change of prompt format mid-stream).
+- several `tasks`: interleaved one question at a time (mixed domains); they must share their verbalizer count.
+Batches: `input_ids`/`attention_mask` (left-padded label prompts ending at the answer slot), `labels` (gold
+index, for evaluation only), `verbalizer_ids` (B, C), `questions`, `tasks` (the Task objects, for the
+token level's answer extraction). The stream is served in order, never shuffled by the loader.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import random
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules.tasks.base import Question, Task
+from lightning_modules.model_store import DEFAULT_MODEL
+from lightning_modules.policy import load_tokenizer
+
+
+def collate_stream(items: list[dict], pad_token_id: int) -> dict:
+    width = max(len(it["ids"]) for it in items)
+    input_ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)  # (B, T) left-padded
+    attention_mask = torch.zeros_like(input_ids)
+    for i, it in enumerate(items):
+        input_ids[i, width - len(it["ids"]) :] = torch.tensor(it["ids"])
+        attention_mask[i, width - len(it["ids"]) :] = 1
+    return {
+        "input_ids": input_ids, "attention_mask": attention_mask,
+        "labels": torch.tensor([it["label"] for it in items]),
+        "verbalizer_ids": torch.tensor([it["verbalizer_ids"] for it in items]),  # (B, C)
+        "questions": [it["question"] for it in items], "tasks": [it["task"] for it in items],
+        "prompt_lengths": [len(it["ids"]) for it in items],
+    }
+
+
+class StreamDataModule(L.LightningDataModule):
+    """Args:
+        tasks: one task, or several interleaved (mixed domains).
+        split, num_questions: questions per task.
+        order: `random` (shuffled once with `seed`) or `by_label` (one class at a time).
+        format_shift_at: fraction of the stream after which the prompt format changes (None: no change).
+        shifted_few_shot, shifted_template: the prompt format after the shift.
+        batch_size: samples per adaptation step.
+        tokenizer: linked to the policy's model.
+    """
+
+    def __init__(
+        self, tasks: Task | list[Task], split: str = "test", num_questions: int = 200,
+        order: Literal["random", "by_label"] = "random", format_shift_at: float | None = None,
+        shifted_few_shot: int = 0, shifted_template: Literal["chat", "plain"] = "plain", batch_size: int = 16,
+        seed: int = 0, tokenizer: str = DEFAULT_MODEL,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["tasks"])
+        self.tasks = tasks if isinstance(tasks, list) else [tasks]
+        self.task = self.tasks[0]  # for callbacks that read a datamodule's task
+        self.items: list[dict] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.items:
+            return
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(hp.tokenizer)
+        per_task = [[(task, q) for q in task.load(hp.split, hp.num_questions)] for task in self.tasks]
+        n_classes = {len(task.verbalizers or ()) for task in self.tasks}
+        if len(n_classes) != 1 or 0 in n_classes:
+            raise ValueError("stream tasks must all be classification tasks with the same number of verbalizers")
+        stream = [pair for group in zip(*per_task) for pair in group]  # interleaved, as long as the shortest
+        if hp.order == "random":
+            random.Random(hp.seed).shuffle(stream)
+        else:
+            stream.sort(key=lambda pair: pair[0].label_index(pair[1]))  # stable: keeps the interleaving
+        shift_from = len(stream) if hp.format_shift_at is None else int(hp.format_shift_at * len(stream))
+        shifted = {id(t): self._shifted(t) for t in self.tasks}
+        self.items = [
+            self._item(shifted[id(task)] if i >= shift_from else task, q) for i, (task, q) in enumerate(stream)
+        ]
+
+    def _shifted(self, task: Task) -> Task:
+        other = copy.copy(task)
+        other.few_shot, other.template = self.hparams.shifted_few_shot, self.hparams.shifted_template
+        return other
+
+    def _item(self, task: Task, q: Question) -> dict:
+        return {"ids": task.label_prompt_ids(self.tokenizer, q), "label": task.label_index(q),
+                "verbalizer_ids": task.verbalizer_ids(self.tokenizer), "question": q, "task": task}
+
+    def train_dataloader(self) -> DataLoader:
+        collate = functools.partial(collate_stream, pad_token_id=self.tokenizer.pad_token_id)
+        return DataLoader(self.items, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=collate)

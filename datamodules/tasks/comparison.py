@@ -1,0 +1,52 @@
+"""Comparison: "which of two numbers is larger?", a procedural two-way classification task (labels A / B).
+
+The default stream for label-level test-time adaptation: the label distribution is read at the answer slot
+"The answer is (" over the verbalizers "A" and "B". The default model answers it greedily about 60% of the
+time (see the README), so adaptation has room either way.
+"""
+
+from __future__ import annotations
+
+from datamodules.tasks.base import Question, Task, split_rng
+from datamodules.tasks.extract import extract_choice
+
+
+class Comparison(Task):
+    """Args:
+        low, high: inclusive range of the two numbers.
+        seed: questions of split s come from a generator seeded with (seed, s).
+    """
+
+    name = "comparison"
+    verbalizers = ("A", "B")
+    answer_prefix = "The answer is ("
+
+    def __init__(self, low: int = 100, high: int = 999, seed: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.low, self.high, self.seed = low, high, seed
+
+    def make(self, split: str, n: int) -> list[Question]:
+        rng = split_rng(self.seed, split)
+        out = []
+        for i in range(n):
+            x, y = rng.sample(range(self.low, self.high + 1), 2)
+            letter = "A" if x > y else "B"
+            out.append(Question(
+                id=f"{split}-{i}", question="Which number is larger?", answer=letter, options=[str(x), str(y)],
+                rationale=f"{max(x, y)} is larger than {min(x, y)}. The answer is ({letter}).",
+            ))
+        return out
+
+    def load(self, split: str, limit: int | None = None) -> list[Question]:
+        if self.data_path is not None:
+            return super().load(split, limit)
+        return self.make(split, limit if limit is not None else 100)
+
+    def exemplars(self) -> list[Question]:
+        return self.make("exemplars", 8)
+
+    def extract(self, completion: str) -> str | None:
+        return extract_choice(completion, 2)
+
+    def fingerprint(self) -> dict:
+        return {**super().fingerprint(), "low": self.low, "high": self.high, "seed": self.seed}
