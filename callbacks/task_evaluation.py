@@ -112,8 +112,10 @@ class TaskEvaluation(L.Callback):
 
     # ------------------------------------------------------------------ during fit
     def evaluate(self, policy, task: Task, questions: list[Question]) -> list[dict]:
-        engine = HFGenerator(batch_size=self.batch_size, progress=False)
-        greedy = engine.sample(policy, questions, task, self.greedy)["completion"]
+        # as many rows per batch for the greedy pass (1 per question) as for the sampled one (k per question)
+        greedy_engine = HFGenerator(batch_size=self.batch_size * max(self.k, 1), chunk_size=10**9, progress=False)
+        greedy = greedy_engine.sample(policy, questions, task, self.greedy)["completion"]
+        engine = HFGenerator(batch_size=self.batch_size, chunk_size=10**9, progress=False)
         samples = engine.sample(policy, questions, task, self.sampled)["completion"] if self.k else []
         k = self.k
         return [score(task, q, greedy[i], samples[i * k : (i + 1) * k]) for i, q in enumerate(questions)]

@@ -74,7 +74,8 @@ class TestTimeAdaptationModule(TrainableStateMixin, L.LightningModule):
     """Args:
         policy: the model and what adapts (LoRA, norm gains, all).
         loss: label level `(logits (B, C)) -> LossOutput`; token level `(token_entropy, mask) -> LossOutput`.
-        optimizer: factory over the adapted parameters; `SAM` makes label-level steps SAR updates.
+        optimizer: factory over the adapted parameters (default SGD, lr 1e-3); `SAM` makes label-level steps
+            SAR updates.
         level: `label` or `token`.
         use_prior_correction: report predictions after ROID's prior correction (label level).
         max_new_tokens: answer length at the token level.
@@ -84,7 +85,7 @@ class TestTimeAdaptationModule(TrainableStateMixin, L.LightningModule):
 
     def __init__(
         self, policy: Policy, loss: nn.Module | None = None,
-        optimizer: OptimizerCallable = lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9),
+        optimizer: OptimizerCallable = torch.optim.SGD,
         level: Literal["label", "token"] = "label", use_prior_correction: bool = False, max_new_tokens: int = 64,
     ) -> None:
         super().__init__()
@@ -147,7 +148,7 @@ class TestTimeAdaptationModule(TrainableStateMixin, L.LightningModule):
         width = max(len(p) + len(a) for p, a in zip(prompts, answers))
         ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long, device=self.device)
         mask = torch.zeros_like(ids)
-        response = torch.zeros_like(ids, dtype=torch.bool)  # positions whose next-token distribution made an answer token
+        response = torch.zeros_like(ids, dtype=torch.bool)  # positions whose distribution produced an answer token
         for i, (p, a) in enumerate(zip(prompts, answers)):
             ids[i, : len(p) + len(a)] = torch.tensor(p + a)
             mask[i, : len(p) + len(a)] = 1

@@ -42,3 +42,21 @@ def test_one_training_step_on_the_default_model(tmp_path):
     assert trainer.global_step == 1
     assert any(not torch.equal(before[n], p) for n, p in module.named_parameters() if p.requires_grad)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_engine_greedy_equals_generate_on_the_default_model():
+    from datamodules.generation import sample
+    from datamodules.tasks import Arithmetic
+    from lightning_modules.policy import Policy
+
+    policy = Policy(DEFAULT_MODEL, adapt="none").eval()
+    task = Arithmetic()
+    questions = task.load("test", 3)
+    cands = sample(policy, questions, task, n=1, temperature=0, max_new_tokens=48, batch_size=3, progress=False)
+    for q, c in zip(questions, cands):
+        ids = torch.tensor([task.prompt_parts(policy.tokenizer, q).ids])
+        with torch.no_grad():
+            ref = policy.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                        max_new_tokens=48)[0, ids.shape[1]:]
+        assert c["token_ids"] == ref.tolist()[: len(c["token_ids"])]
+        assert c["finish_reason"] == "eos" or len(c["token_ids"]) == 48

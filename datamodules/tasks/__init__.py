@@ -3,5 +3,7 @@ from datamodules.tasks.base import PromptParts, Question, Task, load_questions
 from datamodules.tasks.comparison import Comparison
 from datamodules.tasks.paper import ANLI, GSM8K, SVAMP, AQuA, OpenBookQA, StrategyQA
 
-__all__ = ["ANLI", "AQuA", "Arithmetic", "Comparison", "GSM8K", "OpenBookQA", "PromptParts", "Question", "SVAMP", "StrategyQA",
-           "Task", "load_questions"]
+__all__ = [
+    "ANLI", "AQuA", "Arithmetic", "Comparison", "GSM8K", "OpenBookQA", "PromptParts", "Question", "SVAMP",
+    "StrategyQA", "Task", "load_questions",
+]

@@ -7,14 +7,14 @@ greedily and a majority vote over 8 samples does better, which leaves room and s
 
 from __future__ import annotations
 
-from datamodules.tasks.base import Question, Task, split_rng
+from datamodules.tasks.base import ProceduralTask, Question, split_rng
 from datamodules.tasks.extract import extract_number, same_number
 
 NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivo", "Juno", "Kofi", "Lena", "Mira", "Noah")
 ITEMS = ("apples", "pencils", "marbles", "books", "cookies", "stickers", "shells", "coins", "cards", "buttons")
 
 
-class Arithmetic(Task):
+class Arithmetic(ProceduralTask):
     """Multiplication word problems.
 
     Args:
@@ -45,14 +45,6 @@ class Arithmetic(Task):
                 f"The answer is {a * b}.",
             ))
         return out
-
-    def load(self, split: str, limit: int | None = None) -> list[Question]:
-        if self.data_path is not None:
-            return super().load(split, limit)
-        return self.make(split, limit if limit is not None else 100)
-
-    def exemplars(self) -> list[Question]:
-        return self.make("exemplars", 8)
 
     def extract(self, completion: str) -> str | None:
         return extract_number(completion)

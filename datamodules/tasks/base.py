@@ -144,7 +144,8 @@ class Task:
 
     def label_prompt_ids(self, tokenizer, q: Question) -> list[int]:
         """The prompt followed by the start of the answer (`answer_prefix`): the next token is the label."""
-        return self.prompt_parts(tokenizer, q).ids + tokenizer(self.answer_prefix, add_special_tokens=False)["input_ids"]
+        answer_start = tokenizer(self.answer_prefix, add_special_tokens=False)["input_ids"]
+        return self.prompt_parts(tokenizer, q).ids + answer_start
 
     def verbalizer_ids(self, tokenizer) -> list[int]:
         """The token of each verbalizer right after `answer_prefix`; an error unless each is one distinct token."""
@@ -172,6 +173,22 @@ class Task:
         """What changes the prompts: part of the generation cache key."""
         return {"task": type(self).__qualname__, "few_shot": self.few_shot, "template": self.template,
                 "system_prompt": self.system_prompt, "exemplars": [e.id for e in self.exemplars()[: self.few_shot]]}
+
+
+class ProceduralTask(Task):
+    """A task that generates its questions: `make(split, n)` is seeded per split, so any split of any size
+    exists offline; exemplars come from their own split. A `data_path` still takes precedence."""
+
+    def make(self, split: str, n: int) -> list[Question]:
+        raise NotImplementedError
+
+    def load(self, split: str, limit: int | None = None) -> list[Question]:
+        if self.data_path is not None:
+            return super().load(split, limit)
+        return self.make(split, limit if limit is not None else 100)
+
+    def exemplars(self) -> list[Question]:
+        return self.make("exemplars", 8)
 
 
 def load_questions(source: str, limit: int | None = None) -> list[Question]:

@@ -7,11 +7,11 @@ time (see the README), so adaptation has room either way.
 
 from __future__ import annotations
 
-from datamodules.tasks.base import Question, Task, split_rng
+from datamodules.tasks.base import ProceduralTask, Question, split_rng
 from datamodules.tasks.extract import extract_choice
 
 
-class Comparison(Task):
+class Comparison(ProceduralTask):
     """Args:
         low, high: inclusive range of the two numbers.
         seed: questions of split s come from a generator seeded with (seed, s).
@@ -36,14 +36,6 @@ class Comparison(Task):
                 rationale=f"{max(x, y)} is larger than {min(x, y)}. The answer is ({letter}).",
             ))
         return out
-
-    def load(self, split: str, limit: int | None = None) -> list[Question]:
-        if self.data_path is not None:
-            return super().load(split, limit)
-        return self.make(split, limit if limit is not None else 100)
-
-    def exemplars(self) -> list[Question]:
-        return self.make("exemplars", 8)
 
     def extract(self, completion: str) -> str | None:
         return extract_choice(completion, 2)

@@ -21,7 +21,8 @@ class SoftLikelihoodRatioLoss(nn.Module):
     def __init__(self, weighting: bool = True, temperature: float = 1 / 3, momentum: float = 0.9, clip: float = 0.99,
                  eps: float = 1e-5) -> None:
         super().__init__()
-        self.weighting, self.temperature, self.momentum, self.clip, self.eps = weighting, temperature, momentum, clip, eps
+        self.weighting, self.temperature, self.momentum = weighting, temperature, momentum
+        self.clip, self.eps = clip, eps
         self.register_buffer("class_probs_ema", torch.empty(0))
         self.last_weights: Tensor | None = None  # for the weights' histogram
 

@@ -1,0 +1,69 @@
+"""Online accuracy of test-time adaptation on the default stream: no adaptation, Tent, SAR, ROID, several seeds.
+
+Each run is `labelfree fit -c configs/tta/<method>.yaml` (label level, default model) on a stream of
+`--questions` "which number is larger?" questions in the same `--order` for every method; the seed changes
+the questions and their order. The
+no-adaptation row is the non-adapted model on the same batches (`tta/source_accuracy`, logged by every run).
+Prints mean ± std over seeds as a Markdown table, with SAR's resets.
+
+    python benchmarks/tta_table.py --seeds 0 1 2 --questions 96
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from lightning_modules.cli import build_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("tent", "sar", "roid")
+
+
+def run(method: str, seed: int, args) -> dict:
+    extra = [f"--data.init_args.tasks.init_args.seed={seed}", f"--seed_everything={seed}",
+             f"--data.init_args.seed={seed}", f"--data.init_args.order={args.order}"]
+    cli = build_cli([
+        "fit", "-c", str(ROOT / "configs" / "tta" / f"{method}.yaml"),
+        f"--data.init_args.num_questions={args.questions}",
+        f"--data.init_args.tasks.init_args.few_shot={args.few_shot}", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", f"--trainer.logger.init_args.save_dir={args.runs}", *extra,
+    ])
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    resets = next((len(cb.reset_steps) for cb in cli.trainer.callbacks if hasattr(cb, "reset_steps")), 0)
+    return {"online": metrics["tta/online_accuracy"], "source": metrics["tta/source_accuracy"], "resets": resets}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--questions", type=int, default=96)
+    parser.add_argument("--few-shot", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--order", default="random", choices=["random", "by_label"], help="the same for every method")
+    parser.add_argument("--runs", default="runs/tta_table")
+    args = parser.parse_args()
+
+    results: dict[str, list[dict]] = {m: [] for m in args.methods}
+    start = time.perf_counter()
+    for seed in args.seeds:
+        for method in args.methods:
+            results[method].append(run(method, seed, args))
+            print(f"seed {seed} {method}: {results[method][-1]}", flush=True)
+
+    def cell(values: list[float]) -> str:
+        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0:.3f}"
+
+    print(f"\nstream: Comparison, {args.questions} questions, {args.order} order, {args.few_shot}-shot, "
+          f"seeds {args.seeds}, {time.perf_counter() - start:.0f} s")
+    print("| method | online accuracy | resets |\n|---|---|---|")
+    source = [r["source"] for r in results[args.methods[0]]]  # the same stream for every method
+    print(f"| no adaptation | {cell(source)} | - |")
+    for method, rows in results.items():
+        print(f"| {method} | {cell([r['online'] for r in rows])} | {sum(r['resets'] for r in rows)} |")
+
+
+if __name__ == "__main__":
+    main()
