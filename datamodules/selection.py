@@ -1,0 +1,181 @@
+"""Selectors: label-free signals -> which candidates to keep and how much each weighs (SPEC §1–4).
+
+A selector is a small class called with a `Signals` table (one row per candidate, columns of equal length)
+and the current keep mask and weights; it returns new ones. Selectors compose in a list, each seeing what the
+previous ones kept. Percentiles are taken over every candidate still in play on **all ranks** (the values are
+all-gathered first), never per batch or per rank. A selector that would keep nothing raises
+`EmptySelectionError` naming itself and the signal's range.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_modules.losses.functional import ds_weight
+
+Signals = dict[str, Tensor]  # column name -> (N,) tensor, one row per candidate
+
+
+class EmptySelectionError(ValueError):
+    pass
+
+
+def gather_all(values: Tensor) -> Tensor:
+    """All ranks' values concatenated in rank order (the values themselves when not distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    parts: list[Tensor] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
+    torch.distributed.all_gather_object(parts, values.cpu())
+    return torch.cat(parts).to(values.device)
+
+
+def global_percentile(values: Tensor, q: float) -> float:
+    """The q-th percentile (0..100, linear interpolation, like numpy's default) over all ranks' finite values."""
+    pooled = gather_all(values.double())
+    pooled = pooled[torch.isfinite(pooled)]
+    if pooled.numel() == 0:
+        return math.nan
+    return torch.quantile(pooled, q / 100).item()
+
+
+class Selector:
+    """Base class: `select(signals, keep, weight) -> (keep, weight)`; keep (N,) bool, weight (N,) float."""
+
+    signal = ""
+
+    def select(self, signals: Signals, keep: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, signals: Signals, keep: Tensor | None = None, weight: Tensor | None = None):
+        n = len(next(iter(signals.values())))
+        keep = torch.ones(n, dtype=torch.bool) if keep is None else keep
+        weight = torch.ones(n) if weight is None else weight
+        new_keep, new_weight = self.select(signals, keep, weight)
+        if keep.any() and not new_keep.any():
+            values = signals.get(self.signal, torch.empty(0))[keep] if self.signal else torch.empty(0)
+            span = f"[{values.min().item():.4g}, {values.max().item():.4g}]" if values.numel() else "n/a"
+            raise EmptySelectionError(f"{type(self).__name__} kept nothing: signal {self.signal!r} ranges over {span}")
+        return new_keep, new_weight
+
+
+class MajorityVote(Selector):
+    """LMSI (SPEC §1): keep every candidate whose answer is its question's majority answer."""
+
+    signal = "is_majority"
+
+    def select(self, signals, keep, weight):
+        return keep & signals["is_majority"].bool(), weight
+
+
+class PercentileFilter(Selector):
+    """Keep the best `keep` fraction of the candidates still in play by `signal`.
+
+    `lower_is_better`: keep values <= the `100 * keep`-th percentile; else values >= the `100 * (1 - keep)`-th.
+    Non-finite values are never kept."""
+
+    def __init__(self, signal: str, keep: float = 0.8, lower_is_better: bool = True) -> None:
+        if not 0 < keep <= 1:
+            raise ValueError(f"keep must be in (0, 1], got {keep}")
+        self.signal, self.keep, self.lower_is_better = signal, keep, lower_is_better
+
+    def select(self, signals, keep, weight):
+        values = signals[self.signal].double()
+        if self.lower_is_better:
+            cut = global_percentile(values[keep], 100 * self.keep)
+            passed = values <= cut
+        else:
+            cut = global_percentile(values[keep], 100 * (1 - self.keep))
+            passed = values >= cut
+        return keep & passed & torch.isfinite(values), weight
+
+
+class DSWeightFilter(PercentileFilter):
+    """IWSI (SPEC §2): keep samples whose DS weight is at most the k-th percentile (k = 80) over all samples."""
+
+    def __init__(self, keep: float = 0.8) -> None:
+        super().__init__("ds_weight", keep, lower_is_better=True)
+
+
+class AnswerEntropyFilter(Selector):
+    """Entropy-filter (MoT, SPEC §3): drop questions whose normalised answer entropy is above a threshold:
+    the `100 * keep`-th percentile of the questions' entropies (each question counted once), or `threshold`."""
+
+    signal = "answer_entropy"
+
+    def __init__(self, keep: float = 0.8, threshold: float | None = None) -> None:
+        self.keep, self.threshold = keep, threshold
+
+    def select(self, signals, keep, weight):
+        values = signals["answer_entropy"].double()
+        if self.threshold is not None:
+            cut = self.threshold
+        else:
+            first = signals["first_of_question"].bool()  # one value per question
+            cut = global_percentile(values[first], 100 * self.keep)
+        return keep & (values <= cut), weight
+
+
+class SelfRatingFilter(PercentileFilter):
+    """Self-filter (SPEC §3): keep the top `keep` fraction by the model's own 0–10 rating."""
+
+    def __init__(self, keep: float = 0.8) -> None:
+        super().__init__("self_rating", keep, lower_is_better=False)
+
+
+class RewardModelFilter(PercentileFilter):
+    """RM-filter (SPEC §3): keep the top `keep` fraction by an external reward model's score."""
+
+    def __init__(self, keep: float = 0.8) -> None:
+        super().__init__("reward_model_score", keep, lower_is_better=False)
+
+
+class EntropyThreshold(Selector):
+    """SemiEvol (SPEC §4): keep unlabeled samples with response entropy (mean NLL of the response tokens)
+    H <= tau, tau the `percentile`-th percentile of the same quantity on the `labeled` population (default, the
+    seed's reading; signal `labeled_token_entropy` holds the labeled values, padded with NaN) or on the
+    `unlabeled` candidates themselves (the paper's Eq. 7)."""
+
+    signal = "token_entropy"
+
+    def __init__(self, percentile: float = 50, population: str = "labeled") -> None:
+        if population not in ("labeled", "unlabeled"):
+            raise ValueError(f"population must be 'labeled' or 'unlabeled', got {population!r}")
+        self.percentile, self.population = percentile, population
+
+    def select(self, signals, keep, weight):
+        values = signals["token_entropy"].double()
+        reference = signals["labeled_token_entropy"] if self.population == "labeled" else values[keep]
+        tau = global_percentile(reference.double(), self.percentile)
+        return keep & (values <= tau), weight
+
+
+class ImportanceWeights(Selector):
+    """IWSI-w (SPEC §2): keep everything, weight = clamp(w', max=C) with w' = L_valid / L."""
+
+    signal = "ds_ratio"
+
+    def __init__(self, max_weight: float = 2.0) -> None:
+        self.max_weight = max_weight
+
+    def select(self, signals, keep, weight):
+        return keep, weight * signals["ds_ratio"].clamp(max=self.max_weight)
+
+
+def apply_selectors(selectors: Sequence[Selector], signals: Signals) -> tuple[Tensor, Tensor]:
+    keep, weight = None, None
+    for selector in selectors:
+        keep, weight = selector(signals, keep, weight)
+    if keep is None:
+        n = len(next(iter(signals.values())))
+        keep, weight = torch.ones(n, dtype=torch.bool), torch.ones(n)
+    return keep, weight
+
+
+def ds_signals(sample_loss: Tensor, valid_mean_loss: float, clip_like_reference: bool = False) -> Signals:
+    """The IWSI columns from per-sample losses of the pre-trained model: `ds_weight` and `ds_ratio` (w')."""
+    return {"ds_weight": ds_weight(sample_loss, valid_mean_loss, clip_like_reference),
+            "ds_ratio": valid_mean_loss / sample_loss.float()}
