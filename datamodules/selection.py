@@ -47,6 +47,11 @@ class Selector:
 
     signal = ""
 
+    @property
+    def needs(self) -> set[str]:
+        """The signal columns this selector reads (the data module computes only what is needed)."""
+        return {self.signal}
+
     def select(self, signals: Signals, keep: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
@@ -105,6 +110,7 @@ class AnswerEntropyFilter(Selector):
     the `100 * keep`-th percentile of the questions' entropies (each question counted once), or `threshold`."""
 
     signal = "answer_entropy"
+    needs = {"answer_entropy", "first_of_question"}
 
     def __init__(self, keep: float = 0.8, threshold: float | None = None) -> None:
         self.keep, self.threshold = keep, threshold
@@ -136,8 +142,8 @@ class RewardModelFilter(PercentileFilter):
 class EntropyThreshold(Selector):
     """SemiEvol (SPEC §4): keep unlabeled samples with response entropy (mean NLL of the response tokens)
     H <= tau, tau the `percentile`-th percentile of the same quantity on the `labeled` population (default, the
-    seed's reading; signal `labeled_token_entropy` holds the labeled values, padded with NaN) or on the
-    `unlabeled` candidates themselves (the paper's Eq. 7)."""
+    seed's reading; `labeled_token_entropy` holds the labeled values, any length) or on the `unlabeled`
+    candidates themselves (the paper's Eq. 7)."""
 
     signal = "token_entropy"
 
@@ -145,6 +151,10 @@ class EntropyThreshold(Selector):
         if population not in ("labeled", "unlabeled"):
             raise ValueError(f"population must be 'labeled' or 'unlabeled', got {population!r}")
         self.percentile, self.population = percentile, population
+
+    @property
+    def needs(self) -> set[str]:
+        return {"token_entropy"} | ({"labeled_token_entropy"} if self.population == "labeled" else set())
 
     def select(self, signals, keep, weight):
         values = signals["token_entropy"].double()
@@ -157,6 +167,7 @@ class ImportanceWeights(Selector):
     """IWSI-w (SPEC §2): keep everything, weight = clamp(w', max=C) with w' = L_valid / L."""
 
     signal = "ds_ratio"
+    needs = {"ds_ratio"}
 
     def __init__(self, max_weight: float = 2.0) -> None:
         self.max_weight = max_weight

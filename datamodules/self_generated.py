@@ -1,0 +1,215 @@
+"""SelfGeneratedDataModule: the model writes its own training data (SPEC §1–4).
+
+Each round: sample `n` candidates per unlabeled question with the current policy (cached and resumable),
+compute the label-free signals the selectors need, apply the selectors, and serve the kept candidates as
+weighted SFT batches to `WeightedSFTModule`. Rounds follow the trainer's epochs: round r covers epochs
+[r * epochs_per_round, (r + 1) * epochs_per_round) and needs `trainer.reload_dataloaders_every_n_epochs =
+epochs_per_round` (checked), so round r + 1 samples from the model trained in round r.
+
+Training samples use the zero-shot format (the question as the user turn, the candidate's completion as the
+answer), whatever the few-shot prompt used for sampling. Gold answers never reach training; where the task
+has them they feed the pseudo-label audit only: the precision (kept candidates whose answer is right) and
+recall (right candidates that were kept) after each selector, logged as `select/...`.
+
+Options: a labeled set mixed into training (`labeled_questions`, SemiEvol), optionally alone in a warm-up round
+(`labeled_warmup`); IWSI's valid set (`valid_questions`, gold rationales) for the DS weight; a reward model
+directory for the RM-filter. Under DDP each rank scores its share of the questions, percentiles are global,
+and every rank gets all kept samples (its batches are then sharded).
+Per round, `<log_dir>/round-<r>/selected.jsonl` (prompt, completion, weight, every signal) and `report.json`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules.collate import LengthBucketSampler, SFTExample, collate, tokenize_example
+from datamodules.generation import HFGenerator
+from datamodules.labeled import TokenizedDataset
+from datamodules.scoring import reward_model_scores, sample_losses, self_ratings
+from datamodules.selection import Selector, Signals, ds_signals
+from datamodules.signals import token_entropy, vote_signals
+from datamodules.tasks.base import Question, Task
+from lightning_modules.model_store import DEFAULT_MODEL
+from lightning_modules.policy import format_prompt, load_tokenizer
+from lightning_modules.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class SelfGeneratedDataModule(L.LightningDataModule):
+    """Args:
+        task: the task (its `train` split supplies the unlabeled questions; gold is read for the audit only).
+        selectors: applied in order (e.g. `[MajorityVote, DSWeightFilter]` for IWSI); none keeps every candidate.
+        num_questions, split: the unlabeled questions.
+        n, temperature, top_p, max_new_tokens, seed: sampling (SPEC defaults for IWSI: 15, 1.1).
+        generation_batch_size: questions per generation batch.
+        valid_questions, valid_split: IWSI's small labeled valid set (gold rationales) for the DS weight.
+        ds_tokens, clip_like_reference: DS weight options (SPEC §2).
+        labeled_questions, labeled_split, labeled_warmup: SemiEvol's labeled set, mixed into training; with
+            `labeled_warmup` round 0 trains on it alone and generation starts in round 1.
+        reward_model: a sequence-classification model directory (RM-filter).
+        epochs_per_round: epochs trained on each round's data.
+        batch_size, max_length: SFT batches.
+        cache_dir: where candidates are cached (default `<log_dir>/candidates`).
+        tokenizer: linked to the policy's model.
+    """
+
+    def __init__(
+        self, task: Task, selectors: list[Selector] | None = None, num_questions: int = 200, split: str = "train",
+        n: int = 8, temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0,
+        generation_batch_size: int = 8, valid_questions: int = 0, valid_split: str = "valid",
+        ds_tokens: str = "all", clip_like_reference: bool = False, labeled_questions: int = 0,
+        labeled_split: str = "labeled", labeled_warmup: bool = False, reward_model: str | None = None,
+        epochs_per_round: int = 1, batch_size: int = 8, max_length: int = 512, cache_dir: str | None = None,
+        tokenizer: str = DEFAULT_MODEL,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["task", "selectors"])
+        self.task, self.selectors = task, list(selectors or [])
+        self.params = SamplingParams(n, temperature, top_p, max_new_tokens, seed)
+        self.round = -1
+        self.reports: list[dict] = []
+        self.signals: Signals = {}
+        self.train_set: TokenizedDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+
+    # ------------------------------------------------------------------ data of a round
+    def _example(self, question: Question, completion: str, weight: float = 1.0, where: str = "") -> SFTExample:
+        prompt = format_prompt(self.tokenizer, self.task.format_question(question))
+        return SFTExample(prompt, completion, weight, where)
+
+    def _labeled(self) -> list[SFTExample]:
+        hp = self.hparams
+        if not hp.labeled_questions:
+            return []
+        questions = self.task.load(hp.labeled_split, hp.labeled_questions)
+        return [self._example(q, self.task.format_rationale(q), where=f"labeled:{q.id}") for q in questions]
+
+    def _signals(self, policy, questions: list[Question], rows: list[dict]) -> tuple[Signals, list]:
+        hp = self.hparams
+        needed = set().union(*(s.needs for s in self.selectors))
+        signals, majority = vote_signals([r["question_id"] for r in rows], [r["answer"] for r in rows], self.task)
+        by_id = {q.id: q for q in questions}
+        examples = [self._example(by_id[r["question_id"]], r["completion"]) for r in rows]
+        signals["token_entropy"] = token_entropy([r["token_logprobs"] for r in rows])
+        if needed & {"ds_weight", "ds_ratio"}:
+            valid = self.task.load(hp.valid_split, hp.valid_questions) if hp.valid_questions else []
+            if not valid:
+                raise ValueError("the DS weight needs a labeled valid set: set valid_questions > 0")
+            valid_examples = [self._example(q, self.task.format_rationale(q)) for q in valid]
+            valid_mean = sample_losses(policy, valid_examples, hp.ds_tokens).mean().item()
+            losses = sample_losses(policy, examples, hp.ds_tokens)
+            signals |= ds_signals(losses, valid_mean, hp.clip_like_reference) | {"sample_loss": losses}
+        if "self_rating" in needed:
+            signals["self_rating"] = self_ratings(policy, [e.prompt for e in examples], [r["completion"] for r in rows])
+        if "reward_model_score" in needed:
+            if hp.reward_model is None:
+                raise ValueError("RewardModelFilter needs reward_model (a sequence-classification model directory)")
+            questions_text = [self.task.format_question(by_id[r["question_id"]]) for r in rows]
+            signals["reward_model_score"] = reward_model_scores(hp.reward_model, questions_text,
+                                                                [r["completion"] for r in rows])
+        if "labeled_token_entropy" in needed:  # SemiEvol: the same quantity on the labeled responses
+            labeled = self._labeled()
+            if not labeled:
+                raise ValueError("EntropyThreshold on the labeled population needs labeled_questions > 0")
+            signals["labeled_token_entropy"] = sample_losses(policy, labeled, "completion", reference=False)
+        return signals, majority
+
+    def _generate_and_select(self, policy, run_dir: Path) -> list[SFTExample]:
+        hp = self.hparams
+        rank, world = _dist_info()
+        questions = self.task.load(hp.split, hp.num_questions)
+        cache = hp.cache_dir or str(run_dir / "candidates")
+        engine = HFGenerator(batch_size=hp.generation_batch_size, cache_dir=cache)
+        candidates = engine.sample(policy, questions, self.task, self.params)
+        mine = {q.id for q in questions[rank::world]}
+        rows = [r for r in candidates if r["question_id"] in mine]
+        signals, majority = self._signals(policy, questions, rows)
+        keep, weight = torch.ones(len(rows), dtype=torch.bool), torch.ones(len(rows))
+        gold = {q.id: q.answer for q in questions}
+        correct = torch.tensor([self.task.same(r["answer"], gold[r["question_id"]]) for r in rows])
+        report = {"round": self.round, "questions": len(questions), "candidates": len(candidates),
+                  "parsed_fraction": _mean([r["answer"] is not None for r in rows]), "selectors": []}
+        report["selectors"].append({"name": "all candidates", **_audit(keep, correct)})
+        for selector in self.selectors:
+            keep, weight = selector(signals, keep, weight)
+            report["selectors"].append({"name": type(selector).__name__, **_audit(keep, correct)})
+        report |= {"kept": int(keep.sum()), "kept_fraction": _mean(keep.tolist())}
+        by_id = {q.id: q for q in questions}
+        kept_rows = []
+        for i in torch.nonzero(keep).flatten().tolist():
+            r = rows[i]
+            kept_rows.append({
+                "question_id": r["question_id"], "prompt": self.task.format_question(by_id[r["question_id"]]),
+                "completion": r["completion"], "answer": r["answer"], "majority": majority[i],
+                "weight": float(weight[i]), **{k: float(v[i]) for k, v in signals.items() if len(v) == len(rows)},
+            })
+        kept_rows = _gather_rows(kept_rows, world)
+        self.signals, self.reports = signals, self.reports + [report]
+        if rank == 0:
+            out = run_dir / f"round-{self.round}"
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / "selected.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept_rows)
+            (out / "report.json").write_text(json.dumps(report, indent=2))
+        log.info("round %d: kept %d of %d candidates (%s)", self.round, len(kept_rows), len(candidates),
+                 ", ".join(f"{s['name']}: precision {s['precision']:.2f}" for s in report["selectors"]))
+        return [self._example(by_id[r["question_id"]], r["completion"], r["weight"], f"round-{self.round}")
+                for r in kept_rows]
+
+    # ------------------------------------------------------------------ Lightning
+    def train_dataloader(self) -> DataLoader:
+        trainer, hp = self.trainer, self.hparams
+        round_ = trainer.current_epoch // hp.epochs_per_round
+        more_rounds = trainer.max_epochs is not None and trainer.max_epochs > hp.epochs_per_round
+        if more_rounds and trainer.reload_dataloaders_every_n_epochs != hp.epochs_per_round:
+            raise ValueError(f"several rounds need trainer.reload_dataloaders_every_n_epochs={hp.epochs_per_round}")
+        if round_ != self.round or self.train_set is None:
+            self.round = round_
+            run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+            warmup = hp.labeled_warmup and round_ == 0
+            examples = self._labeled()
+            if not warmup:
+                examples += self._generate_and_select(trainer.lightning_module.policy, run_dir)
+            tokenized = [tokenize_example(self.tokenizer, e, hp.max_length) for e in examples]
+            self.train_set = TokenizedDataset(tokenized)
+        sampler = LengthBucketSampler([len(e.input_ids) for e in self.train_set.examples], hp.batch_size,
+                                      seed=hp.seed + self.round, rank=trainer.global_rank,
+                                      world_size=trainer.world_size)
+        collate_fn = functools.partial(collate, pad_token_id=self.tokenizer.pad_token_id)
+        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate_fn)
+
+
+def _audit(keep: torch.Tensor, correct: torch.Tensor) -> dict:
+    kept_correct = int((keep & correct).sum())
+    return {"kept": int(keep.sum()), "precision": kept_correct / max(int(keep.sum()), 1),
+            "recall": kept_correct / max(int(correct.sum()), 1)}
+
+
+def _mean(values: Sequence) -> float:
+    return sum(map(float, values)) / max(len(values), 1)
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather_rows(rows: list[dict], world: int) -> list[dict]:
+    if world == 1:
+        return rows
+    parts: list[list[dict]] = [[] for _ in range(world)]
+    torch.distributed.all_gather_object(parts, rows)
+    return [r for part in parts for r in part]
+

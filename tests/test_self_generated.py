@@ -1,0 +1,84 @@
+"""The self-training pipeline end to end on the tiny model: generate -> signals -> select -> weighted SFT."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules.scoring import parse_rating
+from datamodules.selection import DSWeightFilter, EmptySelectionError, EntropyThreshold, MajorityVote, SelfRatingFilter
+from datamodules.self_generated import SelfGeneratedDataModule
+from datamodules.tasks import Arithmetic
+from lightning_modules.policy import Policy
+from lightning_modules.sft import WeightedSFTModule
+
+
+def _fit(tiny_model_dir, tmp_path, selectors, max_epochs=1, **data_kwargs):
+    module = WeightedSFTModule(Policy(tiny_model_dir), export_adapter=False,
+                               optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    data = SelfGeneratedDataModule(Arithmetic(few_shot=1), selectors, num_questions=6, n=3, temperature=1.0,
+                                   max_new_tokens=8, tokenizer=tiny_model_dir, batch_size=4, **data_kwargs)
+    trainer = L.Trainer(max_epochs=max_epochs, default_root_dir=tmp_path, enable_progress_bar=False,
+                        limit_val_batches=0, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path),
+                        reload_dataloaders_every_n_epochs=data_kwargs.get("epochs_per_round", 1))
+    trainer.fit(module, data)
+    return trainer, data
+
+
+class _Everything(MajorityVote):
+    """The tiny model rarely parses an answer: a selector that keeps all, to exercise the pipeline."""
+
+    def select(self, signals, keep, weight):
+        return keep, weight * (1 + signals["vote_share"])
+
+
+def test_pipeline_writes_selection_and_trains(tiny_model_dir, tmp_path):
+    trainer, data = _fit(tiny_model_dir, tmp_path, [_Everything()], valid_questions=2)
+    assert trainer.global_step >= 1
+    run = Path(trainer.log_dir)
+    rows = [json.loads(x) for x in (run / "round-0" / "selected.jsonl").read_text().splitlines()]
+    report = json.loads((run / "round-0" / "report.json").read_text())
+    assert len(rows) == 18 == report["candidates"] == report["kept"]
+    assert {"prompt", "completion", "weight", "vote_share", "answer_entropy", "token_entropy"} <= set(rows[0])
+    assert all(r["weight"] == pytest.approx(1 + r["vote_share"]) for r in rows)
+    assert [s["name"] for s in report["selectors"]] == ["all candidates", "_Everything"]
+    assert 0 <= report["selectors"][0]["precision"] <= 1 and report["selectors"][0]["recall"] in (0.0, 1.0)
+    assert (run / "candidates").exists()
+
+
+def test_ds_weight_and_self_rating_signals_are_computed_when_asked(tiny_model_dir, tmp_path):
+    _, data = _fit(tiny_model_dir, tmp_path, [DSWeightFilter(keep=0.8), SelfRatingFilter(keep=1.0)],
+                   valid_questions=2)
+    signals = data.signals
+    assert (signals["ds_weight"][torch.isfinite(signals["ds_weight"])] >= 1).all()
+    assert ((signals["self_rating"] >= 0) & (signals["self_rating"] <= 10)).all()
+    assert data.reports[0]["kept"] <= 15  # the DS filter dropped some of the 18
+
+
+def test_rounds_resample_with_the_trained_model(tiny_model_dir, tmp_path):
+    trainer, data = _fit(tiny_model_dir, tmp_path, [_Everything()], max_epochs=2, epochs_per_round=1)
+    assert [r["round"] for r in data.reports] == [0, 1]
+    assert (Path(trainer.log_dir) / "round-1" / "selected.jsonl").exists()
+
+
+def test_semievol_warmup_then_labeled_threshold(tiny_model_dir, tmp_path):
+    _, data = _fit(tiny_model_dir, tmp_path, [EntropyThreshold(percentile=100)], max_epochs=2,
+                   labeled_questions=3, labeled_warmup=True)
+    assert [r["round"] for r in data.reports] == [1]  # round 0 trained on the labeled set alone
+    assert data.signals["labeled_token_entropy"].shape == (3,)
+
+
+def test_empty_selection_is_a_clear_error(tiny_model_dir, tmp_path):
+    class Nothing(MajorityVote):
+        def select(self, signals, keep, weight):
+            return keep & False, weight
+
+    with pytest.raises(EmptySelectionError, match="Nothing kept nothing"):
+        _fit(tiny_model_dir, tmp_path, [Nothing()])
+
+
+def test_parse_rating():
+    assert parse_rating("Score: 7") == 7 and parse_rating("I'd say score : 12/10") == 10
+    assert parse_rating("maybe 3 out of 10") == 3 and parse_rating("no idea") == 0 and parse_rating("Score: -2") == 0
