@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,8 +39,6 @@ from datamodules.tasks.base import Question, Task
 from lightning_modules.model_store import DEFAULT_MODEL
 from lightning_modules.policy import format_prompt, load_tokenizer
 from lightning_modules.sampling import SamplingParams
-
-log = logging.getLogger(__name__)
 
 
 class SelfGeneratedDataModule(L.LightningDataModule):
@@ -162,8 +159,12 @@ class SelfGeneratedDataModule(L.LightningDataModule):
             with open(out / "selected.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept_rows)
             (out / "report.json").write_text(json.dumps(report, indent=2))
-        log.info("round %d: kept %d of %d candidates (%s)", self.round, len(kept_rows), len(candidates),
-                 ", ".join(f"{s['name']}: precision {s['precision']:.2f}" for s in report["selectors"]))
+        if rank == 0:
+            audit = "; ".join(f"{s['name']} keeps {s['kept']} (precision {s['precision']:.2f}, recall "
+                              f"{s['recall']:.2f})" for s in report["selectors"])
+            print(f"[round {self.round}] {len(questions)} questions, {len(candidates)} candidates, "
+                  f"{report['parsed_fraction']:.0%} parsed; kept {len(kept_rows)} "
+                  f"({len(kept_rows) / len(candidates):.0%}). Audit against gold: {audit}")
         return [self._example(by_id[r["question_id"]], r["completion"], r["weight"], f"round-{self.round}")
                 for r in kept_rows]
 
