@@ -29,7 +29,8 @@ METHODS = ("greedy_control", "lmsi", "entropy_filter", "self_filter", "iwsi", "s
 
 def run(method: str, seed: int, args) -> dict:
     overrides = [
-        f"--seed_everything={seed}", f"--data.init_args.seed={seed}", f"--data.init_args.num_questions={args.questions}",
+        f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
+        f"--data.init_args.num_questions={args.questions}",
         f"--data.init_args.task.init_args.seed={seed}", f"--model.init_args.policy.init_args.model={args.model}",
         f"--trainer.logger.init_args.save_dir={args.runs}", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
