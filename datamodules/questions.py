@@ -1,7 +1,10 @@
-"""QuestionDataModule: a task's questions as prompt token ids, for evaluation (`labelfree test`) and prediction.
+"""QuestionDataModule: a task's questions as prompt token ids, for online RL (`fit`), evaluation (`test`) and
+prediction.
 
-Each batch: `questions` (the `Question` objects, gold included for scoring only), `prefix_ids` (the task's
-shared few-shot prefix) and `suffix_ids` (one list per question). The task is exposed as `.task` for callbacks.
+Each batch: `questions` (the `Question` objects; gold is read for evaluation metrics only), `prefix_ids` (the
+task's shared few-shot prefix), `suffix_ids` (one list per question), the task's `stop` strings and the `task`
+itself (its answer extractor). The task is also exposed as `.task` for callbacks. Training batches are shuffled
+once per epoch with `seed`; test and predict batches keep the split's order.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import functools
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from datamodules.tasks.base import Question, Task
@@ -19,37 +23,46 @@ from lightning_modules.policy import load_tokenizer
 def collate_questions(questions: list[Question], task: Task, tokenizer) -> dict:
     parts = [task.prompt_parts(tokenizer, q) for q in questions]
     return {"questions": questions, "prefix_ids": parts[0].prefix_ids, "suffix_ids": [p.suffix_ids for p in parts],
-            "stop": task.stop}
+            "stop": task.stop, "task": task}
 
 
 class QuestionDataModule(L.LightningDataModule):
     """Args:
         task: the task (prompt template, extractor, loader).
         split: which split to serve for test/predict.
+        train_split: which split to serve for fit (online RL).
         num_questions: how many questions of the split (procedural tasks generate exactly this many).
         batch_size: questions per batch.
         tokenizer: linked to the policy's model.
     """
 
     def __init__(self, task: Task, split: str = "test", num_questions: int = 100, batch_size: int = 8,
-                 tokenizer: str = DEFAULT_MODEL) -> None:
+                 train_split: str = "train", seed: int = 0, tokenizer: str = DEFAULT_MODEL) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["task"])
         self.task, self.split, self.num_questions, self.batch_size = task, split, num_questions, batch_size
         self.tokenizer_name = tokenizer
         self.questions: list[Question] = []
+        self.train_questions: list[Question] = []
 
     def setup(self, stage: str | None = None) -> None:
-        if not self.questions:
-            self.tokenizer = load_tokenizer(self.tokenizer_name)
+        self.tokenizer = load_tokenizer(self.tokenizer_name)
+        if stage == "fit":
+            self.train_questions = self.task.load(self.hparams.train_split, self.num_questions)
+        else:
             self.questions = self.task.load(self.split, self.num_questions)
 
-    def _loader(self) -> DataLoader:
+    def _loader(self, questions: list[Question], shuffle: bool) -> DataLoader:
         collate = functools.partial(collate_questions, task=self.task, tokenizer=self.tokenizer)
-        return DataLoader(self.questions, batch_size=self.batch_size, shuffle=False, collate_fn=collate)
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(questions, batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate,
+                          generator=generator)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_questions, shuffle=True)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader()
+        return self._loader(self.questions, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader()
+        return self._loader(self.questions, shuffle=False)

@@ -12,7 +12,7 @@ Design decisions:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -210,6 +210,24 @@ class Policy(nn.Module):
             logits = causal_lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             ent = entropy(logits[mask])
         return torch.zeros(mask.shape, dtype=ent.dtype, device=ent.device).masked_scatter(mask, ent)
+
+    @torch.no_grad()
+    def token_map(self, input_ids: Tensor, attention_mask: Tensor, mask: Tensor,
+                  fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """`fn(logits (n, V)) -> (n,)` at each position where `mask` (B, T) is set, without gradient, the output
+        head applied `nll_chunk_size` rows at a time; 0 elsewhere. (B, T) float32."""
+        causal_lm = self.causal_lm
+        if self._fused_head_supported():
+            hidden = causal_lm.get_decoder()(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state[mask]  # (N, H)
+            weight = causal_lm.get_output_embeddings().weight
+            step = self.nll_chunk_size
+            chunks = [fn(hidden[s : s + step] @ weight.T) for s in range(0, len(hidden), step)]
+            values = torch.cat(chunks).float() if chunks else hidden.new_zeros(0, dtype=torch.float32)
+        else:
+            values = fn(causal_lm(input_ids=input_ids, attention_mask=attention_mask).logits[mask]).float()
+        return torch.zeros(mask.shape, device=values.device).masked_scatter(mask, values)
 
     def sequence_nll(self, batch: dict[str, Tensor]) -> Tensor:
         """Mean NLL over each sample's labelled tokens: (B,). Samples with no label tokens give 0."""

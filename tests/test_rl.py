@@ -1,0 +1,133 @@
+"""Online RL: advantage and PPO-clip maths, rewards on the tiny model, and a short fit per recipe."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.tasks import Arithmetic
+from lightning_modules.losses.policy_gradient import PPOClipLoss, group_advantages, kl_k3
+from lightning_modules.policy import Policy
+from lightning_modules.rewards import (
+    GoldReward,
+    MajorityVoteReward,
+    NegativeEntropyReward,
+    Rollout,
+    SelfCertaintyReward,
+    SelfEvaluationReward,
+)
+from lightning_modules.rewards.base import rollout_tensors
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_group_advantages_hand_values():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 5.0])
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    adv = group_advantages(rewards, group, "grpo", eps=0.0)
+    std = math.sqrt(((0.5 ** 2) * 4) / 3)  # mean 0.5, Bessel
+    torch.testing.assert_close(adv[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]) / std)
+    assert adv[4:].tolist() == [0.0, 0.0, 0.0]  # equal rewards and a group of one: no signal
+    rloo = group_advantages(rewards, group, "rloo")
+    torch.testing.assert_close(rloo[:4], torch.tensor([1 - 1 / 3, -2 / 3, -2 / 3, 1 - 1 / 3]))
+    assert rloo[6] == 0.0
+
+
+def test_ppo_clip_hand_values_and_kl():
+    logp = torch.log(torch.tensor([[0.5, 0.2]]))
+    old = torch.log(torch.tensor([[0.25, 0.2]]))  # ratio 2 (clipped to 1.2 for A > 0) and 1
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    out = PPOClipLoss(clip_eps=0.2, kl_beta=0.0)(logp, old, logp, torch.tensor([1.0]), mask)
+    assert out.loss.item() == pytest.approx(-(1.2 + 1.0) / 2)
+    assert out.metrics["clip_fraction"].item() == 0.5
+    neg = PPOClipLoss(clip_eps=0.2, kl_beta=0.0)(logp, old, logp, torch.tensor([-1.0]), mask)
+    assert neg.loss.item() == pytest.approx((2.0 + 1.0) / 2)  # min picks the unclipped ratio for A < 0
+    ref = torch.log(torch.tensor([[0.25, 0.1]]))
+    k3 = kl_k3(logp, ref)
+    torch.testing.assert_close(k3, torch.tensor([[0.5 - math.log(0.5) - 1, 0.5 - math.log(0.5) - 1]]))
+    assert (kl_k3(torch.randn(50), torch.randn(50)) >= 0).all()
+
+
+def test_sequence_vs_token_normalisation():
+    logp = torch.zeros(2, 3)
+    mask = torch.tensor([[True, False, False], [True, True, True]])
+    adv = torch.tensor([1.0, 0.0])
+    token = PPOClipLoss(kl_beta=0.0)(logp, logp, logp, adv, mask).loss.item()
+    seq = PPOClipLoss(kl_beta=0.0, normalization="sequence")(logp, logp, logp, adv, mask).loss.item()
+    assert token == pytest.approx(-1 / 4) and seq == pytest.approx(-1 / 2)
+
+
+@pytest.fixture(scope="module")
+def rollout(tiny_model_dir):
+    policy = Policy(tiny_model_dir)
+    task = Arithmetic(few_shot=0)
+    q = task.load("train", 2)
+    tok = policy.tokenizer
+    texts = [f"The answer is {q[0].answer}.", "The answer is 3.", f"= {q[0].answer}", "no idea",
+             "The answer is 7.", "The answer is 7.", "The answer is 8.", f"The answer is {q[1].answer}."]
+    return policy, Rollout(
+        questions=q, tasks=[task, task], group=torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), texts=texts,
+        answers=[task.extract(t) for t in texts],
+        prompt_ids=[task.prompt_parts(tok, x).ids for x in q],
+        response_ids=[tok(t, add_special_tokens=False)["input_ids"] for t in texts],
+    )
+
+
+def test_majority_and_gold_rewards_on_a_hand_made_group(rollout):
+    policy, r = rollout
+    assert MajorityVoteReward()(r, policy).tolist() == [1, 0, 1, 0, 1, 1, 0, 0]
+    assert GoldReward()(r, policy).tolist() == [1, 0, 1, 0, 0, 0, 0, 1]
+
+
+def test_self_evaluation_reward_is_a_probability(rollout):
+    policy, r = rollout
+    prob = SelfEvaluationReward()(r, policy)
+    assert prob.shape == (8,) and ((prob >= 0) & (prob <= 1)).all()
+    sampled = SelfEvaluationReward(mode="sampled")(r, policy)
+    assert set(sampled.tolist()) <= {0.0, 1.0}
+
+
+def test_self_certainty_against_a_naive_loop(rollout):
+    policy, r = rollout
+    policy.eval()
+    got = SelfCertaintyReward()(r, policy)
+    ids, mask, labels = rollout_tensors(r, policy.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        logits = policy.model(input_ids=ids, attention_mask=mask).logits.float()
+    for i in range(len(r.texts)):
+        positions = [t - 1 for t in range(ids.shape[1]) if labels[i, t] != -100]
+        kl = [(-logits[i, t].log_softmax(-1).mean() - math.log(logits.shape[-1])).item() for t in positions]
+        assert got[i].item() == pytest.approx(sum(kl) / len(kl), rel=1e-4)
+    neg_entropy = NegativeEntropyReward()(r, policy)
+    assert (neg_entropy <= 0).all()
+
+
+def test_kl_is_zero_while_the_adapter_is_zero(rollout):
+    policy, r = rollout
+    policy.eval()
+    ids, mask, labels = rollout_tensors(r, policy.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        logp = -policy.token_nll(ids, mask, labels)
+        with policy.reference():
+            ref = -policy.token_nll(ids, mask, labels)
+    assert torch.equal(kl_k3(logp, ref), torch.zeros_like(logp))  # LoRA B starts at zero
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs" / "rl").glob("*.yaml")), ids=lambda p: p.stem)
+def test_two_step_fit_changes_only_adapter_weights(config, tiny_model_dir, tmp_path, monkeypatch):
+    from lightning_modules.cli import build_cli
+
+    monkeypatch.chdir(ROOT)
+    cli = build_cli(["-c", str(config), f"--model.init_args.policy.init_args.model={tiny_model_dir}",
+                     f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+                     "--trainer.max_steps=2", "--model.init_args.max_new_tokens=6",
+                     "--model.init_args.optimizer.init_args.lr=0.01", "--data.init_args.num_questions=4",
+                     "--data.init_args.batch_size=2"], run=False)
+    before = {n: p.detach().clone() for n, p in cli.model.named_parameters()}
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 2
+    changed = {n for n, p in cli.model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed and all("lora_" in n for n in changed)
+    metrics = cli.trainer.callback_metrics
+    assert {"rl/reward", "rl/kl", "rl/clip_fraction", "rl/response_length", "rl/sample_accuracy"} <= set(metrics)
