@@ -1,13 +1,9 @@
 """Sampling many answers per question, fast, cached and resumable.
 
-How it saves work (all exact, greedy output equals `model.generate` token for token):
-- the few-shot prefix shared by every prompt of a task is run once per call; each batch starts from a copy of
-  its KV cache (layout [prefix | left-padded question | generated], positions counted over real tokens only);
-- each prompt is prefilled once, then its KV cache is repeated `n` times (`batch_repeat_interleave`);
-- rows that finished (EOS or a stop string) leave the batch (`batch_select_indices`), so the cost per step
-  follows the rows still running.
-Each candidate keeps the log-probability of each of its tokens at temperature 1 (for entropy signals without a
-second pass).
+The decode loop is `lightning_modules/sampling.py` (prefix KV cache shared by every prompt of the task, one
+prefill per prompt repeated `n` times, finished rows dropped; greedy equals `model.generate` token for token).
+This module adds tasks, batching by prompt length, caching, resumption and sharding. Each candidate keeps
+the log-probability of each of its tokens at temperature 1 (for entropy signals without a second pass).
 
 Caching: results live under `<cache_dir>/<key>/chunk-NNNNN/` as `datasets` Arrow tables, one per chunk of
 `chunk_size` questions, written to a temporary directory and renamed (atomic). The key hashes the model and
@@ -53,7 +49,8 @@ class Generator(Protocol):
 
 # ---------------------------------------------------------------------------------------------- cache + chunks
 def model_fingerprint(policy) -> str:
-    """Model name, dtype, adaptation and a hash of the trainable weights (the adapter's current values)."""
+    """Model name, dtype, adaptation and a hash of the trainable weights (the adapter's current values).
+    The frozen weights are identified by the model name, not hashed."""
     h = hashlib.sha256(f"{policy.name}|{policy.adapt}|{next(policy.parameters()).dtype}".encode())
     for name, p in sorted(policy.named_parameters()):
         if p.requires_grad:
@@ -75,7 +72,10 @@ def _write_chunk(directory: Path, index: int, rows: list[dict]) -> None:
     tmp = directory / f".tmp-chunk-{index:05d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     datasets.Dataset.from_list(rows, features=FEATURES).save_to_disk(str(tmp))
-    os.replace(tmp, final) if not final.exists() else shutil.rmtree(tmp)
+    if final.exists():  # another rank or an earlier run wrote it first: identical content, keep that one
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, final)
 
 
 def _read_chunk(directory: Path, index: int) -> list[dict] | None:
