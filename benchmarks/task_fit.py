@@ -3,7 +3,7 @@
 A good demo family leaves room (greedy well inside 10%..70%) and signal (maj@m above greedy). Prints a
 Markdown table; each row is one `Arithmetic(a_range, b_range)` on the same number of held-out questions.
 
-    python benchmarks/task_fit.py                                   # the default family
+    python benchmarks/task_fit.py --temperature 0.5                 # the default family
     python benchmarks/task_fit.py --family 2,12,3,20 --family 2,12,12,25 --questions 100 --few-shot 2 0
 """
 
@@ -23,7 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--family", action="append", help="a_min,a_max,b_min,b_max (repeatable)")
+    parser.add_argument("--family", action="append", help="a_min,a_max,b_min,b_max (repeatable); default 2,12,12,25")
     parser.add_argument("--few-shot", type=int, nargs="+", default=[2])
     parser.add_argument("--questions", type=int, default=100)
     parser.add_argument("-m", type=int, default=8)
@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     policy = Policy(args.model, dtype=args.dtype, adapt="none").eval()
-    families = [tuple(map(int, f.split(","))) for f in (args.family or ["2,12,3,20"])]
+    families = [tuple(map(int, f.split(","))) for f in (args.family or ["2,12,12,25"])]
     evaluation = TaskEvaluation(k=args.m, temperature=args.temperature, max_new_tokens=128)
     print(f"model={args.model} dtype={args.dtype} questions={args.questions} m={args.m} T={args.temperature}")
     print(f"| a | b | shots | greedy | maj@{args.m} | pass@{args.m} | parsed (greedy) | seconds |")

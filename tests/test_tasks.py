@@ -83,7 +83,7 @@ def test_arithmetic_is_seeded_per_split_and_gold_is_consistent():
     assert [q.question for q in test] == [q.question for q in again]
     assert [q.question for q in test] != [q.question for q in train]
     for q in test:
-        assert task.same(task.extract(q.rationale), q.answer) and 2 * 3 <= int(q.answer) <= 12 * 20
+        assert task.same(task.extract(q.rationale), q.answer) and 2 * 12 <= int(q.answer) <= 12 * 25
     assert len({q.id for q in test}) == 50
 
 

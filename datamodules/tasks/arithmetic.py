@@ -1,8 +1,9 @@
 """Arithmetic: the procedural demo task — no download, any split size, gold answers and rationales.
 
-Family (chosen by measuring the default model, see the README): "N has a boxes. Each box holds b items. How many
-items does N have in total?", a in 2..12, b in 3..20. SmolLM2-135M-Instruct answers about half of them right
-greedily and a majority vote over 8 samples does better, which leaves room and signal for self-improvement.
+Family (chosen by measuring the default model with `benchmarks/task_fit.py`, see the README): "N has a boxes.
+Each box holds b items. How many items does N have in total?", a in 2..12, b in 12..25. SmolLM2-135M-Instruct
+answers about half of them right greedily (0.48 on 100 questions, 2-shot) and a majority vote over 8 samples at
+T = 0.5 does better (0.53), which leaves room and signal for self-improvement.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Arithmetic(ProceduralTask):
     name = "arithmetic"
 
     def __init__(
-        self, a_range: tuple[int, int] = (2, 12), b_range: tuple[int, int] = (3, 20), seed: int = 0, **kwargs
+        self, a_range: tuple[int, int] = (2, 12), b_range: tuple[int, int] = (12, 25), seed: int = 0, **kwargs
     ) -> None:
         super().__init__(**kwargs)
         self.a_range, self.b_range, self.seed = tuple(a_range), tuple(b_range), seed
