@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from callbacks.task_evaluation import score
 from datamodules.io import DataError
-from datamodules.tasks import ANLI, GSM8K, SVAMP, AQuA, Arithmetic, OpenBookQA, StrategyQA, Task
+from datamodules.tasks import ANLI, GSM8K, SVAMP, AQuA, Arithmetic, OpenBookQA, Sentiment, StrategyQA, Task
 from datamodules.tasks.extract import extract_choice, extract_number, extract_word, same_number
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -75,6 +75,14 @@ def test_score_row():
     q = task.load("test", 1)[0]
     row = score(task, q, f"The answer is {q.answer}.", ["The answer is 1.", "The answer is 1.", f"= {q.answer}"])
     assert row["greedy_correct"] and not row["maj_correct"] and row["pass"] and row["votes"] == 2
+
+
+def test_sentiment_labels_and_extraction():
+    task = Sentiment()
+    qs = task.load("test", 6)
+    assert [task.label_index(q) for q in qs] == [0, 1, 0, 1, 0, 1]
+    assert all(task.extract(task.format_rationale(q)) == q.answer for q in qs)
+    assert task.extract("This review is clearly negative.") == "negative" and task.extract("no idea") is None
 
 
 def test_arithmetic_is_seeded_per_split_and_gold_is_consistent():

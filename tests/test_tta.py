@@ -166,7 +166,8 @@ def test_two_step_fit_changes_only_adapted_parameters(config, tiny_model_dir, tm
     monkeypatch.chdir(ROOT)
     args = ["-c", str(config), f"--model.init_args.policy.init_args.model={tiny_model_dir}",
             f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-            "--data.init_args.num_questions=8", "--data.init_args.batch_size=4"]
+            "--data.init_args.num_questions=8", "--data.init_args.batch_size=4",
+            "--data.init_args.tasks=datamodules.tasks.Comparison"]  # its verbalizers are single tiny-tokenizer tokens
     if "token" in config.stem:
         args.append("--model.init_args.max_new_tokens=5")
     cli = build_cli(args, run=False)

@@ -2,8 +2,9 @@ from datamodules.tasks.arithmetic import Arithmetic
 from datamodules.tasks.base import PromptParts, Question, Task, load_questions
 from datamodules.tasks.comparison import Comparison
 from datamodules.tasks.paper import ANLI, GSM8K, SVAMP, AQuA, OpenBookQA, StrategyQA
+from datamodules.tasks.sentiment import Sentiment
 
 __all__ = [
     "ANLI", "AQuA", "Arithmetic", "Comparison", "GSM8K", "OpenBookQA", "PromptParts", "Question", "SVAMP",
-    "StrategyQA", "Task", "load_questions",
+    "Sentiment", "StrategyQA", "Task", "load_questions",
 ]

@@ -163,8 +163,8 @@ class Task:
         return ids
 
     def label_index(self, q: Question) -> int:
-        """The gold label's position in `verbalizers` (evaluation only)."""
-        return self.verbalizers.index(q.answer)
+        """The gold label's position in `verbalizers` (evaluation only; surrounding spaces ignored)."""
+        return [v.strip() for v in self.verbalizers].index(q.answer.strip())
 
     def prompt_text(self, tokenizer, q: Question) -> str:
         return tokenizer.decode(self.prompt_parts(tokenizer, q).ids)
