@@ -1,12 +1,13 @@
 """Online accuracy of test-time adaptation on the default stream: no adaptation, Tent, SAR, ROID, several seeds.
 
 Each run is `labelfree fit -c configs/tta/<method>.yaml` (label level, default model) on a stream of
-`--questions` "which number is larger?" questions in the same `--order` for every method; the seed changes
-the questions and their order. The
+`--questions` one-sentence reviews (`Sentiment`, zero-shot) in the same `--order` for every method; the seed
+changes the reviews and their order. The
 no-adaptation row is the non-adapted model on the same batches (`tta/source_accuracy`, logged by every run).
 Prints mean ± std over seeds as a Markdown table, with SAR's resets.
 
     python benchmarks/tta_table.py --seeds 0 1 2 --questions 96
+    python benchmarks/tta_table.py --seeds 0 1 2 --questions 96 --order by_label
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--questions", type=int, default=96)
-    parser.add_argument("--few-shot", type=int, default=2)
+    parser.add_argument("--few-shot", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--order", default="random", choices=["random", "by_label"], help="the same for every method")
     parser.add_argument("--runs", default="runs/tta_table")
@@ -56,7 +57,7 @@ def main() -> None:
     def cell(values: list[float]) -> str:
         return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0:.3f}"
 
-    print(f"\nstream: Comparison, {args.questions} questions, {args.order} order, {args.few_shot}-shot, "
+    print(f"\nstream: Sentiment, {args.questions} questions, {args.order} order, {args.few_shot}-shot, "
           f"seeds {args.seeds}, {time.perf_counter() - start:.0f} s")
     print("| method | online accuracy | resets |\n|---|---|---|")
     source = [r["source"] for r in results[args.methods[0]]]  # the same stream for every method
