@@ -23,15 +23,15 @@ class Sentiment(ProceduralTask):
     """Args:
         seed: reviews of split s come from a generator seeded with (seed, s); labels alternate before any
             reordering by the stream.
+        few_shot: zero-shot by default (the stream measured in the README).
     """
 
     name = "sentiment"
     verbalizers = (" positive", " negative")
     answer_prefix = "The answer is"
 
-    def __init__(self, seed: int = 0, **kwargs) -> None:
-        kwargs.setdefault("few_shot", 0)
-        super().__init__(**kwargs)
+    def __init__(self, seed: int = 0, few_shot: int = 0, **kwargs) -> None:
+        super().__init__(few_shot=few_shot, **kwargs)
         self.seed = seed
 
     def make(self, split: str, n: int) -> list[Question]:
