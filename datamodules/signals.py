@@ -28,7 +28,7 @@ def vote_signals(question_ids: Sequence[str], answers: Sequence[str | None], tas
     for rows in rows_of.values():
         votes = [answers[i] for i in rows]
         majority, count, parsed = task.majority(votes)
-        counts = _answer_counts(votes, task)
+        counts = [c for _, c in task.answer_counts(votes)]
         ent = -sum(c / parsed * math.log(c / parsed) for c in counts) / math.log(parsed) if parsed > 1 else 0.0
         for i in rows:
             is_majority[i] = float(answers[i] is not None and task.same(answers[i], majority))
@@ -38,20 +38,6 @@ def vote_signals(question_ids: Sequence[str], answers: Sequence[str | None], tas
     signals = {"is_majority": is_majority, "vote_share": share, "n_parsed": parsed_col,
                "answer_entropy": entropy_col, "first_of_question": first}
     return signals, majority_col
-
-
-def _answer_counts(votes: Sequence[str | None], task) -> list[int]:
-    groups: list[list] = []
-    for a in votes:
-        if a is None:
-            continue
-        for g in groups:
-            if task.same(g[0], a):
-                g[1] += 1
-                break
-        else:
-            groups.append([a, 1])
-    return [g[1] for g in groups]
 
 
 def token_entropy(token_logprobs: Sequence[Sequence[float]]) -> torch.Tensor:

@@ -72,10 +72,10 @@ class Task:
     def exemplars(self) -> list[Question]:
         raise NotImplementedError
 
-    def majority(self, answers: Sequence[str | None]) -> tuple[str | None, int, int]:
-        """(majority answer, its votes, parsed answers). None gets no vote; answers equal under `same` pool
-        their votes; ties go to the answer seen first (SPEC §1)."""
-        groups: list[list] = []  # [representative, votes] in first-seen order
+    def answer_counts(self, answers: Sequence[str | None]) -> list[tuple[str, int]]:
+        """Distinct answers (equal under `same` pool their votes) with their votes, in first-seen order;
+        None gets no vote."""
+        groups: list[list] = []  # [representative, votes]
         for a in answers:
             if a is None:
                 continue
@@ -85,11 +85,15 @@ class Task:
                     break
             else:
                 groups.append([a, 1])
-        parsed = sum(g[1] for g in groups)
-        if not groups:
+        return [(a, n) for a, n in groups]
+
+    def majority(self, answers: Sequence[str | None]) -> tuple[str | None, int, int]:
+        """(majority answer, its votes, parsed answers); ties go to the answer seen first (SPEC §1)."""
+        counts = self.answer_counts(answers)
+        if not counts:
             return None, 0, 0
-        best = max(groups, key=lambda g: g[1])  # max keeps the first of equals
-        return best[0], best[1], parsed
+        best = max(counts, key=lambda c: c[1])  # max keeps the first of equals
+        return best[0], best[1], sum(n for _, n in counts)
 
     def load(self, split: str, limit: int | None = None) -> list[Question]:
         """Questions of a split: from `data_path` (a file per split: `{split}` in the path is replaced)."""
