@@ -147,3 +147,22 @@ def test_interrupted_run_sees_the_same_batches_as_an_uninterrupted_one(tiny_mode
             f"--ckpt_path={last}")
     straight, first, resumed = (r.seen for r in recorders)
     assert len(straight) == 5 and first + resumed == straight
+
+
+def test_ckpt_path_last_resumes_the_newest_run_in_its_version(tiny_model_dir, tmp_path):
+    def fit(*extra):
+        return build_cli([
+            "fit", "-c", str(Path(__file__).parents[1] / "configs/sft.yaml"),
+            f"--model.init_args.policy.init_args.model={tiny_model_dir}", f"--data.init_args.train_file={DATA}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks.every_n_train_steps=1", *extra,
+        ])
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+        fit("--trainer.max_steps=2", "--ckpt_path=last")
+    fit("--trainer.max_steps=2")
+    resumed = fit("--trainer.max_steps=4", "--ckpt_path=last")
+    assert resumed.trainer.global_step == 4
+    assert resumed.trainer.logger.version == "version_0"  # the same run continues
+    assert sorted(p.name for p in (tmp_path / "sft").iterdir()) == ["version_0"]
