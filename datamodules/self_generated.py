@@ -16,6 +16,8 @@ Options: a labeled set mixed into training (`labeled_questions`, SemiEvol), opti
 directory for the RM-filter. Under DDP each rank scores its share of the questions, percentiles are global,
 and every rank gets all kept samples (its batches are then sharded).
 Per round, `<log_dir>/round-<r>/selected.jsonl` (prompt, completion, weight, every signal) and `report.json`.
+Candidates are cached under `<experiment dir>/candidates/` (shared by the experiment's versions), so a run
+interrupted during generation continues where it stopped when started again.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         reward_model: a sequence-classification model directory (RM-filter).
         epochs_per_round: epochs trained on each round's data.
         batch_size, max_length: SFT batches.
-        cache_dir: where candidates are cached (default `<log_dir>/candidates`).
+        cache_dir: where candidates are cached (default `<experiment dir>/candidates`, shared by its versions).
         tokenizer: linked to the policy's model.
     """
 
@@ -126,7 +128,9 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         hp = self.hparams
         rank, world = _dist_info()
         questions = self.task.load(hp.split, hp.num_questions)
-        cache = hp.cache_dir or str(run_dir / "candidates")
+        # shared by every version of the experiment: a re-run after an interruption finds what was generated
+        # (the key hashes model, adapter, prompts, sampling and questions, so sharing is safe)
+        cache = hp.cache_dir or str(run_dir.parent / "candidates")
         engine = HFGenerator(batch_size=hp.generation_batch_size, cache_dir=cache)
         candidates = engine.sample(policy, questions, self.task, self.params)
         mine = {q.id for q in questions[rank::world]}
