@@ -56,4 +56,5 @@ class ModelReset(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.should_reset(trainer, pl_module):
             self.reset(trainer, pl_module)
+            pl_module.log("tta/last_reset_step", float(trainer.global_step), batch_size=1)
         pl_module.log("tta/resets", float(len(self.reset_steps)), batch_size=1)

@@ -181,3 +181,32 @@ def test_two_step_fit_changes_only_adapted_parameters(config, tiny_model_dir, tm
     assert changed and changed <= trainable
     metrics = cli.trainer.callback_metrics
     assert 0 <= metrics["tta/online_accuracy"] <= 1 and torch.isfinite(metrics["tta/entropy"])
+
+
+def test_stream_orders_shifts_and_mixes(tiny_model_dir):
+    from datamodules.stream import StreamDataModule
+    from datamodules.tasks import Arithmetic, Comparison
+
+    def stream(**kwargs):
+        dm = StreamDataModule(Comparison(few_shot=1), num_questions=12, tokenizer=tiny_model_dir, batch_size=4,
+                              **kwargs)
+        dm.setup("fit")
+        return dm
+
+    by_label = [it["label"] for it in stream(order="by_label").items]
+    assert by_label == sorted(by_label) and set(by_label) == {0, 1}  # one class, then the other
+    shuffled = stream(order="random", seed=1)
+    assert [it["label"] for it in shuffled.items] != by_label
+    shifted = stream(format_shift_at=0.5, shifted_few_shot=0, shifted_template="plain")
+    lengths = [len(it["ids"]) for it in shifted.items]
+    assert min(lengths[:6]) > max(lengths[6:])  # the exemplar disappears after the shift
+    plain = shifted.tokenizer.decode(shifted.items[-1]["ids"])
+    assert plain.startswith("Q: Which number") and plain.endswith("\nA: The answer is (")  # plain format
+    mixed = StreamDataModule([Comparison(seed=0), Comparison(seed=5, low=10, high=99)], num_questions=4,
+                             tokenizer=tiny_model_dir)
+    mixed.setup("fit")
+    assert [it["question"].options[0].__len__() for it in mixed.items][:2] == [3, 2]  # interleaved domains
+    batch = next(iter(shifted.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4 and batch["verbalizer_ids"].shape == (4, 2)
+    with pytest.raises(ValueError, match="classification tasks"):
+        StreamDataModule([Comparison(), Arithmetic()], tokenizer=tiny_model_dir).setup("fit")

@@ -146,19 +146,24 @@ class Task:
         suffix_ids = tokenizer(full[len(prefix) :], add_special_tokens=add_bos)["input_ids"]
         return PromptParts(prefix_ids, suffix_ids)
 
+    def _answer_start(self, tokenizer) -> str:
+        """`answer_prefix` as it continues the prompt: after the plain format's "A:" it follows a space."""
+        return self.answer_prefix if self.template == "chat" and tokenizer.chat_template else " " + self.answer_prefix
+
     def label_prompt_ids(self, tokenizer, q: Question) -> list[int]:
         """The prompt followed by the start of the answer (`answer_prefix`): the next token is the label."""
-        answer_start = tokenizer(self.answer_prefix, add_special_tokens=False)["input_ids"]
+        answer_start = tokenizer(self._answer_start(tokenizer), add_special_tokens=False)["input_ids"]
         return self.prompt_parts(tokenizer, q).ids + answer_start
 
     def verbalizer_ids(self, tokenizer) -> list[int]:
         """The token of each verbalizer right after `answer_prefix`; an error unless each is one distinct token."""
         if not self.verbalizers:
             raise ValueError(f"task {self.name!r} has no verbalizers (label-level methods need a classification task)")
-        base = tokenizer(self.answer_prefix, add_special_tokens=False)["input_ids"]
+        start = self._answer_start(tokenizer)
+        base = tokenizer(start, add_special_tokens=False)["input_ids"]
         ids = []
         for word in self.verbalizers:
-            full = tokenizer(self.answer_prefix + word, add_special_tokens=False)["input_ids"]
+            full = tokenizer(start + word, add_special_tokens=False)["input_ids"]
             if full[: len(base)] != base or len(full) != len(base) + 1:
                 raise ValueError(f"verbalizer {word!r} is not a single token after {self.answer_prefix!r}")
             ids.append(full[-1])
