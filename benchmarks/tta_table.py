@@ -1,9 +1,10 @@
 """Online accuracy of test-time adaptation on the default stream: no adaptation, Tent, SAR, ROID, several seeds.
 
 Each run is `labelfree fit -c configs/tta/<method>.yaml` (label level, default model) on a stream of
-`--questions` one-sentence reviews (`Sentiment`; `--few-shot` exemplars, 0 by default) in the same `--order` for
-every method; the seed changes the reviews and their order. Beside each method's online accuracy: the non-adapted model on the same
-batches with the same prediction rule (`tta/source_accuracy`). Prints mean ± std over seeds, with resets.
+`--questions` one-sentence reviews (`Sentiment`; `--few-shot` exemplars, 0 by default) in the same `--order`
+for every method; the seed changes the reviews and their order. Beside each method's online accuracy: the
+non-adapted model on the same batches with the same prediction rule (`tta/source_accuracy`). Prints mean ± std
+over seeds, with resets.
 
     python benchmarks/tta_table.py --seeds 0 1 2 --questions 96
     python benchmarks/tta_table.py --seeds 0 1 2 --questions 96 --order by_label

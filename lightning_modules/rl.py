@@ -115,6 +115,11 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
             optimizer.zero_grad()
             self.manual_backward(out.loss)
             optimizer.step()
+        with torch.no_grad():  # entropy of the distributions that produced the response tokens
+            produced = torch.zeros_like(response)
+            produced[:, :-1] = response[:, 1:]
+            entropy = self.policy.token_entropy(ids, mask, produced)
+        self.log("rl/entropy", (entropy * produced).sum() / produced.sum().clamp_min(1), batch_size=n)
         self._log_step(rollout, rewards, out, response, old_logp)
 
     def _log_step(self, rollout: Rollout, rewards: Tensor, out, response: Tensor, old_logp: Tensor) -> None:
@@ -125,7 +130,6 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
             self.log(f"rl/{name}", value, batch_size=n)
         lengths = response.sum(-1).float()
         self.log("rl/response_length", lengths.mean(), batch_size=n)
-        self.log("rl/neg_logprob", -(old_logp * response).sum() / lengths.sum().clamp_min(1), batch_size=n)
         self.log("rl/parsed_fraction", sum(a is not None for a in rollout.answers) / n, batch_size=n)
         gold = [rollout.questions[int(g)].answer for g in rollout.group]
         if all(x is not None for x in gold):  # evaluation only

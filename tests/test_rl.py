@@ -130,4 +130,5 @@ def test_two_step_fit_changes_only_adapter_weights(config, tiny_model_dir, tmp_p
     changed = {n for n, p in cli.model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert changed and all("lora_" in n for n in changed)
     metrics = cli.trainer.callback_metrics
-    assert {"rl/reward", "rl/kl", "rl/clip_fraction", "rl/response_length", "rl/sample_accuracy"} <= set(metrics)
+    assert {"rl/reward", "rl/kl", "rl/clip_fraction", "rl/response_length", "rl/entropy",
+            "rl/sample_accuracy", "rl/reward_accuracy"} <= set(metrics)
