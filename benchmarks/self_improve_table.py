@@ -4,8 +4,8 @@ few-shot and the zero-shot prompt, and the pseudo-label audit. Prints a Markdown
 
 Each run is `labelfree fit -c configs/self_improve/base.yaml -c configs/self_improve/<method>.yaml` with the
 seed changing the unlabeled questions, the sampling and the training order; evaluation is on the same held-out
-questions for every method. Standard error = std / sqrt(seeds). A run is ~7 minutes on 2 CPU cores: the whole
-default table (7 methods x 3 seeds) takes about 2.5 hours.
+questions for every method. Standard error = std / sqrt(seeds). A run is ~15 minutes on 2 CPU cores: the whole
+default table (7 methods x 3 seeds) takes about 5 hours.
 
     python benchmarks/self_improve_table.py --seeds 0 1 2
     python benchmarks/self_improve_table.py --methods lmsi iwsi --seeds 0 --questions 50 --eval-questions 50
