@@ -177,6 +177,12 @@ class Policy(nn.Module):
             and getattr(config, "logits_scaling", 1.0) == 1.0
         )
 
+    def _last_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The decoder's final hidden states, before the output head. (B, T, H)."""
+        return self.causal_lm.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+
     def token_nll(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         """Per-token NLL (float32, natural log), aligned with `labels`: out[b, t] = -log p(labels[b, t] |
         tokens < t), 0 where `labels` is IGNORE_INDEX and at t = 0. Shapes: (B, T) -> (B, T)."""
@@ -184,9 +190,7 @@ class Policy(nn.Module):
         mask = targets != IGNORE_INDEX  # (B, T-1)
         causal_lm = self.causal_lm
         if self._fused_head_supported():
-            hidden = causal_lm.get_decoder()(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            ).last_hidden_state  # (B, T, H)
+            hidden = self._last_hidden(input_ids, attention_mask)  # (B, T, H)
             weight = causal_lm.get_output_embeddings().weight  # (V, H)
             nll = chunked_linear_nll(hidden[:, :-1][mask], weight, targets[mask], self.nll_chunk_size)  # (N,)
         else:
@@ -201,9 +205,7 @@ class Policy(nn.Module):
         i.e. of the distribution that produced token t+1; 0 elsewhere. Chunked like `token_nll`. (B, T)."""
         causal_lm = self.causal_lm
         if self._fused_head_supported():
-            hidden = causal_lm.get_decoder()(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            ).last_hidden_state  # (B, T, H)
+            hidden = self._last_hidden(input_ids, attention_mask)  # (B, T, H)
             weight = causal_lm.get_output_embeddings().weight
             ent = chunked_linear_entropy(hidden[mask], weight, self.nll_chunk_size)  # (N,)
         else:
@@ -218,9 +220,7 @@ class Policy(nn.Module):
         head applied `nll_chunk_size` rows at a time; 0 elsewhere. (B, T) float32."""
         causal_lm = self.causal_lm
         if self._fused_head_supported():
-            hidden = causal_lm.get_decoder()(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            ).last_hidden_state[mask]  # (N, H)
+            hidden = self._last_hidden(input_ids, attention_mask)[mask]  # (N, H)
             weight = causal_lm.get_output_embeddings().weight
             step = self.nll_chunk_size
             chunks = [fn(hidden[s : s + step] @ weight.T) for s in range(0, len(hidden), step)]
