@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from datamodules.tasks.base import Question, Task
-from lightning_modules.sampling import SamplingParams, finish_text, generate_batch
+from lightning_modules.sampling import SamplingParams, finish_text, generate_batch, prefix_cache
 
 log = logging.getLogger(__name__)
 ENGINE_VERSION = 1
@@ -115,7 +115,7 @@ class HFGenerator:
         questions = list(questions)
         if not questions:
             raise ValueError("no questions to sample answers for")
-        rank, world = _dist_info()
+        rank, world = dist_info()
         model = policy.model
         directory = None
         if self.cache_dir is not None:
@@ -145,18 +145,13 @@ class HFGenerator:
             self.stats = {"generated_tokens": generated, "seconds": time.perf_counter() - start}
         finally:
             model.train(was_training)
-        all_rows = _gather_chunks(done, world)
+        all_rows = {i: rows for part in gather_objects(done) for i, rows in part.items()}
         return datasets.Dataset.from_list([r for i in range(len(chunks)) for r in all_rows[i]], features=FEATURES)
 
     def _prefix(self, policy, task: Task, probe: Question):
         """KV cache of the task's shared prefix (batch 1), or (None, 0) when there is none."""
         prefix_ids = task.prompt_parts(policy.tokenizer, probe).prefix_ids
-        if not prefix_ids:
-            return None, 0
-        device = next(policy.model.parameters()).device
-        with torch.no_grad():
-            out = policy.model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True, logits_to_keep=1)
-        return out.past_key_values, len(prefix_ids)
+        return prefix_cache(policy.model, prefix_ids), len(prefix_ids)
 
     def _chunk(self, policy, task, questions, params, prefix, seed) -> list[dict]:
         tokenizer = policy.tokenizer
@@ -185,18 +180,21 @@ def hash_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def _dist_info() -> tuple[int, int]:
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when not distributed."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
 
-def _gather_chunks(done: dict[int, list[dict]], world: int) -> dict[int, list[dict]]:
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order (`[obj]` when not distributed)."""
+    world = dist_info()[1]
     if world == 1:
-        return done
-    gathered: list[dict[int, list[dict]]] = [{} for _ in range(world)]
-    torch.distributed.all_gather_object(gathered, done)
-    return {i: rows for part in gathered for i, rows in part.items()}
+        return [obj]
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, obj)
+    return parts
 
 
 def sample(

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from datamodules.generation import gather_objects
 from lightning_modules.losses.functional import ds_weight
 
 Signals = dict[str, Tensor]  # column name -> (N,) tensor, one row per candidate
@@ -26,11 +27,8 @@ class EmptySelectionError(ValueError):
 
 def gather_all(values: Tensor) -> Tensor:
     """All ranks' values concatenated in rank order (the values themselves when not distributed)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return values
-    parts: list[Tensor] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
-    torch.distributed.all_gather_object(parts, values.cpu())
-    return torch.cat(parts).to(values.device)
+    parts = gather_objects(values.cpu())
+    return values if len(parts) == 1 else torch.cat(parts).to(values.device)
 
 
 def global_percentile(values: Tensor, q: float) -> float:

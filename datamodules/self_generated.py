@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.collate import LengthBucketSampler, SFTExample, collate, tokenize_example
-from datamodules.generation import HFGenerator
+from datamodules.generation import HFGenerator, dist_info, gather_objects
 from datamodules.labeled import TokenizedDataset
 from datamodules.scoring import reward_model_scores, sample_losses, self_ratings
 from datamodules.selection import Selector, Signals, ds_signals
@@ -126,7 +126,7 @@ class SelfGeneratedDataModule(L.LightningDataModule):
 
     def _generate_and_select(self, policy, run_dir: Path) -> list[SFTExample]:
         hp = self.hparams
-        rank, world = _dist_info()
+        rank, world = dist_info()
         questions = self.task.load(hp.split, hp.num_questions)
         # shared by every version of the experiment: a re-run after an interruption finds what was generated
         # (the key hashes model, adapter, prompts, sampling and questions, so sharing is safe)
@@ -155,7 +155,7 @@ class SelfGeneratedDataModule(L.LightningDataModule):
                 "completion": r["completion"], "answer": r["answer"], "majority": majority[i],
                 "weight": float(weight[i]), **{k: float(v[i]) for k, v in signals.items() if len(v) == len(rows)},
             })
-        kept_rows = _gather_rows(kept_rows, world)
+        kept_rows = [r for part in gather_objects(kept_rows) for r in part]
         self.signals, self.reports = signals, self.reports + [report]
         if rank == 0:
             out = run_dir / f"round-{self.round}"
@@ -205,16 +205,4 @@ def _mean(values: Sequence) -> float:
     return sum(map(float, values)) / max(len(values), 1)
 
 
-def _dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _gather_rows(rows: list[dict], world: int) -> list[dict]:
-    if world == 1:
-        return rows
-    parts: list[list[dict]] = [[] for _ in range(world)]
-    torch.distributed.all_gather_object(parts, rows)
-    return [r for part in parts for r in part]
 

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 
 from lightning_modules.policy import Policy
-from lightning_modules.sampling import SamplingParams, finish_text, generate_batch
+from lightning_modules.sampling import SamplingParams, finish_text, generate_batch, prefix_cache
 
 
 class AnswerSamplingModule(L.LightningModule):
@@ -31,13 +31,11 @@ class AnswerSamplingModule(L.LightningModule):
 
     def _prefix_cache(self, prefix_ids: list[int]):
         if self._prefix is None or self._prefix[0] != tuple(prefix_ids):
-            out = self.policy.model(input_ids=torch.tensor([prefix_ids], device=self.device), use_cache=True,
-                                    logits_to_keep=1)
-            self._prefix = (tuple(prefix_ids), out.past_key_values)
+            self._prefix = (tuple(prefix_ids), prefix_cache(self.policy.model, prefix_ids))
         return self._prefix[1]
 
     def _texts(self, batch: dict, params: SamplingParams, generator: torch.Generator | None) -> list[list[str]]:
-        prefix = self._prefix_cache(batch["prefix_ids"]) if batch["prefix_ids"] else None
+        prefix = self._prefix_cache(batch["prefix_ids"])
         completions = generate_batch(self.policy.model, self.policy.tokenizer, prefix, len(batch["prefix_ids"]),
                                      batch["suffix_ids"], params, batch["stop"], generator)
         texts = [finish_text(self.policy.tokenizer, c, batch["stop"])[0] for c in completions]

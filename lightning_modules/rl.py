@@ -26,7 +26,7 @@ from lightning_modules.losses.functional import IGNORE_INDEX
 from lightning_modules.losses.policy_gradient import PPOClipLoss, group_advantages
 from lightning_modules.policy import Policy
 from lightning_modules.rewards.base import Reward, Rollout, rollout_tensors
-from lightning_modules.sampling import SamplingParams, finish_text, generate_batch
+from lightning_modules.sampling import SamplingParams, finish_text, generate_batch, prefix_cache
 from lightning_modules.sft import TrainableStateMixin, save_config_hyperparameters
 
 
@@ -65,14 +65,11 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
     @torch.no_grad()
     def rollout(self, batch: dict) -> tuple[Rollout, list[list[float]]]:
         """G responses per prompt from the current policy, and their tokens' log-probs at temperature 1."""
-        policy, tok, device = self.policy, self.policy.tokenizer, self.device
+        policy, tok = self.policy, self.policy.tokenizer
         was_training = policy.training
         policy.eval()
         prefix = batch["prefix_ids"]
-        cache = None
-        if prefix:
-            cache = policy.model(input_ids=torch.tensor([prefix], device=device), use_cache=True,
-                                 logits_to_keep=1).past_key_values
+        cache = prefix_cache(policy.model, prefix)
         completions = generate_batch(policy.model, tok, cache, len(prefix), batch["suffix_ids"], self.params,
                                      batch["stop"], self.generator)
         policy.train(was_training)

@@ -89,6 +89,16 @@ def reserved_cache(prefix_cache, batch: int, n_layers: int, capacity: int) -> Ca
     return cache
 
 
+@torch.no_grad()
+def prefix_cache(model, prefix_ids: Sequence[int]):
+    """The KV cache of a prefix shared by every prompt (batch 1), or None for an empty prefix."""
+    if not prefix_ids:
+        return None
+    device = next(model.parameters()).device
+    return model(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True,
+                 logits_to_keep=1).past_key_values
+
+
 def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     """Logits outside the smallest set of tokens whose probability reaches `top_p` become -inf. (R, V)."""
     if top_p >= 1.0:
