@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -48,18 +49,21 @@ class TaskEvaluation(L.Callback):
         k, temperature, top_p, max_new_tokens, seed: the k sampled answers behind maj@k and pass@k (0 = greedy only).
         batch_size: questions per generation batch.
         at_fit_start, at_fit_end: when to evaluate during fit.
+        k_at_fit_end: k for the fit-end evaluation (default `k`; 0 = greedy accuracy only, the cheap after-training
+            figure).
         num_text_rows: rows shown as TensorBoard text.
     """
 
     def __init__(
         self, task: Task | None = None, split: str = "test", num_questions: int = 100, k: int = 8,
         temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0, batch_size: int = 8,
-        at_fit_start: bool = True, at_fit_end: bool = True, num_text_rows: int = 5,
+        at_fit_start: bool = True, at_fit_end: bool = True, k_at_fit_end: int | None = None, num_text_rows: int = 5,
     ) -> None:
         self.task, self.split, self.num_questions, self.k = task, split, num_questions, k
         self.sampled = SamplingParams(k, temperature, top_p, max_new_tokens, seed)
         self.greedy = SamplingParams(1, 0.0, 1.0, max_new_tokens, seed)
         self.batch_size, self.at_fit_start, self.at_fit_end = batch_size, at_fit_start, at_fit_end
+        self.k_at_fit_end = k if k_at_fit_end is None else k_at_fit_end
         self.num_text_rows = num_text_rows
         self.rows: list[dict] = []
         self.results: dict[str, dict[str, float]] = {}  # when -> metrics
@@ -98,6 +102,14 @@ class TaskEvaluation(L.Callback):
                 experiment.add_text(f"{prefix}/predictions_{when}", table, trainer.global_step)
         return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
+    def before_after(self, title: str = "held-out") -> str:
+        """The fit-start and fit-end figures side by side, as a Markdown table."""
+        before, after = self.results["fit_start"], self.results["fit_end"]
+        lines = [f"| {title} | before training | after training |", "|---|---|---|"]
+        lines += [f"| {name} | {value:.3f} | {f'{after[name]:.3f}' if name in after else '-'} |"
+                  for name, value in before.items()]
+        return "\n".join(lines)
+
     # ------------------------------------------------------------------ labelfree test
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         self.rows = []
@@ -111,21 +123,24 @@ class TaskEvaluation(L.Callback):
         pl_module.log_dict(self._report(trainer, "test", self.rows, "test"))
 
     # ------------------------------------------------------------------ during fit
-    def evaluate(self, policy, task: Task, questions: list[Question]) -> list[dict]:
+    def evaluate(self, policy, task: Task, questions: list[Question], k: int | None = None) -> list[dict]:
+        k = self.k if k is None else k
         # as many rows per batch for the greedy pass (1 per question) as for the sampled one (k per question)
         greedy_engine = HFGenerator(batch_size=self.batch_size * max(self.k, 1), chunk_size=10**9, progress=False)
         greedy = greedy_engine.sample(policy, questions, task, self.greedy)["completion"]
         engine = HFGenerator(batch_size=self.batch_size, chunk_size=10**9, progress=False)
-        samples = engine.sample(policy, questions, task, self.sampled)["completion"] if self.k else []
-        k = self.k
+        samples = engine.sample(policy, questions, task, replace(self.sampled, n=k))["completion"] if k else []
         return [score(task, q, greedy[i], samples[i * k : (i + 1) * k]) for i, q in enumerate(questions)]
 
     def _fit_eval(self, trainer, pl_module, when: str) -> None:
         task = self.task or getattr(trainer.datamodule, "task", None)
         if task is None:
             raise ValueError("TaskEvaluation needs a task (its `task` argument or the datamodule's)")
-        rows = self.evaluate(pl_module.policy, task, task.load(self.split, self.num_questions))
+        k = self.k_at_fit_end if when == "fit_end" else self.k
+        rows = self.evaluate(pl_module.policy, task, task.load(self.split, self.num_questions), k)
         metrics = self._report(trainer, when, rows, "eval")
+        if when == "fit_end" and "fit_start" in self.results and trainer.is_global_zero:
+            print(self.before_after(f"{len(rows)} held-out, {task.few_shot}-shot prompt"))
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
 

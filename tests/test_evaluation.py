@@ -50,3 +50,21 @@ def test_fit_time_evaluation_logs_before_and_after(tiny_model_dir, tmp_path):
     assert (Path(trainer.log_dir) / "predictions-fit_start.jsonl").exists()
     assert module.policy.model.training  # evaluation put the policy back in train mode
     assert torch.is_grad_enabled()
+    table = evaluation.before_after().splitlines()
+    assert table[2].startswith("| greedy_accuracy |") and len(table) == 6
+
+
+def test_fit_end_evaluation_can_skip_sampling(tiny_model_dir, tmp_path):
+    from datamodules.labeled import LabeledDataModule
+    from lightning_modules.policy import Policy
+    from lightning_modules.sft import WeightedSFTModule
+
+    evaluation = TaskEvaluation(Arithmetic(), num_questions=3, k=2, k_at_fit_end=0, max_new_tokens=5)
+    trainer = L.Trainer(max_steps=1, default_root_dir=tmp_path, callbacks=[evaluation], enable_progress_bar=False,
+                        limit_val_batches=0, logger=False)
+    trainer.fit(WeightedSFTModule(Policy(tiny_model_dir), export_adapter=False),
+                LabeledDataModule(str(ROOT / "configs/data/arithmetic_sft.jsonl"), tokenizer=tiny_model_dir))
+    assert "maj@2" in evaluation.results["fit_start"]
+    assert set(evaluation.results["fit_end"]) == {"greedy_accuracy", "greedy_parse_rate"}
+    last_row = evaluation.before_after().splitlines()[-1]
+    assert last_row == f"| pass@2 | {evaluation.results['fit_start']['pass@2']:.3f} | - |"
