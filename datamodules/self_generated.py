@@ -94,35 +94,45 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         questions = self.task.load(hp.labeled_split, hp.labeled_questions)
         return [self._example(q, self.task.format_rationale(q), where=f"labeled:{q.id}") for q in questions]
 
-    def _signals(self, policy, questions: list[Question], rows: list[dict]) -> tuple[Signals, list]:
-        hp = self.hparams
-        needed = set().union(*(s.needs for s in self.selectors))
+    def _cheap_signals(self, rows: list[dict]) -> tuple[Signals, list]:
+        """The signals every round has: votes (SPEC §1, §3) and token entropy from the stored log-probs (§4)."""
         signals, majority = vote_signals([r["question_id"] for r in rows], [r["answer"] for r in rows], self.task)
-        by_id = {q.id: q for q in questions}
-        examples = [self._example(by_id[r["question_id"]], r["completion"]) for r in rows]
         signals["token_entropy"] = token_entropy([r["token_logprobs"] for r in rows])
-        if needed & {"ds_weight", "ds_ratio"}:
+        return signals, majority
+
+    def _add_signals(self, policy, names: set[str], rows: list[dict], by_id: dict[str, Question], keep, signals):
+        """The costly signals in `names` that `signals` lacks, computed for the candidates still in play only
+        (NaN elsewhere: a selector never keeps a NaN)."""
+        hp, names = self.hparams, names - signals.keys()
+        idx = torch.nonzero(keep).flatten().tolist()
+        questions = [by_id[rows[i]["question_id"]] for i in idx]
+        answers = [rows[i]["completion"] for i in idx]
+        texts = [self.task.format_question(q) for q in questions]  # raw question text, no chat template
+
+        def scatter(compute) -> torch.Tensor:
+            out = torch.full((len(rows),), float("nan"))
+            return out.index_put_((torch.tensor(idx, dtype=torch.long),), compute()) if idx else out
+
+        if names & {"ds_weight", "ds_ratio", "sample_loss"}:
             valid = self.task.load(hp.valid_split, hp.valid_questions) if hp.valid_questions else []
             if not valid:
                 raise ValueError("the DS weight needs a labeled valid set: set valid_questions > 0")
             valid_examples = [self._example(q, self.task.format_rationale(q)) for q in valid]
             valid_mean = sample_losses(policy, valid_examples, hp.ds_tokens).mean().item()
-            losses = sample_losses(policy, examples, hp.ds_tokens)
+            examples = [self._example(q, a) for q, a in zip(questions, answers)]
+            losses = scatter(lambda: sample_losses(policy, examples, hp.ds_tokens))
             signals |= ds_signals(losses, valid_mean, hp.clip_like_reference) | {"sample_loss": losses}
-        if "self_rating" in needed:
-            signals["self_rating"] = self_ratings(policy, [e.prompt for e in examples], [r["completion"] for r in rows])
-        if "reward_model_score" in needed:
+        if "self_rating" in names:
+            signals["self_rating"] = scatter(lambda: self_ratings(policy, texts, answers))
+        if "reward_model_score" in names:
             if hp.reward_model is None:
                 raise ValueError("RewardModelFilter needs reward_model (a sequence-classification model directory)")
-            questions_text = [self.task.format_question(by_id[r["question_id"]]) for r in rows]
-            signals["reward_model_score"] = reward_model_scores(hp.reward_model, questions_text,
-                                                                [r["completion"] for r in rows])
-        if "labeled_token_entropy" in needed:  # SemiEvol: the same quantity on the labeled responses
+            signals["reward_model_score"] = scatter(lambda: reward_model_scores(hp.reward_model, texts, answers))
+        if "labeled_token_entropy" in names:  # SemiEvol: the same quantity on the labeled responses
             labeled = self._labeled()
             if not labeled:
                 raise ValueError("EntropyThreshold on the labeled population needs labeled_questions > 0")
             signals["labeled_token_entropy"] = sample_losses(policy, labeled, "completion", reference=False)
-        return signals, majority
 
     def _generate_and_select(self, policy, run_dir: Path) -> list[SFTExample]:
         hp = self.hparams
@@ -135,7 +145,8 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         candidates = engine.sample(policy, questions, self.task, self.params)
         mine = {q.id for q in questions[rank::world]}
         rows = [r for r in candidates if r["question_id"] in mine]
-        signals, majority = self._signals(policy, questions, rows)
+        signals, majority = self._cheap_signals(rows)
+        by_id = {q.id: q for q in questions}
         keep, weight = torch.ones(len(rows), dtype=torch.bool), torch.ones(len(rows))
         gold = {q.id: q.answer for q in questions}
         correct = torch.tensor([self.task.same(r["answer"], gold[r["question_id"]]) for r in rows])
@@ -143,10 +154,10 @@ class SelfGeneratedDataModule(L.LightningDataModule):
                   "parsed_fraction": _mean([r["answer"] is not None for r in rows]), "selectors": []}
         report["selectors"].append({"name": "all candidates", **_audit(keep, correct)})
         for selector in self.selectors:
+            self._add_signals(policy, selector.needs, rows, by_id, keep, signals)
             keep, weight = selector(signals, keep, weight)
             report["selectors"].append({"name": type(selector).__name__, **_audit(keep, correct)})
         report |= {"kept": int(keep.sum()), "kept_fraction": _mean(keep.tolist())}
-        by_id = {q.id: q for q in questions}
         kept_rows = []
         for i in torch.nonzero(keep).flatten().tolist():
             r = rows[i]

@@ -48,13 +48,25 @@ def test_pipeline_writes_selection_and_trains(tiny_model_dir, tmp_path):
     assert (run.parent / "candidates").exists()  # shared by the experiment's versions
 
 
-def test_ds_weight_and_self_rating_signals_are_computed_when_asked(tiny_model_dir, tmp_path):
+def test_costly_signals_are_computed_for_the_candidates_still_in_play(tiny_model_dir, tmp_path, monkeypatch):
+    import datamodules.self_generated as self_generated
+
+    rated_questions, real = [], self_generated.self_ratings
+
+    def spy(policy, questions, answers):
+        rated_questions.extend(questions)
+        return real(policy, questions, answers)
+
+    monkeypatch.setattr(self_generated, "self_ratings", spy)
     _, data = _fit(tiny_model_dir, tmp_path, [DSWeightFilter(keep=0.8), SelfRatingFilter(keep=1.0)],
                    valid_questions=2)
-    signals = data.signals
-    assert (signals["ds_weight"][torch.isfinite(signals["ds_weight"])] >= 1).all()
-    assert ((signals["self_rating"] >= 0) & (signals["self_rating"] <= 10)).all()
-    assert data.reports[0]["kept"] <= 15  # the DS filter dropped some of the 18
+    signals, report = data.signals, data.reports[0]
+    assert (signals["ds_weight"] >= 1).all()  # the first selector: every candidate scored
+    rated = torch.isfinite(signals["self_rating"])
+    assert int(rated.sum()) == len(rated_questions) == report["selectors"][1]["kept"] < 18  # only the DS survivors
+    assert ((signals["self_rating"][rated] >= 0) & (signals["self_rating"][rated] <= 10)).all()
+    task = Arithmetic(few_shot=1)
+    assert set(rated_questions) <= {task.format_question(q) for q in task.load("train", 6)}  # raw text, no template
 
 
 def test_rounds_resample_with_the_trained_model(tiny_model_dir, tmp_path):
