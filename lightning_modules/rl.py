@@ -9,8 +9,9 @@ Each training step, for a batch of P unlabeled prompts:
    the reference = the adapter-disabled model (`policy.reference()`), whose log-probs are computed once.
 The reference RLC code used trlx PPO with a value head and an adaptive KL; this is the group-normalised,
 critic-free variant the spec asks for. Gold answers (where the task has them) are read only for two evaluation
-metrics: the accuracy of the sampled answers and how often the reward agrees with gold (`rl/reward_accuracy`:
-reward > 0.5 vs correct).
+metrics: the accuracy of the sampled answers, how often the reward agrees with gold (`rl/reward_accuracy`:
+reward > 0.5 vs correct, for rewards in [0, 1]) and how often it ranks a correct response of a group above an
+incorrect one (`rl/reward_ranking`, any reward scale).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from lightning_modules.policy import Policy
 from lightning_modules.rewards.base import Reward, Rollout, rollout_tensors
 from lightning_modules.sampling import SamplingParams, finish_text, generate_batch, prefix_cache
 from lightning_modules.sft import TrainableStateMixin, save_config_hyperparameters
+
+PROGRESS_BAR = ("rl/loss", "rl/reward", "rl/sample_accuracy")
 
 
 class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
@@ -58,6 +61,7 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
         self.loss = loss if loss is not None else PPOClipLoss()
         self.optimizer_factory = optimizer
         self.generator = torch.Generator().manual_seed(seed)
+        self.step_metrics: dict[str, float] = {}
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.policy.trainable_parameters())
@@ -120,17 +124,33 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
         self._log_step(rollout, rewards, out, response, old_logp)
 
     def _log_step(self, rollout: Rollout, rewards: Tensor, out, response: Tensor, old_logp: Tensor) -> None:
+        """Logs the step's figures; they are also kept in `step_metrics` (floats), only those of this step."""
         n = len(rollout.texts)
-        self.log("rl/loss", out.loss.detach(), batch_size=n, prog_bar=True)
-        self.log("rl/reward", rewards.mean(), batch_size=n, prog_bar=True)
-        for name, value in out.metrics.items():
-            self.log(f"rl/{name}", value, batch_size=n)
-        lengths = response.sum(-1).float()
-        self.log("rl/response_length", lengths.mean(), batch_size=n)
-        self.log("rl/parsed_fraction", sum(a is not None for a in rollout.answers) / n, batch_size=n)
+        metrics = {"rl/loss": out.loss.detach(), "rl/reward": rewards.mean(),
+                   **{f"rl/{name}": value for name, value in out.metrics.items()},
+                   "rl/response_length": response.sum(-1).float().mean(),
+                   "rl/parsed_fraction": sum(a is not None for a in rollout.answers) / n}
         gold = [rollout.questions[int(g)].answer for g in rollout.group]
         if all(x is not None for x in gold):  # evaluation only
             correct = torch.tensor([rollout.tasks[int(g)].same(a, y)
                                     for a, y, g in zip(rollout.answers, gold, rollout.group)], dtype=torch.float)
-            self.log("rl/sample_accuracy", correct.mean(), batch_size=n, prog_bar=True)
-            self.log("rl/reward_accuracy", ((rewards > 0.5).float() == correct).float().mean(), batch_size=n)
+            metrics["rl/sample_accuracy"] = correct.mean()
+            if rewards.min() >= 0 and rewards.max() <= 1:  # a threshold only means something for [0, 1] rewards
+                metrics["rl/reward_accuracy"] = ((rewards > 0.5).float() == correct).float().mean()
+            ranking = reward_ranking(rewards, correct, rollout.group)
+            if ranking is not None:
+                metrics["rl/reward_ranking"] = ranking
+        for name, value in metrics.items():
+            self.log(name, value, batch_size=n, prog_bar=name in PROGRESS_BAR)
+        self.step_metrics = {name: float(value) for name, value in metrics.items()}
+
+
+def reward_ranking(rewards: Tensor, correct: Tensor, group: Tensor) -> Tensor | None:
+    """How often the reward ranks a correct response above an incorrect one of the same group (ties count 1/2):
+    the within-group AUC, the part of the reward that group-normalised advantages use. None without such pairs."""
+    correct = correct.bool()
+    pairs = (group[:, None] == group[None, :]) & correct[:, None] & ~correct[None, :]
+    if not pairs.any():
+        return None
+    diff = rewards[:, None] - rewards[None, :]
+    return ((diff > 0).float() + 0.5 * (diff == 0).float())[pairs].mean()

@@ -18,6 +18,7 @@ from lightning_modules.rewards import (
     SelfEvaluationReward,
 )
 from lightning_modules.rewards.base import rollout_tensors
+from lightning_modules.rl import reward_ranking
 
 ROOT = Path(__file__).parents[1]
 
@@ -47,6 +48,21 @@ def test_ppo_clip_hand_values_and_kl():
     k3 = kl_k3(logp, ref)
     torch.testing.assert_close(k3, torch.tensor([[0.5 - math.log(0.5) - 1, 0.5 - math.log(0.5) - 1]]))
     assert (kl_k3(torch.randn(50), torch.randn(50)) >= 0).all()
+
+
+def test_reward_ranking_hand_values_and_naive_loop():
+    rewards = torch.tensor([0.9, 0.2, 0.2, 0.5, 0.7, 0.1])
+    correct = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    group = torch.tensor([0, 0, 0, 0, 1, 1])
+    # group 0: correct {0.9, 0.2} vs incorrect {0.2, 0.5}: 0.9 beats both, 0.2 ties 0.2 and loses to 0.5
+    assert reward_ranking(rewards, correct, group).item() == pytest.approx((1 + 1 + 0.5 + 0) / 4)
+    assert reward_ranking(rewards[4:], correct[4:], group[4:]) is None  # group 1 has no incorrect response
+    gen = torch.Generator().manual_seed(0)
+    rewards, correct = torch.randint(0, 4, (40,), generator=gen).float(), torch.rand(40, generator=gen) < 0.5
+    group = torch.arange(5).repeat_interleave(8)
+    scores = [float(rewards[i] > rewards[j]) + 0.5 * float(rewards[i] == rewards[j])
+              for i in range(40) for j in range(40) if group[i] == group[j] and correct[i] and not correct[j]]
+    assert reward_ranking(rewards, correct, group).item() == pytest.approx(sum(scores) / len(scores))
 
 
 def test_sequence_vs_token_normalisation():
@@ -131,4 +147,7 @@ def test_two_step_fit_changes_only_adapter_weights(config, tiny_model_dir, tmp_p
     assert changed and all("lora_" in n for n in changed)
     metrics = cli.trainer.callback_metrics
     assert {"rl/reward", "rl/kl", "rl/clip_fraction", "rl/response_length", "rl/entropy",
-            "rl/sample_accuracy", "rl/reward_accuracy"} <= set(metrics)
+            "rl/sample_accuracy"} <= set(metrics)
+    if config.stem != "intuitor":  # rewards in [0, 1]; self-certainty is unbounded
+        assert "rl/reward_accuracy" in metrics
+    assert "rl/sample_accuracy" in cli.model.step_metrics and set(cli.model.step_metrics) <= set(metrics)
