@@ -8,7 +8,7 @@ Each training step, for a batch of P unlabeled prompts:
 4. `ppo_epochs` passes of the PPO-clip loss on the response tokens, plus beta x KL(pi || pi_ref) per token (k3) to
    the reference = the adapter-disabled model (`policy.reference()`), whose log-probs are computed once.
 The reference RLC code used trlx PPO with a value head and an adaptive KL; this is the group-normalised,
-critic-free variant the spec asks for. Gold answers (where the task has them) are read only for two evaluation
+critic-free variant the spec asks for. Gold answers (where the task has them) are read only for evaluation
 metrics: the accuracy of the sampled answers, how often the reward agrees with gold (`rl/reward_accuracy`:
 reward > 0.5 vs correct, for rewards in [0, 1]) and how often it ranks a correct response of a group above an
 incorrect one (`rl/reward_ranking`, any reward scale).
