@@ -16,12 +16,12 @@ for every run. The base model is evaluated once (greedy decoding of fixed questi
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import lightning as L
+from tables import mean_std, run_grid  # benchmarks/tables.py, beside this script
 
 from callbacks.task_evaluation import TaskEvaluation
 from datamodules.tasks import Arithmetic
@@ -75,14 +75,6 @@ def run(method: str, seed: int, args, with_base: bool) -> dict:
     }
 
 
-def cell(values: list[float | None], digits: int = 3) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -93,16 +85,10 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/rl_table")
     args = parser.parse_args()
 
-    results: dict[str, list[dict]] = {m: [] for m in args.methods}
-    start, base = time.perf_counter(), None
-    for seed in args.seeds:
-        for method in args.methods:
-            row = run(method, seed, args, with_base=base is None)
-            base = row["base"] if base is None else base
-            results[method].append(row)
-            print(f"seed {seed} {method}: {json.dumps(row)}", flush=True)
-
-    n = args.eval_questions
+    start = time.perf_counter()
+    # the base model once: greedy decoding of fixed questions does not depend on the seed
+    results, first = run_grid(args.methods, args.seeds, lambda method, seed, first: run(method, seed, args, first))
+    n, base = args.eval_questions, first["base"]
     print(f"\n{len(args.seeds)} seeds x {args.steps} steps, {n} held-out questions (binomial standard error of one "
           f"accuracy ~{(base * (1 - base) / n) ** 0.5:.3f}), {time.perf_counter() - start:.0f} s")
     print("| reward | held-out greedy acc. after | sampled acc. first → last quarter | reward accuracy | "
@@ -110,9 +96,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     print(f"| base (no training) | {base:.3f} | - | - | - | - |")
     for method, rows in results.items():
-        print(f"| {method} | {cell([r['after'] for r in rows])} | {cell([r['sample_acc_early'] for r in rows], 2)} → "
-              f"{cell([r['sample_acc_late'] for r in rows], 2)} | {cell([r['reward_accuracy'] for r in rows], 2)} | "
-              f"{cell([r['reward_ranking'] for r in rows], 2)} | {cell([r['kl_late'] for r in rows], 4)} |")
+        column = lambda key, digits=2: mean_std([r[key] for r in rows], digits)  # noqa: B023 (used at once)
+        print(f"| {method} | {column('after', 3)} | {column('sample_acc_early')} → {column('sample_acc_late')} | "
+              f"{column('reward_accuracy')} | {column('reward_ranking')} | {column('kl_late', 4)} |")
 
 
 if __name__ == "__main__":

@@ -15,10 +15,11 @@ fixed questions do not depend on the seed).
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import functools
 import time
 from pathlib import Path
+
+from tables import mean_std, run_grid  # benchmarks/tables.py, beside this script
 
 from callbacks.task_evaluation import TaskEvaluation
 from datamodules.tasks import Arithmetic
@@ -72,22 +73,10 @@ def main() -> None:
     args = parser.parse_args()
     methods = args.methods + (["rm_filter"] if args.reward_model else [])
 
-    results: dict[str, list[dict]] = {m: [] for m in methods}
-    start, base = time.perf_counter(), None
-    for seed in args.seeds:
-        for method in methods:
-            # the base model once: its greedy answers to fixed questions do not depend on the seed
-            row = run(method, seed, args, with_base=base is None)
-            base = row if base is None else base
-            results[method].append(row)
-            print(f"seed {seed} {method}: {json.dumps(results[method][-1])}", flush=True)
-
-    def cell(values: list[float]) -> str:
-        values = [v for v in values if v is not None]
-        if not values:
-            return "-"
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.3f} ± {std:.3f} (se {std / len(values) ** 0.5:.3f})"
+    start = time.perf_counter()
+    # the base model once: its greedy answers to fixed questions do not depend on the seed
+    results, base = run_grid(methods, args.seeds, lambda method, seed, first: run(method, seed, args, first))
+    cell = functools.partial(mean_std, se=True)
 
     n, p = args.eval_questions, base["base_few_shot"]
     print(f"\n{len(args.seeds)} seeds, {args.questions} unlabeled questions per run, {n} held-out questions "

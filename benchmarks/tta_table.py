@@ -13,9 +13,10 @@ over seeds, with resets.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
+
+from tables import mean_std, run_grid  # benchmarks/tables.py, beside this script
 
 from lightning_modules.cli import build_cli
 
@@ -47,15 +48,8 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/tta_table")
     args = parser.parse_args()
 
-    results: dict[str, list[dict]] = {m: [] for m in args.methods}
     start = time.perf_counter()
-    for seed in args.seeds:
-        for method in args.methods:
-            results[method].append(run(method, seed, args))
-            print(f"seed {seed} {method}: {results[method][-1]}", flush=True)
-
-    def cell(values: list[float]) -> str:
-        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0:.3f}"
+    results, _ = run_grid(args.methods, args.seeds, lambda method, seed, first: run(method, seed, args))
 
     print(f"\nstream: Sentiment, {args.questions} questions, {args.order} order, {args.few_shot}-shot, "
           f"seeds {args.seeds}, {time.perf_counter() - start:.0f} s")
@@ -63,7 +57,7 @@ def main() -> None:
     # recipe reports prior-corrected predictions, so its baseline is prior correction alone)
     print("| method | online accuracy | same predictions without adaptation | resets |\n|---|---|---|---|")
     for method, rows in results.items():
-        print(f"| {method} | {cell([r['online'] for r in rows])} | {cell([r['source'] for r in rows])} | "
+        print(f"| {method} | {mean_std([r['online'] for r in rows])} | {mean_std([r['source'] for r in rows])} | "
               f"{sum(r['resets'] for r in rows)} |")
 
 
