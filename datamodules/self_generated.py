@@ -104,6 +104,8 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         """The costly signals in `names` that `signals` lacks, computed for the candidates still in play only
         (NaN elsewhere: a selector never keeps a NaN)."""
         hp, names = self.hparams, names - signals.keys()
+        if not names:
+            return
         idx = torch.nonzero(keep).flatten().tolist()
         questions = [by_id[rows[i]["question_id"]] for i in idx]
         answers = [rows[i]["completion"] for i in idx]
@@ -148,8 +150,7 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         signals, majority = self._cheap_signals(rows)
         by_id = {q.id: q for q in questions}
         keep, weight = torch.ones(len(rows), dtype=torch.bool), torch.ones(len(rows))
-        gold = {q.id: q.answer for q in questions}
-        correct = torch.tensor([self.task.same(r["answer"], gold[r["question_id"]]) for r in rows])
+        correct = torch.tensor([self.task.same(r["answer"], by_id[r["question_id"]].answer) for r in rows])
         report = {"round": self.round, "questions": len(questions), "candidates": len(candidates),
                   "parsed_fraction": _mean([r["answer"] is not None for r in rows]), "selectors": []}
         report["selectors"].append({"name": "all candidates", **_audit(keep, correct)})
@@ -214,6 +215,3 @@ def _audit(keep: torch.Tensor, correct: torch.Tensor) -> dict:
 
 def _mean(values: Sequence) -> float:
     return sum(map(float, values)) / max(len(values), 1)
-
-
-

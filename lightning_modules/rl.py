@@ -121,9 +121,9 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
             produced[:, :-1] = response[:, 1:]
             entropy = self.policy.token_entropy(ids, mask, produced)
         self.log("rl/entropy", (entropy * produced).sum() / produced.sum().clamp_min(1), batch_size=n)
-        self._log_step(rollout, rewards, out, response, old_logp)
+        self._log_step(rollout, rewards, out, response)
 
-    def _log_step(self, rollout: Rollout, rewards: Tensor, out, response: Tensor, old_logp: Tensor) -> None:
+    def _log_step(self, rollout: Rollout, rewards: Tensor, out, response: Tensor) -> None:
         """Logs the step's figures; they are also kept in `step_metrics` (floats), only those of this step."""
         n = len(rollout.texts)
         metrics = {"rl/loss": out.loss.detach(), "rl/reward": rewards.mean(),
