@@ -7,6 +7,8 @@ Each training step, for a batch of P unlabeled prompts:
 3. advantages are normalised within each prompt's group (`grpo` or `rloo`);
 4. `ppo_epochs` passes of the PPO-clip loss on the response tokens, plus beta x KL(pi || pi_ref) per token (k3) to
    the reference = the adapter-disabled model (`policy.reference()`), whose log-probs are computed once.
+   These teacher-forced passes run the shared few-shot prefix once too (`prefix_ids`); the first PPO pass also
+   gives the entropy of the distributions that produced the response tokens (`rl/entropy`).
 The reference RLC code used trlx PPO with a value head and an adaptive KL; this is the group-normalised,
 critic-free variant the spec asks for. Gold answers (where the task has them) are read only for evaluation
 metrics: the accuracy of the sampled answers, how often the reward agrees with gold (`rl/reward_accuracy`:
@@ -83,7 +85,7 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
         rollout = Rollout(
             questions=batch["questions"], tasks=[task] * p, group=torch.arange(p).repeat_interleave(g),
             texts=[t for t, _ in finished], answers=[task.extract(t) for t, _ in finished],
-            prompt_ids=[prefix + s for s in batch["suffix_ids"]], response_ids=[c.tokens for _, c in finished],
+            prompt_ids=batch["suffix_ids"], response_ids=[c.tokens for _, c in finished], prefix_ids=prefix,
         )
         return rollout, [c.logprobs for _, c in finished]
 
@@ -107,28 +109,26 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
         ids, mask, labels = rollout_tensors(rollout, self.policy.tokenizer.pad_token_id, self.device)
         response = labels != IGNORE_INDEX  # (N, T)
         old_logp = self._aligned(old, labels)
+        prefix = rollout.prefix_ids
         with torch.no_grad(), self.policy.reference():
-            ref_logp = -self.policy.token_nll(ids, mask, labels)
+            ref_logp = -self.policy.token_nll(ids, mask, labels, prefix)
         optimizer = self.optimizers()
-        for _ in range(self.ppo_epochs):
-            logp = -self.policy.token_nll(ids, mask, labels)
-            out = self.loss(logp, old_logp, ref_logp, advantages, response)
+        for epoch in range(self.ppo_epochs):
+            nll, token_entropy = self.policy.token_nll(ids, mask, labels, prefix, with_entropy=True)
+            if epoch == 0:  # the distributions that produced the response tokens (before any update)
+                entropy = (token_entropy * response).sum() / response.sum().clamp_min(1)
+            out = self.loss(-nll, old_logp, ref_logp, advantages, response)
             optimizer.zero_grad()
             self.manual_backward(out.loss)
             optimizer.step()
-        with torch.no_grad():  # entropy of the distributions that produced the response tokens
-            produced = torch.zeros_like(response)
-            produced[:, :-1] = response[:, 1:]
-            entropy = self.policy.token_entropy(ids, mask, produced)
-        self.log("rl/entropy", (entropy * produced).sum() / produced.sum().clamp_min(1), batch_size=n)
-        self._log_step(rollout, rewards, out, response)
+        self._log_step(rollout, rewards, out, response, entropy)
 
-    def _log_step(self, rollout: Rollout, rewards: Tensor, out, response: Tensor) -> None:
+    def _log_step(self, rollout: Rollout, rewards: Tensor, out, response: Tensor, entropy: Tensor) -> None:
         """Logs the step's figures; they are also kept in `step_metrics` (floats), only those of this step."""
         n = len(rollout.texts)
         metrics = {"rl/loss": out.loss.detach(), "rl/reward": rewards.mean(),
                    **{f"rl/{name}": value for name, value in out.metrics.items()},
-                   "rl/response_length": response.sum(-1).float().mean(),
+                   "rl/response_length": response.sum(-1).float().mean(), "rl/entropy": entropy,
                    "rl/parsed_fraction": sum(a is not None for a in rollout.answers) / n}
         gold = [rollout.questions[int(g)].answer for g in rollout.group]
         if all(x is not None for x in gold):  # evaluation only

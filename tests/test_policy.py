@@ -37,6 +37,45 @@ def test_token_nll_matches_naive_reference(tiny_model_dir, adapt):
     torch.testing.assert_close(seq, got[:, 1:].sum(-1) / mask.sum(-1))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_shared_prefix_gives_the_same_scores_and_gradients(tiny_model_dir, monkeypatch, fused):
+    """Rows that continue a shared prefix, run once and its KV cache repeated, score as prefix + row run alone,
+    the adapter's gradient included (it acts on the prefix too); both output-head paths."""
+    policy = Policy(tiny_model_dir, adapt="lora", nll_chunk_size=3).eval()
+    monkeypatch.setattr(Policy, "_fused_head_supported", lambda self: fused)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.3 * torch.randn_like(p))  # a non-zero adapter
+    prefix = [5, 17, 42, 9, 11]
+    rows = torch.tensor([[7, 8, 9, 10, 0], [12, 13, 14, 0, 0]])  # right-padded continuations
+    mask = (rows != 0).long()
+    labels = torch.where(mask.bool(), rows, -100)
+    labels[:, :1] = -100  # the first token plays the prompt
+    full = torch.cat([torch.tensor([prefix] * 2), rows], 1)
+    full_mask = torch.cat([torch.ones(2, len(prefix), dtype=torch.long), mask], 1)
+    full_labels = torch.cat([torch.full((2, len(prefix)), -100), labels], 1)
+
+    def scores(*args):
+        policy.zero_grad()
+        nll, ent = policy.token_nll(*args, with_entropy=True)
+        nll.sum().backward()
+        return nll.detach(), ent, [p.grad.clone() for p in policy.trainable_parameters()]
+
+    nll, ent, grads = scores(rows, mask, labels, prefix)
+    want_nll, want_ent, want_grads = scores(full, full_mask, full_labels)
+    n = len(prefix)
+    torch.testing.assert_close(nll, want_nll[:, n:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, want_ent[:, n:], atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    produced = torch.roll(labels != -100, -1, dims=1)  # the positions whose next token is labelled
+    with torch.no_grad():
+        torch.testing.assert_close(policy.token_entropy(rows, mask, produced, prefix), torch.roll(ent, -1, 1))
+        got = policy.token_map(rows, mask, produced, lambda logits: logits.float().max(-1).values, prefix)
+        logits = policy.model(input_ids=full, attention_mask=full_mask).logits[:, n:]
+        torch.testing.assert_close(got, logits.max(-1).values * produced, atol=1e-5, rtol=1e-5)
+
+
 def test_trainable_parameters_per_mode(tiny_model_dir):
     lora = Policy(tiny_model_dir, adapt="lora", lora=LoraSettings(r=2, target_modules=["q_proj", "v_proj"]))
     names = [n for n, p in lora.named_parameters() if p.requires_grad]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,8 +20,9 @@ class Rollout:
     group: Tensor  # (N,) long
     texts: list[str]  # (N,) response texts
     answers: list[str | None]  # (N,) extracted answers
-    prompt_ids: list[list[int]]  # (P,)
+    prompt_ids: list[list[int]]  # (P,) each prompt's ids after the shared prefix
     response_ids: list[list[int]]  # (N,)
+    prefix_ids: list[int] = field(default_factory=list)  # shared by every prompt (a task's few-shot exemplars)
 
 
 class Reward(nn.Module):
@@ -33,7 +34,8 @@ class Reward(nn.Module):
 
 def rollout_tensors(rollout: Rollout, pad_token_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
     """Right-padded prompt + response ids (N, T), their attention mask, and `labels` holding the response tokens
-    (IGNORE_INDEX elsewhere), aligned so that `policy.token_nll(ids, mask, labels)` scores the response."""
+    (IGNORE_INDEX elsewhere), aligned so that `policy.token_nll(ids, mask, labels, rollout.prefix_ids)` scores
+    the response. The rows continue `rollout.prefix_ids`, which they leave out."""
     seqs = [rollout.prompt_ids[int(g)] + r for g, r in zip(rollout.group, rollout.response_ids)]
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)

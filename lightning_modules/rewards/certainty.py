@@ -18,7 +18,7 @@ class SelfCertaintyReward(Reward):
     @torch.no_grad()
     def forward(self, rollout: Rollout, policy) -> Tensor:
         ids, mask, produced = _produced(rollout, policy)
-        kl = policy.token_map(ids, mask, produced, _kl_from_uniform)  # (N, T)
+        kl = policy.token_map(ids, mask, produced, _kl_from_uniform, rollout.prefix_ids)  # (N, T)
         return ((kl * produced).sum(-1) / produced.sum(-1).clamp_min(1)).cpu()
 
 
@@ -26,7 +26,7 @@ class NegativeEntropyReward(Reward):
     @torch.no_grad()
     def forward(self, rollout: Rollout, policy) -> Tensor:
         ids, mask, produced = _produced(rollout, policy)
-        return -(policy.token_entropy(ids, mask, produced) * produced).sum(-1).cpu()
+        return -(policy.token_entropy(ids, mask, produced, rollout.prefix_ids) * produced).sum(-1).cpu()
 
 
 def _produced(rollout: Rollout, policy) -> tuple[Tensor, Tensor, Tensor]:
