@@ -59,6 +59,8 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
         if len(self.reward_weights) != len(rewards):
             raise ValueError("reward_weights needs one weight per reward")
         self.params = SamplingParams(group_size, temperature, top_p, max_new_tokens, seed)
+        if ppo_epochs < 1:
+            raise ValueError(f"ppo_epochs must be at least 1, got {ppo_epochs}")
         self.advantage, self.ppo_epochs = advantage, ppo_epochs
         self.loss = loss if loss is not None else PPOClipLoss()
         self.optimizer_factory = optimizer

@@ -18,7 +18,7 @@ from lightning_modules.rewards import (
     SelfEvaluationReward,
 )
 from lightning_modules.rewards.base import rollout_tensors
-from lightning_modules.rl import reward_ranking
+from lightning_modules.rl import SelfRewardRLModule, reward_ranking
 
 ROOT = Path(__file__).parents[1]
 
@@ -117,6 +117,11 @@ def test_self_certainty_against_a_naive_loop(rollout):
         assert got[i].item() == pytest.approx(sum(kl) / len(kl), rel=1e-4)
     neg_entropy = NegativeEntropyReward()(r, policy)
     assert (neg_entropy <= 0).all()
+
+
+def test_ppo_epochs_must_be_positive(rollout):
+    with pytest.raises(ValueError, match="ppo_epochs"):
+        SelfRewardRLModule(rollout[0], [GoldReward()], ppo_epochs=0)
 
 
 def test_kl_is_zero_while_the_adapter_is_zero(rollout):
