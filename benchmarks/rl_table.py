@@ -9,7 +9,7 @@ Each run is `labelfree fit -c configs/rl/<method>.yaml` (the oracle: `ttrl.yaml`
 changing the training questions, the sampling and the initialisation order; the held-out questions are the same
 for every run. The base model is evaluated once (greedy decoding of fixed questions does not depend on the seed).
 
-    python benchmarks/rl_table.py --seeds 0 1 2
+    python benchmarks/rl_table.py --seeds 0 1 2 --steps 15 --eval-questions 100   # the README's table
     python benchmarks/rl_table.py --methods ttrl gold --seeds 0 --steps 5 --eval-questions 50
 """
 
@@ -79,8 +79,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=20, help="training steps per run (the recipes' max_steps)")
-    parser.add_argument("--eval-questions", type=int, default=200, help="held-out questions")
+    parser.add_argument("--steps", type=int, default=15, help="training steps per run (the README's table: 15)")
+    parser.add_argument("--eval-questions", type=int, default=100, help="held-out questions")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--runs", default="runs/rl_table")
     args = parser.parse_args()
