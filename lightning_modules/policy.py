@@ -21,7 +21,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.losses.functional import IGNORE_INDEX, chunked_linear_entropy, chunked_linear_nll, entropy
+from lightning_modules.losses.functional import (
+    IGNORE_INDEX,
+    chunked_linear_entropy,
+    chunked_linear_nll,
+    entropy,
+    predicting_labels,
+)
 from lightning_modules.model_store import DEFAULT_MODEL, resolve_model, split_gguf
 
 PLAIN_TEMPLATE = "Question: {prompt}\nAnswer: "
@@ -212,8 +218,7 @@ class Policy(nn.Module):
         distributions that produced the labelled tokens, aligned with them (B, T)."""
         if prefix_ids and (labels[:, 0] != IGNORE_INDEX).any():
             raise ValueError("with a shared prefix, a row's first token cannot carry a label (the prefix predicts it)")
-        select = torch.zeros_like(labels, dtype=torch.bool)  # positions whose next token carries a label
-        select[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        select = predicting_labels(labels)
         targets = labels[:, 1:][select[:, :-1]]  # (N,)
         rows = self._rows(input_ids, attention_mask, select, prefix_ids)
         if self._fused_head_supported():

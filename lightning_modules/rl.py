@@ -116,9 +116,11 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
             ref_logp = -self.policy.token_nll(ids, mask, labels, prefix)
         optimizer = self.optimizers()
         for epoch in range(self.ppo_epochs):
-            nll, token_entropy = self.policy.token_nll(ids, mask, labels, prefix, with_entropy=True)
-            if epoch == 0:  # the distributions that produced the response tokens (before any update)
+            if epoch == 0:  # also the entropy of the distributions that produced the response (before any update)
+                nll, token_entropy = self.policy.token_nll(ids, mask, labels, prefix, with_entropy=True)
                 entropy = (token_entropy * response).sum() / response.sum().clamp_min(1)
+            else:
+                nll = self.policy.token_nll(ids, mask, labels, prefix)
             out = self.loss(-nll, old_logp, ref_logp, advantages, response)
             optimizer.zero_grad()
             self.manual_backward(out.loss)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lightning_modules.losses.functional import predicting_labels
 from lightning_modules.model_store import resolve_model
 from lightning_modules.policy import LoraSettings, Policy
 
@@ -35,6 +36,11 @@ def test_token_nll_matches_naive_reference(tiny_model_dir, adapt):
     seq = policy.sequence_nll(batch)
     mask = batch["labels"][:, 1:] != -100
     torch.testing.assert_close(seq, got[:, 1:].sum(-1) / mask.sum(-1))
+
+
+def test_predicting_labels_by_hand():
+    labels = torch.tensor([[-100, 5, 6, -100], [-100, -100, -100, 7]])
+    assert predicting_labels(labels).tolist() == [[True, True, False, False], [False, False, True, False]]
 
 
 @pytest.mark.parametrize("fused", [True, False])

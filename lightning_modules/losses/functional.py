@@ -11,6 +11,14 @@ from torch import Tensor
 IGNORE_INDEX = -100
 
 
+def predicting_labels(labels: Tensor) -> Tensor:
+    """The positions whose next token carries a label: out[b, t] = labels[b, t + 1] != IGNORE_INDEX, False at the
+    last position. (B, T) -> (B, T) bool."""
+    out = torch.zeros_like(labels, dtype=torch.bool)
+    out[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return out
+
+
 class _ChunkedLinearNLL(torch.autograd.Function):
     """NLL of `targets` under softmax(hidden @ weight.T), computed `chunk` rows at a time.
 

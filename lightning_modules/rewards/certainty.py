@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_modules.losses.functional import IGNORE_INDEX
+from lightning_modules.losses.functional import predicting_labels
 from lightning_modules.rewards.base import Reward, Rollout, rollout_tensors
 
 
@@ -32,9 +32,7 @@ class NegativeEntropyReward(Reward):
 def _produced(rollout: Rollout, policy) -> tuple[Tensor, Tensor, Tensor]:
     """ids, attention mask, and the positions whose next-token distribution produced a response token."""
     ids, mask, labels = rollout_tensors(rollout, policy.tokenizer.pad_token_id, next(policy.parameters()).device)
-    produced = torch.zeros_like(mask, dtype=torch.bool)
-    produced[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return ids, mask, produced
+    return ids, mask, predicting_labels(labels)
 
 
 def _kl_from_uniform(logits: Tensor) -> Tensor:
