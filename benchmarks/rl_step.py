@@ -15,14 +15,9 @@ sampling, so the table reports seconds per step and per completion token (each e
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-LORA = dict(r=8, alpha=16, dropout=0.05, target_modules="all-linear")
+from side_by_side import LORA, run_engines  # benchmarks/side_by_side.py, beside this script
 
 
 class Meter:
@@ -138,20 +133,9 @@ def main() -> None:
     parser.add_argument("--engine", choices=["labelfree", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.engine:  # child process: run one engine, print its result as JSON on the last line
-        import torch
-
-        torch.manual_seed(0)
-        meter = Meter(args.warmup)
-        {"labelfree": run_labelfree, "trl": run_trl}[args.engine](args, meter)
-        print(json.dumps(meter.result()))
+    results = run_engines(__file__, args, {"labelfree": run_labelfree, "trl": run_trl}, Meter(args.warmup))
+    if results is None:  # a child process: it printed its result
         return
-
-    results = {}
-    for engine in ("labelfree", "trl"):
-        cmd = [sys.executable, __file__, "--engine", engine] + sys.argv[1:]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
-        results[engine] = json.loads(out.stdout.strip().splitlines()[-1])
     ours, trl = results["labelfree"], results["trl"]
     print(f"model={args.model} float32 prompts/step={args.prompts} group={args.group} "
           f"max_new_tokens={args.max_new_tokens} beta={args.beta} timed_steps={ours['timed_steps']}")

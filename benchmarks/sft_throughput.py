@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from side_by_side import LORA, ROOT, run_engines  # benchmarks/side_by_side.py, beside this script
+
 DATA = ROOT / "configs" / "data" / "arithmetic_sft.jsonl"
-LORA = dict(r=8, alpha=16, dropout=0.05, target_modules="all-linear")
 
 
 class Meter:
@@ -125,20 +123,9 @@ def main() -> None:
     parser.add_argument("--tmp", default="/tmp/labelfree-bench", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.engine:  # child process: run one engine, print its result as JSON on the last line
-        import torch
-
-        torch.manual_seed(0)
-        meter = Meter(args.warmup)
-        {"labelfree": run_labelfree, "trl": run_trl}[args.engine](args, meter)
-        print(json.dumps(meter.result()))
+    results = run_engines(__file__, args, {"labelfree": run_labelfree, "trl": run_trl}, Meter(args.warmup))
+    if results is None:  # a child process: it printed its result
         return
-
-    results = {}
-    for engine in ("labelfree", "trl"):
-        cmd = [sys.executable, __file__, "--engine", engine] + sys.argv[1:]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
-        results[engine] = json.loads(out.stdout.strip().splitlines()[-1])
     ours, trl = results["labelfree"], results["trl"]
     print(f"model={args.model} dtype={args.dtype} batch={args.batch_size} max_length={args.max_length} "
           f"gradient_checkpointing={args.gradient_checkpointing} bucketing={not args.no_bucketing} "
