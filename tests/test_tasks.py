@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from callbacks.task_evaluation import score
 from datamodules.io import DataError
-from datamodules.tasks import ANLI, GSM8K, SVAMP, AQuA, Arithmetic, OpenBookQA, Sentiment, StrategyQA, Task
-from datamodules.tasks.extract import extract_choice, extract_number, extract_word, same_number
+from datamodules.tasks import ANLI, GSM8K, MATH, SVAMP, AQuA, Arithmetic, OpenBookQA, Sentiment, StrategyQA, Task
+from datamodules.tasks.extract import extract_choice, extract_math, extract_word, parse_gold, same_math
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -18,20 +18,55 @@ FIXTURES = Path(__file__).parent / "fixtures"
     ("so 7 x 12 = 84. The answer is 84.", "84"),
     ("The answer is 1,200 apples.", "1200"),
     ("the answer is -3.5", "-3.5"),
+    ("The answer is \u22125.", "-5"),  # a Unicode minus is a minus
     ("The answer is 84.0", "84"),
     ("first the answer is 3, then The answer is 5.", "5"),  # the last marker wins
     ("7 x 12 = 84", "84"),  # no marker: after the last "="
+    ("So the answer is 7 x 12 = 84.", "84"),  # the value of the answer sentence, not its first number
+    ("The answer is 12. Step 2: 5 + 3 = 8", "12"),  # the span ends at the sentence's end
+    ("The answer is $18.", "18"),
+    ("The answer is \\$1,234.50.", "1234.5"),
+    ("The answer is 3/4", "3/4"),
+    ("The answer is \\frac{6}{8}.", "3/4"),
+    ("so the total is \\boxed{12} apples", "12"),  # a boxed answer wins over everything else
+    ("The answer is 5. Check: $\\boxed{\\frac{\\sqrt{2}}{2}}$", "$\\frac{\\sqrt{2}}{2}$"),
     ("I think eighty-four", None),
     ("The answer is unknown", None),
+    ("\\boxed{12", None),
     ("", None),
 ])
-def test_extract_number(text, want):
-    assert extract_number(text) == want
+def test_extract_math(text, want):
+    assert extract_math(text) == want
 
 
-def test_same_number_is_the_papers_int_float_comparison():
-    assert same_number("84", "84.0") and same_number("84.7", "84") and not same_number("84", "85")
-    assert not same_number(None, "1") and not same_number("x", "1") and not same_number("1e999", "1")
+@pytest.mark.parametrize("completion, gold", [
+    ("1000 + 1000 = 2000", "2,000"),
+    ("The answer is 18.", "$18"),
+    ("The answer is 12.", "\\boxed{12}"),
+    ("The answer is 0.75.", "3/4"),
+    ("The answer is $\\frac{3}{4}$.", "0.75"),
+    ("\\boxed{\\frac{1}{\\sqrt{2}}}", "\\frac{\\sqrt{2}}{2}"),
+    ("\\boxed{(3, \\frac{\\pi}{2})}", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("The answer is \u22127.", "-7"),
+    ("The answer is 84.0.", "84"),
+])
+def test_gold_and_answers_compare_by_value(completion, gold):
+    assert same_math(extract_math(completion), parse_gold(gold))
+
+
+def test_numbers_compare_by_value_and_truncation_is_an_option():
+    assert not same_math("84.3", "84.7") and not same_math("84", "84.7") and not same_math("-5", "5")
+    assert same_math("1/3", "0.3333333") and not same_math("1/3", "0.33")  # decimals: relative tolerance 1e-6
+    assert same_math("84.3", "84.7", "truncate") and same_math("84", "84.7", "truncate")  # the IWSI paper's
+    assert not same_math(None, "1") and not same_math("1", None)
+    assert Arithmetic(comparison="truncate").same("84.3", "84") and not Arithmetic().same("84.3", "84")
+
+
+def test_votes_pool_answers_by_equivalence():
+    task = Arithmetic()
+    answers = [task.extract(t) for t in ("The answer is 84.7.", "The answer is 84.", "The answer is 84.0.",
+                                         "The answer is 3/4.", "The answer is 0.75.", "The answer is 84.70.")]
+    assert task.answer_counts(answers) == [("84.7", 2), ("84", 2), ("3/4", 2)]
 
 
 @pytest.mark.parametrize("text, want", [
@@ -51,16 +86,18 @@ def test_extract_word():
     assert extract_word("Yes.", ("yes", "no")) is None  # no marker, no answer
 
 
-@given(st.text())
+@given(st.one_of(st.text(), st.text().map(lambda t: f"The answer is {t}"), st.text().map(lambda t: f"\\boxed{{{t}}}"),
+                 st.text(alphabet="0123456789.,/-$\\{}^_()=+ frac", max_size=30).map(lambda t: f"The answer is {t}")))
 def test_extractors_never_raise(text):
-    for result in (extract_number(text), extract_choice(text), extract_word(text, ("yes", "no")),
-                   Arithmetic().extract(text), StrategyQA().extract(text)):
+    for result in (extract_math(text), extract_choice(text), extract_word(text, ("yes", "no")),
+                   Arithmetic().extract(text), StrategyQA().extract(text), parse_gold(text)):
         assert result is None or isinstance(result, str)
 
 
-@given(st.integers(-10**6, 10**6), st.text(alphabet=st.characters(blacklist_characters="0123456789=-.,"), max_size=20))
-def test_extract_number_reads_the_answer_sentence(value, noise):
-    assert extract_number(f"{noise} The answer is {value:,}. {noise}") == str(value)
+@given(st.integers(-10**6, 10**6), st.text(alphabet=st.characters(blacklist_characters="0123456789=-.,\\$"),
+                                           max_size=20))
+def test_extract_math_reads_the_answer_sentence(value, noise):
+    assert extract_math(f"{noise} The answer is {value:,}. {noise}") == str(value)
 
 
 def test_majority_pools_equal_answers_and_breaks_ties_by_first_seen():
@@ -96,10 +133,10 @@ def test_arithmetic_is_seeded_per_split_and_gold_is_consistent():
 
 
 def test_format_rationale_appends_the_answer_sentence_only_when_missing():
-    task = GSM8K(data_path=str(FIXTURES / "gsm8k_{split}.jsonl"))
+    task = GSM8K(data_path=str(FIXTURES / "gsm8k_{split}.jsonl"), few_shot=0)
     qs = task.load("train")
     assert task.format_rationale(qs[0]) == "3 x 4 = 12. The answer is 12."
-    mc = AQuA(data_path=str(FIXTURES / "aqua_rat_{split}.jsonl"))
+    mc = AQuA(data_path=str(FIXTURES / "aqua_rat_{split}.jsonl"), few_shot=0)
     q = mc.load("train")[0]
     assert mc.format_rationale(q) == "2+2 = 4. The answer is (B)."
     assert mc.format_question(q).endswith("Answer choices: (A) 3 (B) 4 (C) 5 (D) 6 (E) 7")
@@ -107,7 +144,7 @@ def test_format_rationale_appends_the_answer_sentence_only_when_missing():
 
 
 def test_local_files_load_and_bad_rows_are_named(tmp_path):
-    task = StrategyQA(data_path=str(FIXTURES / "strategyqa_{split}.jsonl"))
+    task = StrategyQA(data_path=str(FIXTURES / "strategyqa_{split}.jsonl"), few_shot=0)
     q = task.load("train")[0]
     assert q.answer == "no" and task.extract(task.format_rationale(q)) == "no"
     (tmp_path / "bad.jsonl").write_text('{"question": "ok"}\n{"answer": "1"}\n')
@@ -131,3 +168,61 @@ def test_hub_rows_map_to_the_common_schema():
     assert n.answer == "C" and n.rationale is None and ANLI(round=2).hub_splits["test"] == "test_r2"
     sq = StrategyQA().from_hub({"qid": "s", "question": "q", "answer": True, "facts": ["a.", "b."]}, 0)
     assert sq.answer == "yes" and sq.rationale == "a. b."
+
+
+def test_gold_from_files_is_normalised_and_unparsable_gold_is_reported(tmp_path, caplog):
+    rows = ['{"question": "q1", "answer": "2,000"}', '{"question": "q2", "answer": "$18"}',
+            '{"question": "q3", "answer": "\\\\boxed{12}"}', '{"question": "q4", "answer": "3/4"}',
+            '{"question": "q5", "answer": "twelve"}', '{"question": "q6", "answer": "\\u22125"}']
+    (tmp_path / "data.jsonl").write_text("\n".join(rows) + "\n")
+    with caplog.at_level("WARNING"):
+        qs = GSM8K(data_path=str(tmp_path / "data.jsonl"), few_shot=0).load("test")
+    assert [q.answer for q in qs] == ["2000", "18", "12", "3/4", "twelve", "-5"]
+    assert "1 of 6 gold answers" in caplog.text and "'4'" in caplog.text  # counted, the first one named
+    task = GSM8K(few_shot=0)
+    assert task.same(task.extract("1000 + 1000 = 2000"), qs[0].answer)
+
+
+def test_exemplars_are_carved_out_of_the_file_they_share(tmp_path):
+    """One file without {split}: the exemplars are its first rows, and no split hands them out again."""
+    rows = [f'{{"id": "r{i}", "question": "Q number {i}?", "answer": "{i}", "rationale": "It is {i}."}}'
+            for i in range(6)]
+    (tmp_path / "all.jsonl").write_text("\n".join(rows) + "\n")
+    task = GSM8K(data_path=str(tmp_path / "all.jsonl"), few_shot=2)
+    assert [q.id for q in task.exemplars()] == ["r0", "r1"]
+    test = task.load("test")
+    assert [q.id for q in test] == ["r2", "r3", "r4", "r5"]
+    valid, train = task.load_splits([("valid", 1), ("train", None)])  # splits of one source: consecutive slices
+    assert [q.id for q in valid] == ["r2"] and [q.id for q in train] == ["r3", "r4", "r5"]
+
+
+def test_an_exemplar_among_another_files_questions_is_refused(tmp_path):
+    (tmp_path / "d_train.jsonl").write_text('{"question": "Same?", "answer": "1", "rationale": "1."}\n')
+    (tmp_path / "d_test.jsonl").write_text('{"question": "Other?", "answer": "2"}\n'
+                                           '{"question": "Same?", "answer": "1"}\n')
+    task = GSM8K(data_path=str(tmp_path / "d_{split}.jsonl"), few_shot=1)
+    with pytest.raises(DataError, match=r"question '1' of split 'test' .* also among the few-shot exemplars"):
+        task.load("test")
+    with pytest.raises(DataError, match="also among the questions of split 'train'"):
+        GSM8K(data_path=str(tmp_path / "d_{split}.jsonl"), few_shot=0).load_splits([("train", 1), ("test", 2)])
+
+
+def test_generated_questions_never_repeat_an_earlier_use():
+    task = Arithmetic(a_range=(2, 2), b_range=(3, 3))  # only 140 distinct questions: repeats are certain
+    exemplar_texts = {q.question for q in task.exemplars()}
+    valid, test = task.load_splits([("valid", 30), ("test", 100)])
+    assert len(test) == 100 and not exemplar_texts & {q.question for q in test}
+    assert not {q.question for q in valid} & {q.question for q in test}
+    assert [q.id for q in task.load_splits([("valid", 30), ("test", 100)])[1]] == [q.id for q in test]  # stable
+
+
+def test_math_task_reads_the_math500_schema_and_boxed_answers():
+    task = MATH(data_path=str(FIXTURES / "math500_{split}.jsonl"))
+    qs = task.load("test")
+    assert [q.answer for q in qs[:3]] == ["3/4", "$2\\sqrt{2}$", "4"] and qs[4].answer == "3000"
+    assert all(task.same(task.extract(q.rationale), q.answer) for q in qs)  # each solution's box is its gold
+    assert task.same(task.extract("... so $x = \\boxed{\\frac{6}{8}}$"), qs[0].answer)
+    assert not task.same(task.extract("\\boxed{\\frac{2}{3}}"), qs[0].answer)
+    assert task.system_prompt.endswith("within \\boxed{}.") and task.few_shot == 0
+    few = MATH(data_path=str(FIXTURES / "math500_{split}.jsonl"), few_shot=2, exemplar_split="test")
+    assert [q.id for q in few.load("test")] == [q.id for q in qs[2:]]  # exemplars carved out of the split

@@ -8,29 +8,31 @@ T = 0.5 does better (0.53), which leaves room and signal for self-improvement.
 
 from __future__ import annotations
 
-from datamodules.tasks.base import ProceduralTask, Question, split_rng
-from datamodules.tasks.extract import extract_number, same_number
+from datamodules.tasks.base import MathAnswers, ProceduralTask, Question, split_rng
+from datamodules.tasks.extract import Comparison
 
 NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivo", "Juno", "Kofi", "Lena", "Mira", "Noah")
 ITEMS = ("apples", "pencils", "marbles", "books", "cookies", "stickers", "shells", "coins", "cards", "buttons")
 
 
-class Arithmetic(ProceduralTask):
+class Arithmetic(MathAnswers, ProceduralTask):
     """Multiplication word problems.
 
     Args:
         a_range: inclusive range of the number of boxes.
         b_range: inclusive range of the items per box.
         seed: questions of split s come from a generator seeded with (seed, s); exemplars from (seed, "exemplars").
+        comparison: `value` (math-verify equivalence) or `truncate` (the IWSI paper's int(float(x))).
     """
 
     name = "arithmetic"
 
     def __init__(
-        self, a_range: tuple[int, int] = (2, 12), b_range: tuple[int, int] = (12, 25), seed: int = 0, **kwargs
+        self, a_range: tuple[int, int] = (2, 12), b_range: tuple[int, int] = (12, 25), seed: int = 0,
+        comparison: Comparison = "value", **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.a_range, self.b_range, self.seed = tuple(a_range), tuple(b_range), seed
+        self.a_range, self.b_range, self.seed, self.comparison = tuple(a_range), tuple(b_range), seed, comparison
 
     def make(self, split: str, n: int) -> list[Question]:
         rng = split_rng(self.seed, split)
@@ -46,12 +48,3 @@ class Arithmetic(ProceduralTask):
                 f"The answer is {a * b}.",
             ))
         return out
-
-    def extract(self, completion: str) -> str | None:
-        return extract_number(completion)
-
-    def same(self, a: str | None, b: str | None) -> bool:
-        return same_number(a, b)
-
-    def fingerprint(self) -> dict:
-        return {**super().fingerprint(), "a_range": self.a_range, "b_range": self.b_range, "seed": self.seed}

@@ -8,12 +8,18 @@ together, so the prefix's KV cache is exactly reusable.
 
 from __future__ import annotations
 
+import inspect
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from datamodules.io import DataError, read_rows
+from datamodules.tasks.extract import Comparison, extract_math, is_number, parse_gold, same_math
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,14 +43,23 @@ class PromptParts:
 
 
 class Task:
-    """Base class: subclasses define `extract`, `same`, `load` and exemplars.
+    """Base class: subclasses define `extract`, `same` and where their rows come from (`_load`, `source`).
+
+    Splits and exemplars: the few-shot exemplars are the first `few_shot` rows of `exemplar_split`. Splits that
+    read the same source (one file without `{split}`, or `exemplar_split` = the split evaluated) are carved into
+    disjoint consecutive slices, exemplars first (`load_splits`), so exemplars never sit among the questions
+    evaluated or trained on; the same question text in two different sources is refused.
+    Gold answers are normalised at load (`gold_answer`); gold that cannot be parsed is counted and logged.
 
     Args:
         few_shot: number of exemplars with gold rationales placed before the question (0 = zero-shot).
         template: `chat` uses the tokenizer's chat template (exemplars as earlier turns) when it has one;
             `plain` uses "Q: ...\\nA: ..." blocks and stops at the next "\\nQ:".
         system_prompt: optional system message (chat) or first line (plain).
-        data_path: local jsonl/json/csv/parquet with fields question, answer, rationale, options, id.
+        data_path: local jsonl/json/csv/parquet with fields question, answer, rationale, options, id;
+            `{split}` in the path is replaced by the split name.
+        exemplar_split: the split whose first rows are the few-shot exemplars (default: the task's own,
+            `train` for dataset tasks, `exemplars` for procedural ones).
     """
 
     name = "task"
@@ -58,8 +73,13 @@ class Task:
         template: Literal["chat", "plain"] = "chat",
         system_prompt: str | None = None,
         data_path: str | None = None,
+        exemplar_split: str | None = None,
     ) -> None:
         self.few_shot, self.template, self.system_prompt, self.data_path = few_shot, template, system_prompt, data_path
+        self.exemplar_split = exemplar_split or self.default_exemplar_split
+        self._exemplar_cache: dict[tuple, list[Question]] = {}
+
+    default_exemplar_split = "train"
 
     # ----------------------------------------------------------------- what subclasses define
     def extract(self, completion: str) -> str | None:
@@ -69,8 +89,21 @@ class Task:
     def same(self, a: str | None, b: str | None) -> bool:
         return a is not None and b is not None and a == b
 
-    def exemplars(self) -> list[Question]:
-        raise NotImplementedError
+    def gold_answer(self, raw: str) -> str | None:
+        """A gold answer as `extract` would give it; None when it cannot be read (counted at load)."""
+        return raw.strip() or None
+
+    def _load(self, split: str, limit: int | None) -> list[Question]:
+        """The first `limit` rows of a split's source, in order (no carving, no gold normalisation)."""
+        if self.data_path is None:
+            raise ValueError(f"task {self.name!r} needs data_path (a local file; `{{split}}` is replaced by the split)")
+        return load_questions(self.data_path.replace("{split}", split), limit)
+
+    def source(self, split: str) -> str:
+        """What a split reads: two splits with the same source share rows (and are carved apart)."""
+        if self.data_path is not None:
+            return str(Path(self.data_path.replace("{split}", split)).resolve())
+        return f"{self.name}:{split}"
 
     def answer_counts(self, answers: Sequence[str | None]) -> list[tuple[str, int]]:
         """Distinct answers (equal under `same` pool their votes) with their votes, in first-seen order;
@@ -95,11 +128,81 @@ class Task:
         best = max(counts, key=lambda c: c[1])  # max keeps the first of equals
         return best[0], best[1], sum(n for _, n in counts)
 
+    def exemplars(self) -> list[Question]:
+        """The first `few_shot` rows of `exemplar_split` (loaded once per setting)."""
+        key = (self.exemplar_split, self.few_shot, self.data_path)
+        if key not in self._exemplar_cache:
+            rows = self._load(self.exemplar_split, self.few_shot) if self.few_shot else []
+            self._exemplar_cache[key] = self._normalise_gold(rows, self.source(self.exemplar_split))
+        return self._exemplar_cache[key]
+
     def load(self, split: str, limit: int | None = None) -> list[Question]:
-        """Questions of a split: from `data_path` (a file per split: `{split}` in the path is replaced)."""
-        if self.data_path is None:
-            raise ValueError(f"task {self.name!r} needs data_path (a local file; `{{split}}` is replaced by the split)")
-        return load_questions(self.data_path.replace("{split}", split), limit)
+        """The questions of one split, exemplars carved out (see `load_splits`)."""
+        return self.load_splits([(split, limit)])[0]
+
+    def load_splits(self, requests: Sequence[tuple[str, int | None]]) -> list[list[Question]]:
+        """Disjoint question sets for (split, limit) requests, in request order after the exemplars.
+
+        Requests that read the same source get consecutive slices of it (the exemplars' rows first). A question
+        whose text is already held by another use (the exemplars, an earlier request) from a different source is
+        refused with a `DataError` (`duplicates = "refuse"`: someone's data holds it twice), or, for generated
+        questions (`duplicates = "skip"`), left out, counted and replaced by the next one. Gold comes normalised.
+        """
+        owner = {self._text_key(q): "few-shot exemplars" for q in self.exemplars()}
+        handed = {self.source(self.exemplar_split): len(self.exemplars())}  # source -> rows already given out
+        out = []
+        for split, limit in requests:
+            source = self.source(split)
+            offset = handed.get(source, 0)
+            extra = len(owner) if self.duplicates == "skip" else 0
+            rows = self._load(split, None if limit is None else offset + limit + extra)[offset:]
+            questions, skipped = [], 0
+            for q in rows:
+                held_by = owner.get(self._text_key(q))
+                if held_by is None:
+                    questions.append(q)
+                elif self.duplicates == "skip":
+                    skipped += 1
+                else:
+                    raise DataError(
+                        f"task {self.name!r}: question {q.id!r} of split {split!r} ({source}) is also among the "
+                        f"{held_by}: two uses must not share a question. Remove the duplicate from one file, or give "
+                        "each use its own split (`{split}` in data_path, exemplar_split, valid_split, "
+                        "labeled_split), or set few_shot: 0.")
+                if limit is not None and len(questions) == limit:
+                    break
+            if offset:
+                log.info("task %s: split %r reads %s like an earlier use: it gets the rows from %d on",
+                         self.name, split, source, offset)
+            if skipped:
+                log.info("task %s: %d generated questions of split %r equal an earlier use's and were replaced",
+                         self.name, skipped, split)
+            handed[source] = offset + len(questions) + skipped
+            owner |= {self._text_key(q): f"questions of split {split!r}" for q in questions}
+            out.append(self._normalise_gold(questions, source))
+        return out
+
+    duplicates: Literal["refuse", "skip"] = "refuse"
+
+    def _text_key(self, q: Question) -> str:
+        return " ".join(self.format_question(q).split())
+
+    def _normalise_gold(self, questions: list[Question], source: str) -> list[Question]:
+        """Gold answers as `gold_answer` reads them; those it cannot read are counted and logged, never dropped."""
+        bad = []
+        for q in questions:
+            if q.answer is None:
+                continue
+            gold = self.gold_answer(q.answer)
+            if gold is None:
+                bad.append(q)
+            else:
+                q.answer = gold
+        if bad:
+            log.warning("task %s: %d of %d gold answers in %s cannot be parsed, so no answer can match them "
+                        "(first: question %r, gold %r)", self.name, len(bad), len(questions), source, bad[0].id,
+                        bad[0].answer)
+        return questions
 
     # ----------------------------------------------------------------- shared behaviour
     def format_question(self, q: Question) -> str:
@@ -178,26 +281,64 @@ class Task:
     def prompt_text(self, tokenizer, q: Question) -> str:
         return tokenizer.decode(self.prompt_parts(tokenizer, q).ids)
 
+    def settings(self) -> dict:
+        """Every constructor argument of the task's classes, read back from the attribute of the same name."""
+        names = []
+        for cls in type(self).__mro__:
+            if "__init__" in cls.__dict__ and cls is not object:
+                names += [p.name for p in inspect.signature(cls.__dict__["__init__"]).parameters.values()
+                          if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        missing = [n for n in dict.fromkeys(names) if not hasattr(self, n)]
+        if missing:
+            raise TypeError(f"{type(self).__name__} must keep its constructor arguments {missing} as attributes "
+                            "of the same name (the generation cache key reads them)")
+        return {n: getattr(self, n) for n in dict.fromkeys(names)}
+
     def fingerprint(self) -> dict:
-        """What changes the prompts: part of the generation cache key."""
-        return {"task": type(self).__qualname__, "few_shot": self.few_shot, "template": self.template,
-                "system_prompt": self.system_prompt, "exemplars": [e.id for e in self.exemplars()[: self.few_shot]]}
+        """What changes the prompts and answers: the class, every setting, the exemplars' text (cache key)."""
+        exemplars = [(e.question, e.options, e.rationale, e.answer) for e in self.exemplars()]
+        return {"task": f"{type(self).__module__}.{type(self).__qualname__}", "settings": self.settings(),
+                "exemplars": exemplars}
 
 
 class ProceduralTask(Task):
     """A task that generates its questions: `make(split, n)` is seeded per split, so any split of any size
     exists offline; exemplars come from their own split. A `data_path` still takes precedence."""
 
+    default_exemplar_split = "exemplars"
+
+    @property
+    def duplicates(self) -> str:
+        """Generated questions may repeat by chance across splits: skipped and replaced; a file's are refused."""
+        return "skip" if self.data_path is None else "refuse"
+
     def make(self, split: str, n: int) -> list[Question]:
         raise NotImplementedError
 
-    def load(self, split: str, limit: int | None = None) -> list[Question]:
+    def _load(self, split: str, limit: int | None) -> list[Question]:
         if self.data_path is not None:
-            return super().load(split, limit)
+            return super()._load(split, limit)
         return self.make(split, limit if limit is not None else 100)
 
-    def exemplars(self) -> list[Question]:
-        return self.make("exemplars", 8)
+
+class MathAnswers:
+    """Answers read and compared with math-verify (`extract.py`): numbers by value, LaTeX symbolically; gold
+    normalised the same way. `comparison="truncate"` is the IWSI paper's int(float(x)) comparison.
+    `numeric_gold`: a gold answer must read as a number (integer, fraction, decimal), else it counts as
+    unparsable (MATH turns it off: its answers are any LaTeX)."""
+
+    comparison: Comparison = "value"
+    numeric_gold = True
+
+    def extract(self, completion: str) -> str | None:
+        return extract_math(completion)
+
+    def same(self, a: str | None, b: str | None) -> bool:
+        return same_math(a, b, self.comparison)
+
+    def gold_answer(self, raw: str) -> str | None:
+        gold = parse_gold(raw)
+        return gold if gold is None or not self.numeric_gold or is_number(gold) else None
 
 
 def load_questions(source: str, limit: int | None = None) -> list[Question]:

@@ -39,6 +39,3 @@ class Comparison(ProceduralTask):
 
     def extract(self, completion: str) -> str | None:
         return extract_choice(completion, 2)
-
-    def fingerprint(self) -> dict:
-        return {**super().fingerprint(), "low": self.low, "high": self.high, "seed": self.seed}

@@ -1,18 +1,19 @@
-"""The IWSI paper's datasets: gsm8k, svamp (numeric), aqua_rat, openbookqa, anli (multiple choice), strategyqa (yes/no).
+"""The IWSI paper's datasets: gsm8k, svamp (numeric), aqua_rat, openbookqa, anli (multiple choice), strategyqa
+(yes/no); and MATH (boxed LaTeX answers: the benchmark TTRL, EMPO and Intuitor report, as MATH-500).
 
 Each loads from `data_path` (a local file in the common schema: question, answer, rationale, options, id;
 `{split}` in the path is replaced by the split) or, when online and no path is given, from its `datasets` hub
-name, mapped to the common schema by `from_hub`. Exemplars are the first `few_shot` training questions that
-carry a rationale (or, lacking one, the gold answer sentence).
+name, mapped to the common schema by `from_hub`. Exemplars are the first `few_shot` rows of `exemplar_split`
+(`train`), carved out of any split that reads the same source.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 
-from datamodules.tasks.base import Question, Task
-from datamodules.tasks.extract import extract_choice, extract_number, extract_word, same_number
+from datamodules.io import DataError, read_rows
+from datamodules.tasks.base import MathAnswers, Question, Task
+from datamodules.tasks.extract import Comparison, extract_choice, extract_word
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -24,9 +25,9 @@ class HubTask(Task):
     def from_hub(self, row: dict, i: int) -> Question:
         raise NotImplementedError
 
-    def load(self, split: str, limit: int | None = None) -> list[Question]:
+    def _load(self, split: str, limit: int | None) -> list[Question]:
         if self.data_path is not None:
-            return super().load(split, limit)
+            return super()._load(split, limit)
         import datasets
 
         path, config = self.hub
@@ -34,17 +35,21 @@ class HubTask(Task):
         n = len(rows) if limit is None else min(limit, len(rows))
         return [self.from_hub(rows[i], i) for i in range(n)]
 
-    @functools.cache  # noqa: B019 - one small list per task object
-    def exemplars(self) -> list[Question]:
-        return self.load("train", max(self.few_shot, 1))
+    def source(self, split: str) -> str:
+        if self.data_path is not None:
+            return super().source(split)
+        path, config = self.hub
+        return f"hub:{path}:{config}:{self.hub_splits.get(split, split)}"
 
 
-class NumericTask(HubTask):
-    def extract(self, completion: str) -> str | None:
-        return extract_number(completion)
+class NumericTask(MathAnswers, HubTask):
+    """Args:
+        comparison: `value` (math-verify equivalence) or `truncate` (the IWSI paper's int(float(x))).
+    """
 
-    def same(self, a: str | None, b: str | None) -> bool:
-        return same_number(a, b)
+    def __init__(self, comparison: Comparison = "value", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.comparison = comparison
 
 
 class MultipleChoiceTask(HubTask):
@@ -52,6 +57,11 @@ class MultipleChoiceTask(HubTask):
 
     def extract(self, completion: str) -> str | None:
         return extract_choice(completion, self.n_options)
+
+    def gold_answer(self, raw: str) -> str | None:
+        """"B", "(b)", " B) " -> "B"; None unless one of the first `n_options` letters."""
+        letter = raw.strip().strip("()").strip().upper()
+        return letter if len(letter) == 1 and 0 <= ord(letter) - ord("A") < self.n_options else None
 
     def format_rationale(self, q: Question) -> str:
         return super().format_rationale(Question(q.id, q.question, f"({q.answer})", q.rationale, q.options))
@@ -133,3 +143,45 @@ class StrategyQA(HubTask):
 
     def extract(self, completion: str) -> str | None:
         return extract_word(completion, ("yes", "no"))
+
+    def gold_answer(self, raw: str) -> str | None:
+        word = {"true": "yes", "false": "no"}.get(raw.strip().lower(), raw.strip().lower())
+        return word if word in ("yes", "no") else None
+
+
+class MATH(NumericTask):
+    """MATH problems with LaTeX answers (the MATH-500 schema: problem, solution, answer, unique_id; files in the
+    common schema load too). The answer is read from the last `\\boxed{}` of a completion (else the answer
+    sentence) and compared with math-verify. Zero-shot by default, with the instruction the R1-style recipes
+    (TTRL, EMPO, Intuitor) use; the hub copy is HuggingFaceH4/MATH-500 (a `test` split only: with few_shot > 0
+    set `exemplar_split: test`, and the exemplars are carved out of it)."""
+
+    name = "math"
+    numeric_gold = False
+    hub = ("HuggingFaceH4/MATH-500", None)
+    answer_sentence = "The answer is $\\boxed{{{answer}}}$."
+
+    def __init__(self, few_shot: int = 0,
+                 system_prompt: str | None = "Please reason step by step, and put your final answer within \\boxed{}.",
+                 **kwargs) -> None:
+        super().__init__(few_shot=few_shot, system_prompt=system_prompt, **kwargs)
+
+    def from_hub(self, row: dict, i: int) -> Question:
+        if "problem" not in row:  # the common schema
+            return Question(str(row.get("id", i)), row["question"], _text(row.get("answer")), row.get("rationale"))
+        return Question(str(row.get("unique_id", f"math-{i}")), row["problem"], _text(row.get("answer")),
+                        row.get("solution"), meta={k: row[k] for k in ("subject", "level") if k in row})
+
+    def _load(self, split: str, limit: int | None) -> list[Question]:
+        if self.data_path is None:
+            return super()._load(split, limit)
+        rows = read_rows(self.data_path.replace("{split}", split))[:limit]
+        for row in rows:
+            text = row.data.get("problem", row.data.get("question"))
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{row.where}: missing or empty field 'problem' (or 'question')")
+        return [self.from_hub(r.data, i) for i, r in enumerate(rows)]
+
+
+def _text(value) -> str | None:
+    return None if value is None else str(value)

@@ -52,6 +52,3 @@ class Sentiment(ProceduralTask):
         """The label after "the answer is", else the first label word anywhere (free-form replies)."""
         words = ("positive", "negative")
         return extract_word(completion, words) or extract_word(f"the answer is {completion}", words)
-
-    def fingerprint(self) -> dict:
-        return {**super().fingerprint(), "seed": self.seed}
