@@ -6,10 +6,11 @@ This module adds tasks, batching by prompt length, caching, resumption and shard
 the log-probability of each of its tokens at temperature 1 (for entropy signals without a second pass).
 
 Caching: results live under `<cache_dir>/<key>/chunk-NNNNN/` as `datasets` Arrow tables, one per chunk of
-`chunk_size` questions, written to a temporary directory and renamed (atomic). The key hashes the model and
-adapter weights, the task's prompt settings, the sampling parameters, the seed and the question ids, so an
-interrupted run generates only the missing chunks and a finished one is reused. Each chunk has its own seed
-(seed, chunk index), so a resumed run gives the same candidates as an uninterrupted one.
+`chunk_size` questions, written to a temporary directory and renamed (atomic). The key hashes what the
+candidates depend on (`cache_key`): the content of the model and adapter weights, every task setting and the
+exemplars' text, the questions' ids, texts and options, the sampling parameters and the seed, so an interrupted
+run generates only the missing chunks, a finished one is reused, and nothing is reused for other data. Each
+chunk has its own seed (seed, chunk index), so a resumed run gives the same candidates as an uninterrupted one.
 
 Distributed: chunk i belongs to rank i % world_size; ranks exchange their rows with `all_gather_object`
 and every rank returns all candidates in question order. Generation needs whole weights on each rank: under
@@ -34,10 +35,11 @@ import torch
 from tqdm.auto import tqdm
 
 from datamodules.tasks.base import Question, Task
+from lightning_modules.policy import tensor_bytes
 from lightning_modules.sampling import SamplingParams, finish_text, generate_batch, prefix_cache
 
 log = logging.getLogger(__name__)
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2  # 2: answers read with math-verify
 
 
 class Generator(Protocol):
@@ -49,20 +51,24 @@ class Generator(Protocol):
 
 # ---------------------------------------------------------------------------------------------- cache + chunks
 def model_fingerprint(policy) -> str:
-    """Model name, dtype, adaptation and a hash of the trainable weights (the adapter's current values).
-    The frozen weights are identified by the model name, not hashed."""
-    h = hashlib.sha256(f"{policy.name}|{policy.adapt}|{next(policy.parameters()).dtype}".encode())
+    """A content hash of the weights that sample: the frozen base model's (`Policy.base_fingerprint`, hashed once)
+    and the trainable ones' current values (the adapter), with the adaptation kind and dtype. New weights copied
+    under the same path, or another adapter, give another fingerprint."""
+    h = hashlib.sha256(f"{policy.base_fingerprint()}|{policy.adapt}|{next(policy.parameters()).dtype}".encode())
     for name, p in sorted(policy.named_parameters()):
         if p.requires_grad:
             h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
+            h.update(tensor_bytes(p))
     return h.hexdigest()[:16]
 
 
 def cache_key(policy, task: Task, questions: Sequence[Question], params: SamplingParams, chunk_size: int) -> str:
+    """What the candidates depend on: the weights, every task setting and exemplar text, the questions' ids, texts
+    and options, the sampling parameters and the chunking (each chunk has its own seed)."""
     payload = {
         "engine": ENGINE_VERSION, "model": model_fingerprint(policy), "task": task.fingerprint(),
-        "params": asdict(params), "chunk_size": chunk_size, "questions": [q.id for q in questions],
+        "params": asdict(params), "chunk_size": chunk_size,
+        "questions": [(q.id, q.question, q.options) for q in questions],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 

@@ -14,6 +14,7 @@ Design decisions:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -65,6 +66,11 @@ def format_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
     return (f"{system}\n" if system else "") + PLAIN_TEMPLATE.format(prompt=prompt)
 
 
+def tensor_bytes(tensor: Tensor) -> bytes:
+    """A tensor's raw bytes (any dtype, any device): what a content hash of weights reads."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
+
+
 def is_norm_layer(module: nn.Module) -> bool:
     name = type(module).__name__
     return isinstance(module, nn.LayerNorm) or name.endswith("RMSNorm") or name.endswith("LayerNorm")
@@ -111,6 +117,7 @@ class Policy(nn.Module):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
         self._initial_norms: dict[str, Tensor] = {}
+        self._base_fingerprint: str | None = None
         if adapt == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -148,6 +155,18 @@ class Policy(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def base_fingerprint(self) -> str:
+        """A content hash (sha256) of the frozen weights, computed once: what identifies the base model, whatever
+        its path or name (new weights copied under the same directory hash differently)."""
+        if self._base_fingerprint is None:
+            h = hashlib.sha256()
+            for name, p in self.model.named_parameters():
+                if not p.requires_grad:
+                    h.update(name.encode())
+                    h.update(tensor_bytes(p))
+            self._base_fingerprint = h.hexdigest()
+        return self._base_fingerprint
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[nn.Module]:

@@ -125,6 +125,44 @@ def test_cache_key_changes_with_what_changes_the_samples(policy, task):
         changed = generation.cache_key(policy, task, qs, SamplingParams(), 32)
         lora_b.sub_(0.1)
     assert base != changed  # the adapter's weights are part of the key
+    assert base != generation.cache_key(policy, Arithmetic(comparison="truncate"), qs, SamplingParams(), 32)
+
+
+def test_cache_key_holds_the_content_of_questions_files_and_weights(tmp_path, tiny_model_dir):
+    from tiny import build_tiny_model
+
+    from datamodules.tasks import GSM8K
+
+    (tmp_path / "a.jsonl").write_text('{"question": "How many apples?"}\n{"question": "How many bags?"}\n')
+    (tmp_path / "b.jsonl").write_text('{"question": "How fast is the train?"}\n{"question": "How long?"}\n')
+    policy = Policy(tiny_model_dir)
+    key = {}
+    for name in ("a", "b"):  # the same ids 0, 1 in two files
+        task = GSM8K(data_path=str(tmp_path / f"{name}.jsonl"), few_shot=0)
+        key[name] = generation.cache_key(policy, task, task.load("train"), SamplingParams(), 32)
+    assert key["a"] != key["b"]
+    (tmp_path / "b.jsonl").write_text('{"question": "How fast is the train?"}\n{"question": "How long, really?"}\n')
+    task = GSM8K(data_path=str(tmp_path / "b.jsonl"), few_shot=0)
+    assert generation.cache_key(policy, task, task.load("train"), SamplingParams(), 32) != key["b"]  # edited in place
+    # new weights under the same path
+    model_dir = tmp_path / "model"
+    keys = []
+    for seed in (0, 1):
+        build_tiny_model(model_dir, seed=seed)
+        keys.append(generation.cache_key(Policy(str(model_dir)), task, task.load("train"), SamplingParams(), 32))
+    assert keys[0] != keys[1]
+
+
+def test_a_changed_task_setting_cannot_be_forgotten_by_the_key():
+    """Every constructor argument of every task is in its fingerprint (read back by name)."""
+    from datamodules import tasks
+
+    for cls in (tasks.Arithmetic, tasks.Comparison, tasks.Sentiment, tasks.GSM8K, tasks.SVAMP, tasks.AQuA,
+                tasks.OpenBookQA, tasks.ANLI, tasks.StrategyQA, tasks.MATH):
+        settings = cls(few_shot=0).fingerprint()["settings"]
+        assert {"few_shot", "template", "system_prompt", "data_path", "exemplar_split"} <= set(settings)
+    assert set(Arithmetic().fingerprint()["settings"]) >= {"a_range", "b_range", "seed", "comparison"}
+    assert Arithmetic(b_range=(3, 20)).fingerprint() != Arithmetic().fingerprint()
 
 
 def _ddp_worker(rank, world, port, model_dir, out):
