@@ -81,6 +81,29 @@ class SelfGeneratedDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+        self.questions, self.valid, self.labeled = self._load_questions()
+        self._check_selectors_have_what_they_need()
+
+    def _check_selectors_have_what_they_need(self) -> None:
+        """Before any generation: the labeled data or model a selector's signal needs."""
+        needs = set().union(*(s.needs for s in self.selectors))
+        if needs & {"ds_weight", "ds_ratio", "sample_loss"} and not self.valid:
+            raise ValueError("the DS weight needs a labeled valid set: set valid_questions > 0 (and valid_split)")
+        if "labeled_token_entropy" in needs and not self.labeled:
+            raise ValueError("EntropyThreshold on the labeled population needs labeled_questions > 0")
+        if "reward_model_score" in needs and self.hparams.reward_model is None:
+            raise ValueError("RewardModelFilter needs reward_model (a sequence-classification model directory)")
+
+    def _load_questions(self) -> tuple[list[Question], list[Question], list[Question]]:
+        """The unlabeled questions, IWSI's valid set and SemiEvol's labeled set, disjoint: splits that read the
+        same source are carved into consecutive slices (valid, then labeled, then unlabeled; see
+        `Task.load_splits`), and a question in two of them is refused."""
+        hp = self.hparams
+        requests = {"valid": (hp.valid_split, hp.valid_questions), "labeled": (hp.labeled_split, hp.labeled_questions),
+                    "unlabeled": (hp.split, hp.num_questions)}
+        requests = {use: r for use, r in requests.items() if r[1]}
+        loaded = dict(zip(requests, self.task.load_splits(list(requests.values()))))
+        return loaded.get("unlabeled", []), loaded.get("valid", []), loaded.get("labeled", [])
 
     # ------------------------------------------------------------------ data of a round
     def _example(self, question: Question, completion: str, weight: float = 1.0, where: str = "") -> SFTExample:
@@ -88,11 +111,7 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         return SFTExample(prompt, completion, weight, where)
 
     def _labeled(self) -> list[SFTExample]:
-        hp = self.hparams
-        if not hp.labeled_questions:
-            return []
-        questions = self.task.load(hp.labeled_split, hp.labeled_questions)
-        return [self._example(q, self.task.format_rationale(q), where=f"labeled:{q.id}") for q in questions]
+        return [self._example(q, self.task.format_rationale(q), where=f"labeled:{q.id}") for q in self.labeled]
 
     def _cheap_signals(self, rows: list[dict]) -> tuple[Signals, list]:
         """The signals every round has: votes (SPEC §1, §3) and token entropy from the stored log-probs (§4)."""
@@ -116,10 +135,7 @@ class SelfGeneratedDataModule(L.LightningDataModule):
             return out.index_put_((torch.tensor(idx, dtype=torch.long),), compute()) if idx else out
 
         if names & {"ds_weight", "ds_ratio", "sample_loss"}:
-            valid = self.task.load(hp.valid_split, hp.valid_questions) if hp.valid_questions else []
-            if not valid:
-                raise ValueError("the DS weight needs a labeled valid set: set valid_questions > 0")
-            valid_examples = [self._example(q, self.task.format_rationale(q)) for q in valid]
+            valid_examples = [self._example(q, self.task.format_rationale(q)) for q in self.valid]
             valid_mean = sample_losses(policy, valid_examples, hp.ds_tokens).mean().item()
             examples = [self._example(q, a) for q, a in zip(questions, answers)]
             losses = scatter(lambda: sample_losses(policy, examples, hp.ds_tokens))
@@ -127,19 +143,14 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         if "self_rating" in names:
             signals["self_rating"] = scatter(lambda: self_ratings(policy, texts, answers))
         if "reward_model_score" in names:
-            if hp.reward_model is None:
-                raise ValueError("RewardModelFilter needs reward_model (a sequence-classification model directory)")
             signals["reward_model_score"] = scatter(lambda: reward_model_scores(hp.reward_model, texts, answers))
         if "labeled_token_entropy" in names:  # SemiEvol: the same quantity on the labeled responses
-            labeled = self._labeled()
-            if not labeled:
-                raise ValueError("EntropyThreshold on the labeled population needs labeled_questions > 0")
-            signals["labeled_token_entropy"] = sample_losses(policy, labeled, "completion", reference=False)
+            signals["labeled_token_entropy"] = sample_losses(policy, self._labeled(), "completion", reference=False)
 
     def _generate_and_select(self, policy, run_dir: Path) -> list[SFTExample]:
         hp = self.hparams
         rank, world = dist_info()
-        questions = self.task.load(hp.split, hp.num_questions)
+        questions = self.questions
         # shared by every version of the experiment: a re-run after an interruption finds what was generated
         # (the key hashes model, adapter, prompts, sampling and questions, so sharing is safe)
         cache = hp.cache_dir or str(run_dir.parent / "candidates")

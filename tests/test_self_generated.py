@@ -94,3 +94,30 @@ def test_empty_selection_is_a_clear_error(tiny_model_dir, tmp_path):
 def test_parse_rating():
     assert parse_rating("Score: 7") == 7 and parse_rating("I'd say score : 12/10") == 10
     assert parse_rating("maybe 3 out of 10") == 3 and parse_rating("no idea") == 0 and parse_rating("Score: -2") == 0
+
+
+def test_valid_and_labeled_sets_never_overlap_the_unlabeled_questions(tmp_path):
+    """One source for all three (the GPU recipe's `valid_split: train`): carved into consecutive slices."""
+    from datamodules.tasks import GSM8K
+
+    rows = [f'{{"id": "r{i}", "question": "Q {i}?", "answer": "{i}", "rationale": "It is {i}."}}' for i in range(12)]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    data = SelfGeneratedDataModule(GSM8K(data_path=str(tmp_path / "train.jsonl"), few_shot=1), num_questions=5,
+                                   valid_questions=2, valid_split="train", labeled_questions=3,
+                                   labeled_split="train")
+    unlabeled, valid, labeled = data._load_questions()
+    assert [q.id for q in valid] == ["r1", "r2"] and [q.id for q in labeled] == ["r3", "r4", "r5"]
+    assert [q.id for q in unlabeled] == ["r6", "r7", "r8", "r9", "r10"]  # r0 is the few-shot exemplar
+
+
+@pytest.mark.parametrize("selector, missing", [
+    (DSWeightFilter(), "valid_questions > 0"),
+    (EntropyThreshold(), "labeled_questions > 0"),
+])
+def test_a_selector_missing_its_labeled_data_fails_before_generation(selector, missing, tiny_model_dir, tmp_path,
+                                                                      monkeypatch):
+    from datamodules.generation import HFGenerator
+
+    monkeypatch.setattr(HFGenerator, "sample", lambda *a, **k: pytest.fail("generation ran"))
+    with pytest.raises(ValueError, match=missing):
+        _fit(tiny_model_dir, tmp_path, [MajorityVote(), selector])
