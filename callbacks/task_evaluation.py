@@ -5,8 +5,12 @@
 - during `fit`: evaluates the policy at fit start (the base model) and at fit end with the generation engine,
   logging `eval/...` at the current step and printing a one-line summary.
 maj@k: the majority of the k sampled answers (unparsable answers get no vote, ties go to the first seen) equals
-the gold answer; pass@k: any of the k does. Each evaluation writes `predictions-<when>.jsonl` (question,
+the gold answer; pass@k: any of the k does. Each evaluation writes `predictions-<name>-<when>.jsonl` (question,
 completions, extracted answers, gold) to the run directory and a few rows as TensorBoard text.
+
+Names: each evaluation has a `name` (default from its task's prompt settings, e.g. `arithmetic-2shot`) used in its
+metric keys (`eval/<name>/greedy_accuracy`, `test/<name>/...`), its text summaries and its predictions file, so
+several evaluations in one config never overwrite each other; two with the same name are refused at setup.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class TaskEvaluation(L.Callback):
         split, num_questions: the held-out questions.
         k, temperature, top_p, max_new_tokens, seed: the k sampled answers behind maj@k and pass@k (0 = greedy only).
         batch_size: questions per generation batch.
+        name: used in metric keys, text summaries and the predictions file (default: from the task's prompt
+            settings, `<task>-<k>shot[-plain][-<split>]`).
         at_fit_start, at_fit_end: when to evaluate during fit.
         k_at_fit_end: k for the fit-end evaluation (default `k`; 0 = greedy accuracy only, the cheap after-training
             figure).
@@ -58,8 +64,9 @@ class TaskEvaluation(L.Callback):
         self, task: Task | None = None, split: str = "test", num_questions: int = 100, k: int = 8,
         temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0, batch_size: int = 8,
         at_fit_start: bool = True, at_fit_end: bool = True, k_at_fit_end: int | None = None, num_text_rows: int = 5,
+        name: str | None = None,
     ) -> None:
-        self.task, self.split, self.num_questions, self.k = task, split, num_questions, k
+        self.task, self.split, self.num_questions, self.k, self._name = task, split, num_questions, k, name
         self.sampled = SamplingParams(k, temperature, top_p, max_new_tokens, seed)
         self.greedy = SamplingParams(1, 0.0, 1.0, max_new_tokens, seed)
         self.batch_size, self.at_fit_start, self.at_fit_end = batch_size, at_fit_start, at_fit_end
@@ -67,6 +74,33 @@ class TaskEvaluation(L.Callback):
         self.num_text_rows = num_text_rows
         self.rows: list[dict] = []
         self.results: dict[str, dict[str, float]] = {}  # when -> metrics
+
+    def name(self, task: Task | None = None) -> str:
+        """This evaluation's name: `name`, else derived from the task's prompt settings and the split."""
+        if self._name:
+            return self._name
+        task = task or self.task
+        if task is None:
+            raise ValueError("TaskEvaluation needs a task (its `task` argument or the datamodule's) or a `name`")
+        plain = "-plain" if task.template == "plain" else ""
+        split = "" if self.split == "test" else f"-{self.split}"
+        return f"{task.name}-{task.few_shot}shot{plain}{split}"
+
+    def _task(self, trainer) -> Task:
+        task = self.task or getattr(trainer.datamodule, "task", None)
+        if task is None:
+            raise ValueError("TaskEvaluation needs a task (its `task` argument or the datamodule's)")
+        return task
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Refuse two evaluations with one name (they would overwrite each other's keys and files), before any
+        work."""
+        evaluations = [c for c in trainer.callbacks if isinstance(c, TaskEvaluation)]
+        names = [c.name(c._task(trainer)) for c in evaluations]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate is not None:
+            raise ValueError(f"{names.count(duplicate)} TaskEvaluation callbacks are named {duplicate!r}: their "
+                             "metrics and predictions files would overwrite each other; give each its own `name`")
 
     # ------------------------------------------------------------------ metrics
     def _metrics(self, rows: list[dict], device: torch.device) -> dict[str, float]:
@@ -82,16 +116,18 @@ class TaskEvaluation(L.Callback):
             out[name] = metric.compute().item()
         return out
 
-    def _report(self, trainer: L.Trainer, when: str, rows: list[dict], prefix: str) -> dict[str, float]:
+    def _report(self, trainer: L.Trainer, when: str, rows: list[dict], stage: str) -> dict[str, float]:
         metrics = self._metrics(rows, trainer.strategy.root_device)
         self.results[when] = metrics
+        name = self.name(self._task(trainer))
+        prefix = f"{stage}/{name}"
         summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-        log.info("evaluation (%s, %d questions): %s", when, len(rows), summary)
+        log.info("evaluation %s (%s, %d questions): %s", name, when, len(rows), summary)
         if trainer.is_global_zero:
-            print(f"[{when}] {len(rows)} questions: {summary}")
+            print(f"[{name} {when}] {len(rows)} questions: {summary}")
             directory = Path(trainer.log_dir or trainer.default_root_dir)
             directory.mkdir(parents=True, exist_ok=True)
-            with open(directory / f"predictions-{when}.jsonl", "w") as f:
+            with open(directory / f"predictions-{name}-{when}.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
             experiment = getattr(trainer.logger, "experiment", None)
             if hasattr(experiment, "add_text"):
@@ -133,9 +169,7 @@ class TaskEvaluation(L.Callback):
         return [score(task, q, greedy[i], samples[i * k : (i + 1) * k]) for i, q in enumerate(questions)]
 
     def _fit_eval(self, trainer, pl_module, when: str) -> None:
-        task = self.task or getattr(trainer.datamodule, "task", None)
-        if task is None:
-            raise ValueError("TaskEvaluation needs a task (its `task` argument or the datamodule's)")
+        task = self._task(trainer)
         k = self.k_at_fit_end if when == "fit_end" else self.k
         rows = self.evaluate(pl_module.policy, task, task.load(self.split, self.num_questions), k)
         metrics = self._report(trainer, when, rows, "eval")

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 from callbacks.task_evaluation import TaskEvaluation
@@ -23,11 +24,13 @@ def test_labelfree_test_scores_greedy_majority_and_pass(tiny_model_dir, tmp_path
         "--trainer.enable_progress_bar=false",
     ])
     metrics = cli.trainer.callback_metrics
-    assert {"test/greedy_accuracy", "test/maj@3", "test/pass@3", "test/greedy_parse_rate"} <= set(metrics)
-    rows = [json.loads(x) for x in next(tmp_path.rglob("predictions-test.jsonl")).read_text().splitlines()]
+    keys = {f"test/arithmetic-2shot/{m}" for m in ("greedy_accuracy", "maj@3", "pass@3", "greedy_parse_rate")}
+    assert keys <= set(metrics)
+    predictions = next(tmp_path.rglob("predictions-arithmetic-2shot-test.jsonl"))
+    rows = [json.loads(x) for x in predictions.read_text().splitlines()]
     assert len(rows) == 5 and all(len(r["samples"]) == 3 for r in rows)
     # the reported numbers are the rows' means, and the greedy completions are the engine's greedy answers
-    assert metrics["test/pass@3"].item() == sum(r["pass"] for r in rows) / 5
+    assert metrics["test/arithmetic-2shot/pass@3"].item() == sum(r["pass"] for r in rows) / 5
     task = Arithmetic()
     engine = sample(cli.model.policy, task.load("test", 5), task, n=1, temperature=0, max_new_tokens=6,
                     progress=False)
@@ -47,7 +50,7 @@ def test_fit_time_evaluation_logs_before_and_after(tiny_model_dir, tmp_path):
     assert set(evaluation.results) == {"fit_start", "fit_end"}
     assert set(evaluation.results["fit_end"]) == {"greedy_accuracy", "greedy_parse_rate", "maj@2", "pass@2"}
     assert all(0.0 <= v <= 1.0 for r in evaluation.results.values() for v in r.values())
-    assert (Path(trainer.log_dir) / "predictions-fit_start.jsonl").exists()
+    assert (Path(trainer.log_dir) / "predictions-arithmetic-2shot-fit_start.jsonl").exists()
     assert module.policy.model.training  # evaluation put the policy back in train mode
     assert torch.is_grad_enabled()
     table = evaluation.before_after().splitlines()
@@ -68,3 +71,47 @@ def test_fit_end_evaluation_can_skip_sampling(tiny_model_dir, tmp_path):
     assert set(evaluation.results["fit_end"]) == {"greedy_accuracy", "greedy_parse_rate"}
     last_row = evaluation.before_after().splitlines()[-1]
     assert last_row == f"| pass@2 | {evaluation.results['fit_start']['pass@2']:.3f} | - |"
+
+
+def test_two_evaluations_in_one_config_never_overwrite_each_other(tiny_model_dir, tmp_path):
+    from datamodules.labeled import LabeledDataModule
+    from lightning_modules.policy import Policy
+    from lightning_modules.sft import WeightedSFTModule
+
+    def fit(*evaluations):
+        trainer = L.Trainer(max_steps=1, default_root_dir=tmp_path, callbacks=list(evaluations),
+                            enable_progress_bar=False, limit_val_batches=0,
+                            logger=L.pytorch.loggers.TensorBoardLogger(tmp_path))
+        trainer.fit(WeightedSFTModule(Policy(tiny_model_dir), export_adapter=False),
+                    LabeledDataModule(str(ROOT / "configs/data/arithmetic_sft.jsonl"), tokenizer=tiny_model_dir))
+        return trainer
+
+    two_shot = TaskEvaluation(Arithmetic(), num_questions=3, k=2, max_new_tokens=5)
+    zero_shot = TaskEvaluation(Arithmetic(few_shot=0), num_questions=3, k=0, max_new_tokens=5)
+    trainer = fit(two_shot, zero_shot)
+    assert (two_shot.name(), zero_shot.name()) == ("arithmetic-2shot", "arithmetic-0shot")
+    files = sorted(p.name for p in Path(trainer.log_dir).glob("predictions-*.jsonl"))
+    assert files == [f"predictions-arithmetic-{n}shot-{w}.jsonl" for n in (0, 2) for w in ("fit_end", "fit_start")]
+    two_shot_rows = (Path(trainer.log_dir) / "predictions-arithmetic-2shot-fit_start.jsonl").read_text().splitlines()
+    assert all(len(json.loads(r)["samples"]) == 2 for r in two_shot_rows)  # its maj@2 samples are kept
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(trainer.log_dir).Reload()
+    assert {"eval/arithmetic-2shot/maj@2", "eval/arithmetic-2shot/greedy_accuracy",
+            "eval/arithmetic-0shot/greedy_accuracy"} <= set(events.Tags()["scalars"])
+    with pytest.raises(ValueError, match="2 TaskEvaluation callbacks are named 'arithmetic-2shot'"):
+        fit(TaskEvaluation(Arithmetic(), num_questions=3, k=0), TaskEvaluation(Arithmetic(seed=1), num_questions=3))
+    assert TaskEvaluation(Arithmetic(), name="mine").name() == "mine"
+
+
+def test_labelfree_test_on_math_from_a_local_file(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cli = build_cli([
+        "test", "-c", "configs/eval/math.yaml", f"--model.init_args.policy.init_args.model={tiny_model_dir}",
+        "--data.init_args.task.init_args.data_path=tests/fixtures/math500_{split}.jsonl",
+        "--data.init_args.num_questions=6", "--model.init_args.k=2", "--model.init_args.max_new_tokens=4",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+    ])
+    rows = [json.loads(x) for x in next(tmp_path.rglob("predictions-math-0shot-test.jsonl")).read_text().splitlines()]
+    assert [r["gold"] for r in rows][:3] == ["3/4", "$2\\sqrt{2}$", "4"]  # gold normalised at load
+    assert "test/math-0shot/greedy_accuracy" in cli.trainer.callback_metrics
