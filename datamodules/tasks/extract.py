@@ -4,7 +4,8 @@ Math answers (numbers, fractions, LaTeX) are read and compared with math-verify,
 verl recipes use:
 - where: the last `\\boxed{...}` when there is one, else the text after the last "the answer is"
   (case-insensitive), else after the last "="; that span ends at the first sentence end or line break, so a
-  number in a following sentence is never read as the answer. No marker: no answer (None).
+  number in a following sentence is never read as the answer. Without LaTeX in it, the span's first arithmetic
+  expression is read ("11 x 18 = 228 stickers" -> 228; "36 ways to choose 7" -> 36). No marker: no answer.
 - what: math-verify parses the span (LaTeX or a plain expression: thousands separators, currency, units, "3/4",
   "\\frac{3}{4}", a Unicode minus read as "-"). The answer is stored as a canonical string: an integer ("2000"),
   a fraction ("3/4"), a decimal ("84.3"), or for anything else the parsed LaTeX between "$" signs.
@@ -30,7 +31,10 @@ _MARKER = "the answer is"
 _LETTER = re.compile(r"\(([A-J])\)")
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
 _INTEGER, _FRACTION, _DECIMAL = re.compile(r"-?\d+"), re.compile(r"-?\d+/\d+"), re.compile(r"-?\d*\.\d+")
-_DASHES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2014": "-", "\ufe63": "-", "\uff0d": "-"})
+_DASHES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2014": "-", "\ufe63": "-", "\uff0d": "-", '"': None,
+                         "\u201c": None, "\u201d": None})
+# an arithmetic expression: digits, operators (x and × as times), parentheses, decimals, thousands separators
+_ARITHMETIC = re.compile(r"[-+]?[\d(](?:[\d\s./+\-*×÷x=^()%]|,(?=\d))*")
 REL_TOL = 1e-6
 Comparison = Literal["value", "truncate"]
 
@@ -98,8 +102,21 @@ def _canonical(parsed: list) -> str | None:
 
 
 def _prepare(span: str) -> str:
-    """Unicode dashes as "-", escaped dollar signs dropped (currency), before math-verify reads the span."""
+    """Unicode dashes as "-", double quotes and escaped dollar signs (currency) dropped, before math-verify reads
+    the span."""
     return span.translate(_DASHES).replace("\\$", "")
+
+
+def _answer_text(span: str) -> str | None:
+    """What of an answer span math-verify reads: up to the sentence's end; without LaTeX, its first arithmetic
+    expression (math-verify alone would take the last number of "36 ways to choose 7")."""
+    span = _prepare(span).lstrip(" :")
+    end = _SENTENCE_END.search(span)
+    span = span[: end.start()] if end else span
+    if "$" in span or "\\" in span:
+        return span if span.strip() else None
+    match = _ARITHMETIC.search(span)
+    return match.group().rstrip(" +-*/=x×÷^") if match else None
 
 
 @functools.lru_cache(maxsize=65536)
@@ -109,11 +126,8 @@ def extract_math(text: str) -> str | None:
     if boxed is not None:
         return _canonical(_parse(f"${_prepare(boxed)}$", latex_only=True)) or _canonical(_parse(_prepare(boxed)))
     span = answer_span(text)
-    if span is None:
-        return None
-    end = _SENTENCE_END.search(span.lstrip())
-    span = span.lstrip()[: end.start()] if end else span
-    return _canonical(_parse(_prepare(span))) if span.strip() else None
+    answer = None if span is None else _answer_text(span)
+    return _canonical(_parse(answer)) if answer else None
 
 
 @functools.lru_cache(maxsize=65536)
