@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from lightning_modules.guard import FiniteGuard
 from lightning_modules.losses.functional import IGNORE_INDEX
 from lightning_modules.losses.policy_gradient import PPOClipLoss, group_advantages
 from lightning_modules.policy import Policy
@@ -43,13 +44,14 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
         advantage: `grpo` or `rloo`.
         loss: the policy loss (default `PPOClipLoss(clip_eps=0.2, kl_beta=0.04, normalization="token")`).
         ppo_epochs: optimisation passes over each rollout.
+        max_nonfinite_steps: skipped non-finite updates in a row before the run stops (`guard.py`).
     """
 
     def __init__(
         self, policy: Policy, rewards: list[Reward], reward_weights: list[float] | None = None,
         group_size: int = 4, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 96,
         advantage: Literal["grpo", "rloo"] = "grpo", loss: nn.Module | None = None, ppo_epochs: int = 1,
-        optimizer: OptimizerCallable = torch.optim.AdamW, seed: int = 0,
+        optimizer: OptimizerCallable = torch.optim.AdamW, seed: int = 0, max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         save_config_hyperparameters(self)
@@ -59,12 +61,16 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
         if len(self.reward_weights) != len(rewards):
             raise ValueError("reward_weights needs one weight per reward")
         self.params = SamplingParams(group_size, temperature, top_p, max_new_tokens, seed)
+        if group_size < 2:
+            raise ValueError(f"group_size must be at least 2 (advantages are normalised within each prompt's group), "
+                             f"got {group_size}")
         if ppo_epochs < 1:
             raise ValueError(f"ppo_epochs must be at least 1, got {ppo_epochs}")
         self.advantage, self.ppo_epochs = advantage, ppo_epochs
         self.loss = loss if loss is not None else PPOClipLoss()
         self.optimizer_factory = optimizer
         self.generator = torch.Generator().manual_seed(seed)
+        self.guard = FiniteGuard(max_nonfinite_steps)
         self.step_metrics: dict[str, float] = {}
 
     def configure_optimizers(self):
@@ -103,8 +109,12 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
         rewards = torch.zeros(n)
         for module, weight in zip(self.rewards, self.reward_weights):
             r = module(rollout, self.policy).float().cpu()
-            rewards += weight * r
             name = type(module).__name__
+            if r.shape != (n,) or not torch.isfinite(r).all():
+                bad = int((~torch.isfinite(r)).sum()) if r.shape == (n,) else "?"
+                raise ValueError(f"reward {name} must return one finite value per response: got shape "
+                                 f"{tuple(r.shape)} for {n} responses, {bad} non-finite")
+            rewards += weight * r
             self.log(f"reward/{name}_mean", r.mean(), batch_size=n)
             self.log(f"reward/{name}_std", r.std() if n > 1 else 0.0, batch_size=n)
         advantages = group_advantages(rewards, rollout.group, self.advantage).to(self.device)
@@ -122,9 +132,14 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
             else:
                 nll = self.policy.token_nll(ids, mask, labels, prefix)
             out = self.loss(-nll, old_logp, ref_logp, advantages, response)
-            optimizer.zero_grad()
-            self.manual_backward(out.loss)
-            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            finite = self.guard.loss_ok(out.loss, self.global_step)
+            if finite:
+                self.manual_backward(out.loss)
+                finite = self.guard.grads_ok(self.policy.trainable_parameters(), self.global_step)
+            optimizer.step()  # without gradients (a skipped update) it changes nothing but the step count
+            if finite:
+                self.guard.updated(self.policy.named_parameters(), self.global_step)
         self._log_step(rollout, rewards, out, response, entropy)
 
     def _log_step(self, rollout: Rollout, rewards: Tensor, out, response: Tensor, entropy: Tensor) -> None:
@@ -133,7 +148,8 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
         metrics = {"rl/loss": out.loss.detach(), "rl/reward": rewards.mean(),
                    **{f"rl/{name}": value for name, value in out.metrics.items()},
                    "rl/response_length": response.sum(-1).float().mean(), "rl/entropy": entropy,
-                   "rl/parsed_fraction": sum(a is not None for a in rollout.answers) / n}
+                   "rl/parsed_fraction": sum(a is not None for a in rollout.answers) / n,
+                   "rl/skipped_steps": float(self.guard.skipped)}
         gold = [rollout.questions[int(g)].answer for g in rollout.group]
         if all(x is not None for x in gold):  # evaluation only
             correct = torch.tensor([rollout.tasks[int(g)].same(a, y)

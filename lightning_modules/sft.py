@@ -5,6 +5,9 @@ mask (B, T) and the per-sample weights (B,), and returns a `LossOutput`. The def
 Checkpoints hold only the trainable tensors (adapter or norm gains) and loss-module buffers; the frozen base
 model is rebuilt from the config. At the end of `fit` the adapter is also exported in peft's own format
 (`<checkpoint dir>/adapter/`), or as `trainable.safetensors` for norm/all adaptation.
+Finite training (`guard.py`): an update whose gradients are not finite (a non-finite loss gives such gradients)
+is skipped and counted (`train/skipped_steps`), `max_nonfinite_steps` in a row stop the run with the likely
+cause, and no checkpoint or adapter is ever written with a non-finite value.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
+from lightning_modules.guard import FiniteGuard, check_finite
 from lightning_modules.losses.functional import IGNORE_INDEX
 from lightning_modules.losses.weighted_nll import WeightedNLL
 from lightning_modules.policy import Policy
@@ -34,7 +38,9 @@ def save_config_hyperparameters(module: L.LightningModule) -> None:
 
 
 class TrainableStateMixin:
-    """Checkpoint only what trains: parameters with requires_grad and buffers outside the policy."""
+    """Checkpoint only what trains: parameters with requires_grad and buffers outside the policy, never a
+    non-finite value, and the base model's identity (its name and the content hash of its frozen weights): loading
+    a checkpoint onto another base model is refused with both names."""
 
     strict_loading = False
 
@@ -44,12 +50,25 @@ class TrainableStateMixin:
         keep |= {prefix + n for n, _ in self.named_buffers() if not n.startswith("policy.")}
         return OrderedDict((k, v) for k, v in full.items() if k in keep)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        check_finite(checkpoint["state_dict"].items(), "a checkpoint")
+        checkpoint["labelfree"] = {"base_model": self.policy.name, "base_fingerprint": self.policy.base_fingerprint()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("labelfree")
+        if saved is not None and saved["base_fingerprint"] != self.policy.base_fingerprint():
+            raise ValueError(
+                f"the checkpoint was trained on base model {saved['base_model']!r} (weights "
+                f"{saved['base_fingerprint'][:12]}), this run's base model is {self.policy.name!r} (weights "
+                f"{self.policy.base_fingerprint()[:12]}): an adapter only fits the base model it was trained on")
+
     def export_trainable(self, directory: Path) -> Path:
         """The adapter in peft's format (LoRA), else the trainable tensors as `trainable.safetensors`."""
         from safetensors.torch import save_file
 
-        directory.mkdir(parents=True, exist_ok=True)
         policy: Policy = self.policy
+        check_finite(((n, p) for n, p in policy.model.named_parameters() if p.requires_grad), "the adapter")
+        directory.mkdir(parents=True, exist_ok=True)
         if policy.adapt == "lora":
             policy.model.save_pretrained(directory)
         else:
@@ -68,6 +87,7 @@ class WeightedSFTModule(TrainableStateMixin, L.LightningModule):
         lr_scheduler: optional scheduler factory, stepped every optimizer step.
         log_samples_every_n_steps: how often a decoded training sample goes to TensorBoard as text.
         export_adapter: write the adapter in peft's format next to the checkpoints when fit ends.
+        max_nonfinite_steps: skipped non-finite updates in a row before the run stops with an error.
     """
 
     def __init__(
@@ -78,9 +98,12 @@ class WeightedSFTModule(TrainableStateMixin, L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         log_samples_every_n_steps: int = 100,
         export_adapter: bool = True,
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         save_config_hyperparameters(self)
+        self.guard = FiniteGuard(max_nonfinite_steps)
+        self._stepped = False
         self.policy = policy
         self.loss = loss if loss is not None else WeightedNLL()
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
@@ -112,8 +135,16 @@ class WeightedSFTModule(TrainableStateMixin, L.LightningModule):
             self.log("train/tokens_per_s", tokens / (now - self._last_batch_end), batch_size=1)
         self._last_batch_end = now
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+        if self._stepped:  # the optimizer stepped on this batch: its result must be finite
+            self.guard.updated(self.policy.named_parameters(), self.global_step)
+            self._stepped = False
+        self.log("train/skipped_steps", float(self.guard.skipped), batch_size=1)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # gradients are all-reduced by now, so every rank skips the same updates
+        if not self.guard.grads_ok(self.policy.trainable_parameters(), self.global_step):
+            return
+        self._stepped = True
         grads = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
         if grads:
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])), batch_size=1)
