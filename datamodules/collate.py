@@ -36,9 +36,11 @@ class TokenizedExample:
 
 def tokenize_example(tokenizer, example: SFTExample, max_length: int) -> TokenizedExample:
     """Prompt ids + response ids + eos, cut to `max_length`: the response loses its end first; a prompt
-    too long to leave one response token loses its beginning."""
+    too long to leave one response token loses its beginning. A special token's text inside the response (say
+    "<|im_end|>") is read as plain text, so the only end-of-sequence target is the real one at the end."""
     prompt = tokenizer(example.prompt, add_special_tokens=not tokenizer.chat_template)["input_ids"]
-    response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    response = tokenizer(example.response, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    response += [tokenizer.eos_token_id]
     truncated = len(prompt) + len(response) > max_length
     if truncated:
         prompt = prompt[-(max_length - 1) :] if len(prompt) >= max_length else prompt

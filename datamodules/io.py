@@ -1,7 +1,9 @@
 """Reading rows from jsonl / json / csv / parquet files or a `datasets` name, with errors that name the place.
 
 Every row comes back with where it came from (`file:line` for text files, `file:row N` otherwise), so that
-validation errors and skip counts point at the offending input.
+validation errors and skip counts point at the offending input. Text files are read as UTF-8 with or without a
+byte-order mark; a line that is not UTF-8 is an error naming the file and line (or a counted skip for jsonl and
+csv when a `skipped` list is given).
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ class DataError(ValueError):
     """Bad input data; the message names the file and the line or row."""
 
 
+def check_at_least(owner: str, minimum: int, **settings: int) -> None:
+    """A `ValueError` naming the first setting below `minimum`: sizes and counts that would give no data, checked
+    when a module is built, before any work."""
+    for name, value in settings.items():
+        if value < minimum:
+            raise ValueError(f"{owner}: {name} must be at least {minimum}, got {value}")
+
+
 @dataclass
 class Row:
     data: dict[str, Any]
@@ -40,37 +50,53 @@ def read_rows(source: str, split: str = "train", skipped: list[str] | None = Non
         reader = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet}.get(path.suffix)
         if reader is None:
             raise DataError(f"{source}: unsupported file type (use one of {', '.join(FILE_SUFFIXES)})")
-        return reader(path, skipped) if reader is _jsonl else reader(path)
+        return reader(path, skipped) if reader in (_jsonl, _csv) else reader(path)
     import datasets
 
     dataset = datasets.load_dataset(source, split=split)
     return [Row(dict(r), f"{source}[{split}] row {i}") for i, r in enumerate(dataset)]
 
 
+def _lines(path: Path, skipped: list[str] | None):
+    """(line number, text) of a UTF-8 file, a leading byte-order mark dropped; an undecodable line raises a
+    `DataError` naming it, or is recorded in `skipped` and left out."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                error = f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                if skipped is None:
+                    raise DataError(error) from None
+                skipped.append(error)
+                continue
+            yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
+
+
 def _jsonl(path: Path, skipped: list[str] | None) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                data, error = None, f"{path}:{lineno}: not valid JSON ({e.msg})"
-            else:
-                error = None if isinstance(data, dict) else f"{path}:{lineno}: expected a JSON object"
-            if error is None:
-                rows.append(Row(data, f"{path}:{lineno}"))
-            elif skipped is None:
-                raise DataError(error)
-            else:
-                skipped.append(error)
+    for lineno, line in _lines(path, skipped):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as e:
+            data, error = None, f"{path}:{lineno}: not valid JSON ({e.msg})"
+        else:
+            error = None if isinstance(data, dict) else f"{path}:{lineno}: expected a JSON object"
+        if error is None:
+            rows.append(Row(data, f"{path}:{lineno}"))
+        elif skipped is None:
+            raise DataError(error)
+        else:
+            skipped.append(error)
     return rows
 
 
 def _json(path: Path) -> list[Row]:
+    text = "".join(line for _, line in _lines(path, None))
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -83,10 +109,10 @@ def _json(path: Path) -> list[Row]:
     return [Row(item, f"{path} item {i}") for i, item in enumerate(data)]
 
 
-def _csv(path: Path) -> list[Row]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        return [Row(dict(r), f"{path}:{reader.line_num}") for r in reader]
+def _csv(path: Path, skipped: list[str] | None) -> list[Row]:
+    numbered = list(_lines(path, skipped))
+    reader = csv.DictReader(line for _, line in numbered)
+    return [Row(dict(r), f"{path}:{numbered[reader.line_num - 1][0]}") for r in reader]
 
 
 def _parquet(path: Path) -> list[Row]:

@@ -1,7 +1,8 @@
 """LabeledDataModule: (weighted) SFT batches from prompt/response files or a `datasets` name.
 
 Row fields: `prompt` or `question` (required), `response` or `rationale` (required, non-empty),
-`weight` (optional, a finite number >= 0, default 1). Bad rows raise `DataError` naming the file and line,
+`weight` (optional, a number >= 0 that is finite in float32, the dtype training uses; default 1; an empty cell
+is the default). Bad rows raise `DataError` naming the file and line,
 or, with `on_bad_row="skip"`, are left out, counted and logged (`data/skipped_rows`) — never dropped silently.
 """
 
@@ -25,7 +26,7 @@ from datamodules.collate import (
     collate,
     tokenize_example,
 )
-from datamodules.io import DataError, Row, read_rows
+from datamodules.io import DataError, Row, check_at_least, read_rows
 from lightning_modules.model_store import DEFAULT_MODEL
 from lightning_modules.policy import format_prompt, load_tokenizer
 
@@ -49,7 +50,7 @@ def parse_sft_row(row: Row) -> tuple[str, str, float]:
     prompt = _text_field(row, ("prompt", "question"))
     response = _text_field(row, ("response", "rationale"))
     weight = row.data.get("weight", 1.0)
-    if weight is None:
+    if weight is None or (isinstance(weight, str) and not weight.strip()):  # an empty csv cell: the default
         weight = 1.0
     if isinstance(weight, str):
         try:
@@ -60,7 +61,13 @@ def parse_sft_row(row: Row) -> tuple[str, str, float]:
         raise DataError(f"{row.where}: weight must be a number, got {type(weight).__name__}")
     if not math.isfinite(weight) or weight < 0:
         raise DataError(f"{row.where}: weight must be finite and >= 0, got {weight}")
+    if weight > FLOAT32_MAX:
+        raise DataError(f"{row.where}: weight {weight} is infinite in float32, the dtype training uses "
+                        f"(at most {FLOAT32_MAX:.3g})")
     return prompt, response, float(weight)
+
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 class TokenizedDataset(Dataset):
@@ -104,6 +111,9 @@ class LabeledDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        check_at_least("LabeledDataModule", 1, batch_size=batch_size, max_length=max_length)
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"LabeledDataModule: val_fraction must be in [0, 1), got {val_fraction}")
         self.save_hyperparameters()
         self.stats: dict[str, int] = {}
         self.train_set: TokenizedDataset | None = None
@@ -130,6 +140,8 @@ class LabeledDataModule(L.LightningDataModule):
             log.warning("%s: skipped %d bad rows, e.g. %s", source, n_skipped, "; ".join(skipped[:3]))
         if not examples:
             raise DataError(f"{source}: no usable rows ({n_skipped} skipped)")
+        if all(e.weight == 0 for e in examples):
+            raise DataError(f"{source}: every weight is 0, so nothing would train")
         truncated = sum(e.truncated for e in examples)
         if truncated:
             log.warning("%s: truncated %d of %d samples to max_length=%d",
@@ -156,6 +168,9 @@ class LabeledDataModule(L.LightningDataModule):
         self.train_set = TokenizedDataset(train)
         self.val_set = TokenizedDataset(val) if val else None
         log.info("data: %s", self.stats)
+        logger = self.trainer.logger if self.trainer is not None else None
+        if logger is not None:  # rows, skipped rows and truncated samples in TensorBoard too
+            logger.log_metrics({f"data/{name}": float(value) for name, value in self.stats.items()}, step=0)
 
     def _loader(self, dataset: TokenizedDataset, shuffle: bool) -> DataLoader:
         hp = self.hparams
