@@ -67,7 +67,7 @@ class TaskEvaluation(L.Callback):
         name: str | None = None,
     ) -> None:
         self.task, self.split, self.num_questions, self.k, self._name = task, split, num_questions, k, name
-        self.sampled = SamplingParams(k, temperature, top_p, max_new_tokens, seed)
+        self.sampled = SamplingParams(max(k, 1), temperature, top_p, max_new_tokens, seed)  # n: set per evaluation
         self.greedy = SamplingParams(1, 0.0, 1.0, max_new_tokens, seed)
         self.batch_size, self.at_fit_start, self.at_fit_end = batch_size, at_fit_start, at_fit_end
         self.k_at_fit_end = k if k_at_fit_end is None else k_at_fit_end

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from datamodules.io import check_at_least
 from datamodules.tasks.base import Question, Task
 from lightning_modules.model_store import DEFAULT_MODEL
 from lightning_modules.policy import load_tokenizer
@@ -39,6 +40,7 @@ class QuestionDataModule(L.LightningDataModule):
     def __init__(self, task: Task, split: str = "test", num_questions: int = 100, batch_size: int = 8,
                  train_split: str = "train", seed: int = 0, tokenizer: str = DEFAULT_MODEL) -> None:
         super().__init__()
+        check_at_least("QuestionDataModule", 1, num_questions=num_questions, batch_size=batch_size)
         self.save_hyperparameters(ignore=["task"])
         self.task, self.split, self.num_questions, self.batch_size = task, split, num_questions, batch_size
         self.tokenizer_name = tokenizer

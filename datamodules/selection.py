@@ -71,7 +71,7 @@ class MajorityVote(Selector):
     signal = "is_majority"
 
     def select(self, signals, keep, weight):
-        return keep & signals["is_majority"].bool(), weight
+        return keep & (signals["is_majority"] == 1), weight  # NaN (fewer than 2 parsed answers) is no majority
 
 
 class PercentileFilter(Selector):
@@ -82,7 +82,7 @@ class PercentileFilter(Selector):
 
     def __init__(self, signal: str, keep: float = 0.8, lower_is_better: bool = True) -> None:
         if not 0 < keep <= 1:
-            raise ValueError(f"keep must be in (0, 1], got {keep}")
+            raise ValueError(f"{type(self).__name__}: keep must be in (0, 1], got {keep}")
         self.signal, self.keep, self.lower_is_better = signal, keep, lower_is_better
 
     def select(self, signals, keep, weight):
@@ -111,6 +111,10 @@ class AnswerEntropyFilter(Selector):
     needs = {"answer_entropy", "first_of_question"}
 
     def __init__(self, keep: float = 0.8, threshold: float | None = None) -> None:
+        if not 0 < keep <= 1:
+            raise ValueError(f"AnswerEntropyFilter: keep must be in (0, 1], got {keep}")
+        if threshold is not None and not 0 <= threshold <= 1:
+            raise ValueError(f"AnswerEntropyFilter: threshold is a normalised entropy in [0, 1], got {threshold}")
         self.keep, self.threshold = keep, threshold
 
     def select(self, signals, keep, weight):
@@ -148,6 +152,8 @@ class EntropyThreshold(Selector):
     def __init__(self, percentile: float = 50, population: str = "labeled") -> None:
         if population not in ("labeled", "unlabeled"):
             raise ValueError(f"population must be 'labeled' or 'unlabeled', got {population!r}")
+        if not 0 <= percentile <= 100:
+            raise ValueError(f"EntropyThreshold: percentile must be in [0, 100], got {percentile}")
         self.percentile, self.population = percentile, population
 
     @property
@@ -168,6 +174,8 @@ class ImportanceWeights(Selector):
     needs = {"ds_ratio"}
 
     def __init__(self, max_weight: float = 2.0) -> None:
+        if not max_weight > 0:
+            raise ValueError(f"ImportanceWeights: max_weight must be > 0, got {max_weight}")
         self.max_weight = max_weight
 
     def select(self, signals, keep, weight):

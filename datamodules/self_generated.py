@@ -33,10 +33,11 @@ from torch.utils.data import DataLoader
 
 from datamodules.collate import LengthBucketSampler, SFTExample, collate, tokenize_example
 from datamodules.generation import HFGenerator, dist_info, gather_objects
+from datamodules.io import check_at_least
 from datamodules.labeled import TokenizedDataset
 from datamodules.scoring import reward_model_scores, sample_losses, self_ratings
 from datamodules.selection import Selector, Signals, ds_signals
-from datamodules.signals import token_entropy, vote_signals
+from datamodules.signals import VOTE_SIGNALS, token_entropy, vote_signals
 from datamodules.tasks.base import Question, Task
 from lightning_modules.model_store import DEFAULT_MODEL
 from lightning_modules.policy import format_prompt, load_tokenizer
@@ -71,9 +72,18 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         tokenizer: str = DEFAULT_MODEL,
     ) -> None:
         super().__init__()
+        check_at_least("SelfGeneratedDataModule", 1, num_questions=num_questions, batch_size=batch_size,
+                       max_length=max_length, generation_batch_size=generation_batch_size,
+                       epochs_per_round=epochs_per_round)
+        check_at_least("SelfGeneratedDataModule", 0, valid_questions=valid_questions,
+                       labeled_questions=labeled_questions)
         self.save_hyperparameters(ignore=["task", "selectors"])
         self.task, self.selectors = task, list(selectors or [])
         self.params = SamplingParams(n, temperature, top_p, max_new_tokens, seed)
+        voting = [type(s).__name__ for s in self.selectors if s.needs & VOTE_SIGNALS]
+        if voting and n < 2:
+            raise ValueError(f"{', '.join(voting)} reads a vote over each question's samples: n must be at least 2, "
+                             f"got {n}")
         self.round = -1
         self.reports: list[dict] = []
         self.signals: Signals = {}
@@ -168,6 +178,9 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         for selector in self.selectors:
             self._add_signals(policy, selector.needs, rows, by_id, keep, signals)
             keep, weight = selector(signals, keep, weight)
+            if not torch.isfinite(weight[keep]).all():
+                raise ValueError(f"{type(selector).__name__} gave non-finite weights to "
+                                 f"{int((~torch.isfinite(weight[keep])).sum())} kept candidates")
             report["selectors"].append({"name": type(selector).__name__, **_audit(keep, correct)})
         report |= {"kept": int(keep.sum()), "kept_fraction": _mean(keep.tolist())}
         kept_rows = []

@@ -3,7 +3,9 @@
 - votes (`vote_signals`): the question's majority answer (SPEC §1: unparsable answers get no vote, answers equal
   under the task's comparison pool their votes, ties go to the first seen), `is_majority`, `vote_share`
   (majority votes / parsed answers), `n_parsed`, and `answer_entropy` = -sum_a p(a) log p(a) / log(n_parsed)
-  over the parsed votes (0 when fewer than two answers parsed), `first_of_question` marking one row per question;
+  over the parsed votes, `first_of_question` marking one row per question. A question with fewer than two
+  parsed answers has no vote: its `is_majority`, `vote_share` and `answer_entropy` are NaN (uninformative, which
+  no selector keeps), never the "unanimous" 1.0 / 0.0 of one answer;
 - `token_entropy` (SemiEvol): mean NLL of the response tokens, from the log-probabilities stored at generation.
 """
 
@@ -15,6 +17,8 @@ from collections.abc import Sequence
 import torch
 
 from datamodules.selection import Signals
+
+VOTE_SIGNALS = frozenset({"is_majority", "vote_share", "n_parsed", "answer_entropy"})
 
 
 def vote_signals(question_ids: Sequence[str], answers: Sequence[str | None], task) -> tuple[Signals, list]:
@@ -29,10 +33,11 @@ def vote_signals(question_ids: Sequence[str], answers: Sequence[str | None], tas
         votes = [answers[i] for i in rows]
         majority, count, parsed = task.majority(votes)
         counts = [c for _, c in task.answer_counts(votes)]
-        ent = -sum(c / parsed * math.log(c / parsed) for c in counts) / math.log(parsed) if parsed > 1 else 0.0
+        ent = -sum(c / parsed * math.log(c / parsed) for c in counts) / math.log(parsed) if parsed > 1 else math.nan
         for i in rows:
-            is_majority[i] = float(answers[i] is not None and task.same(answers[i], majority))
-            share[i] = count / parsed if parsed else 0.0
+            agrees = float(answers[i] is not None and task.same(answers[i], majority))
+            is_majority[i] = agrees if parsed > 1 else math.nan
+            share[i] = count / parsed if parsed > 1 else math.nan
             parsed_col[i], entropy_col[i], majority_col[i] = parsed, ent, majority
         first[rows[0]] = 1.0
     signals = {"is_majority": is_majority, "vote_share": share, "n_parsed": parsed_col,

@@ -2,6 +2,8 @@
 
 Task-free: a batch brings token ids (`prefix_ids` shared, `suffix_ids` per prompt) and stop strings, and the
 step returns completion texts; the `TaskEvaluation` callback reads and scores them with the task.
+`labelfree test -c configs/eval/<task>.yaml --ckpt_path CKPT` evaluates a trained adapter: the policy is then
+the checkpoint's (base model and adapter settings, see `cli.py`) and its trained tensors are loaded into it.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import torch
 
 from lightning_modules.policy import Policy
 from lightning_modules.sampling import SamplingParams, finish_text, generate_batch, prefix_cache
+from lightning_modules.sft import TrainableStateMixin
 
 
-class AnswerSamplingModule(L.LightningModule):
+class AnswerSamplingModule(TrainableStateMixin, L.LightningModule):
     """Args:
         policy: the model under evaluation.
         k: sampled answers per prompt (for maj@k and pass@k); 0 = greedy only.
@@ -25,7 +28,7 @@ class AnswerSamplingModule(L.LightningModule):
         super().__init__()
         self.policy, self.k = policy, k
         self.greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
-        self.sampled = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+        self.sampled = SamplingParams(n=max(k, 1), temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                       seed=seed)
         self._prefix: tuple[tuple[int, ...], object] | None = None
 

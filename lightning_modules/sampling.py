@@ -14,6 +14,7 @@ Greedy decoding is token-identical to `model.generate` on the same ids (tested).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,20 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 128
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Settings that would sample nothing, or n copies of one answer, are refused when they are set."""
+        if self.n < 1:
+            raise ValueError(f"sampling: n (samples per question) must be at least 1, got {self.n}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"sampling: temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
+        if self.temperature == 0 and self.n > 1:
+            raise ValueError(f"sampling: temperature 0 is greedy decoding, so n={self.n} samples would be identical "
+                             "(a unanimous vote on every question, zero RL advantages): set temperature > 0 or n: 1")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling: top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling: max_new_tokens must be at least 1, got {self.max_new_tokens}")
 
 
 @dataclass

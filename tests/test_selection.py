@@ -27,12 +27,12 @@ def test_vote_signals_hand_values():
     answers = ["84", "84.0", "85", None, None, None, "7"]
     signals, majority = vote_signals(ids, answers, Arithmetic())
     assert majority == ["84"] * 4 + ["7"] * 3
-    assert signals["is_majority"].tolist() == [1, 1, 0, 0, 0, 0, 1]
+    assert signals["is_majority"][:4].tolist() == [1, 1, 0, 0] and signals["is_majority"][4:].isnan().all()
     assert signals["vote_share"][:4].tolist() == pytest.approx([2 / 3] * 4)
     assert signals["n_parsed"].tolist() == [3, 3, 3, 3, 1, 1, 1]
     want = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)) / math.log(3)
     assert signals["answer_entropy"][0].item() == pytest.approx(want)
-    assert signals["answer_entropy"][4].item() == 0.0  # one parsed answer: no disagreement
+    assert signals["answer_entropy"][4:].isnan().all()  # one parsed answer: no vote, not "certain"
     assert signals["first_of_question"].tolist() == [1, 0, 0, 0, 1, 0, 0]
 
 

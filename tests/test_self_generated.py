@@ -1,6 +1,7 @@
 """The self-training pipeline end to end on the tiny model: generate -> signals -> select -> weighted SFT."""
 
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -31,7 +32,7 @@ class _Everything(MajorityVote):
     """The tiny model rarely parses an answer: a selector that keeps all, to exercise the pipeline."""
 
     def select(self, signals, keep, weight):
-        return keep, weight * (1 + signals["vote_share"])
+        return keep, weight * (1 + signals["vote_share"].nan_to_num(0.0))
 
 
 def test_pipeline_writes_selection_and_trains(tiny_model_dir, tmp_path):
@@ -42,7 +43,7 @@ def test_pipeline_writes_selection_and_trains(tiny_model_dir, tmp_path):
     report = json.loads((run / "round-0" / "report.json").read_text())
     assert len(rows) == 18 == report["candidates"] == report["kept"]
     assert {"prompt", "completion", "weight", "vote_share", "answer_entropy", "token_entropy"} <= set(rows[0])
-    assert all(r["weight"] == pytest.approx(1 + r["vote_share"]) for r in rows)
+    assert all(r["weight"] == pytest.approx(1 + (0 if math.isnan(r["vote_share"]) else r["vote_share"])) for r in rows)
     assert [s["name"] for s in report["selectors"]] == ["all candidates", "_Everything"]
     assert 0 <= report["selectors"][0]["precision"] <= 1 and report["selectors"][0]["recall"] in (0.0, 1.0)
     assert (run.parent / "candidates").exists()  # shared by the experiment's versions
