@@ -10,6 +10,7 @@ exactly. Run it once with `make setup` (or `python -m lightning_modules.model_st
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,14 +27,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LABELFREE_CACHE", Path.home() / ".cache" / "labelfree"))
 
 
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
 def resolve_model(name: str) -> str:
     """Map a model name to what `from_pretrained` takes: an embedded alias becomes its cached directory;
-    local paths and hub ids pass through unchanged."""
+    existing local paths and hub ids (`org/name`, for users online) pass through unchanged. Anything else (a
+    missing directory, a mistyped alias) is a `FileNotFoundError` that names the known aliases."""
     if name in _GGUF_PACKAGES:
         path = cache_dir() / "models" / name
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"model {name!r} is not in the cache ({path}); fetch it with: {FETCH_COMMAND}")
         return str(path)
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").exists():
+            raise FileNotFoundError(f"model directory {name} has no config.json (not a Hugging Face model directory)")
+        return str(path)
+    in_a_local_dir = str(path.parent) != "." and path.parent.is_dir()
+    looks_local = name.startswith((".", "/", "~")) or name.endswith((".gguf", "/")) or in_a_local_dir
+    if looks_local or not _HUB_ID.fullmatch(name):
+        raise FileNotFoundError(f"model {name!r}: no such model directory or .gguf file, and not a known alias "
+                                f"(known aliases: {', '.join(_GGUF_PACKAGES)}) or a hub id (org/name)")
     return name
 
 

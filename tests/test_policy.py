@@ -126,5 +126,5 @@ def test_missing_default_model_says_how_to_fetch(tmp_path, monkeypatch):
     monkeypatch.setenv("LABELFREE_CACHE", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="make setup"):
         resolve_model("smollm2-135m-instruct")
-    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+    with pytest.raises(FileNotFoundError, match="no such model directory or .gguf file"):
         Policy(str(tmp_path / "missing.gguf"))
