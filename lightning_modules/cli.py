@@ -2,37 +2,120 @@
 
 Defaults: TensorBoard logs under `runs/<name>/version_N/` with the resolved `config.yaml` beside them.
 The data side's tokenizer is linked to the policy's model, so a config names the model once.
-`--ckpt_path last` resumes from the newest `version_*/checkpoints/last.ckpt` of the run's logger directory
-(`save_dir/name`) and keeps logging into that version; Lightning alone would look in the new version's empty
-directory and start from scratch.
+
+`--ckpt_path`, before anything is built:
+- `last` is the newest `last.ckpt` under the `ModelCheckpoint(dirpath=...)` of the config, else under
+  `version_*/checkpoints/` of the run's logger directory (`save_dir/name`), whose version keeps logging;
+- the file must be a readable checkpoint (a truncated or foreign file is named, with what is wrong);
+- `fit` resumes the checkpoint's run with the model settings saved in it; a model setting of the configs or the
+  command line that differs from them is refused, each listed (a resume with other settings is another run);
+  so `config.yaml` records what actually runs;
+- `test`, `validate`, `predict` keep the command's own module (the eval recipe's `AnswerSamplingModule`) and take
+  the checkpoint's policy (base model, adaptation, LoRA settings) into it; the trained tensors are then loaded;
+- every module refuses a checkpoint of another base model (`TrainableStateMixin.on_load_checkpoint`).
 """
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
 
 import lightning as L
+import torch
+import yaml
 from lightning.pytorch.cli import LightningCLI
+
+
+class CheckpointError(ValueError):
+    """A `--ckpt_path` that cannot be used; the message names the file."""
+
+
+def read_checkpoint(path: str) -> dict:
+    """The checkpoint's contents (tensors on the CPU), or a `CheckpointError` saying what is wrong with the file.
+    A whole checkpoint holding Python objects that a weights-only load refuses (one saved outside the CLI) reads
+    as {}: nothing to compare, and Lightning loads it as usual."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"--ckpt_path {path}: no such file")
+    try:
+        with zipfile.ZipFile(path) as archive:  # torch checkpoints are zip archives: CRCs catch a cut or bad file
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise zipfile.BadZipFile(f"member {damaged} is damaged")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            return {}
+        raise CheckpointError(f"--ckpt_path {path}: not a readable checkpoint: {e}") from None
+    except Exception as e:  # noqa: BLE001 - zipfile and torch raise many kinds for a bad file; all mean the same
+        raise CheckpointError(f"--ckpt_path {path}: not a readable checkpoint (truncated, or not a checkpoint "
+                              f"file): {type(e).__name__}: {e}") from None
 
 
 class LabelfreeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.policy.init_args.model", "data.init_args.tokenizer", apply_on="parse")
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand) if self.subcommand else None
-        if config is None or config.get("ckpt_path") != "last":
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else None
+        if config is None or not config.get("ckpt_path"):
             return
-        logger = config.trainer.logger
-        init = getattr(logger, "init_args", None)
+        if config.ckpt_path == "last":
+            config.ckpt_path = self._last_checkpoint(config)
+        hparams = dict(read_checkpoint(config.ckpt_path).get("hyper_parameters", {}))
+        hparams.pop("_instantiator", None)
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "init_args": hparams}
+        if "class_path" not in hparams:  # saved outside the CLI: nothing to compare or take
+            return
+        if subcommand == "fit":
+            asked = self.parser.dump(self.config, skip_link_targets=False, format="yaml")
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+            saved = self.parser.dump(self.config, skip_link_targets=False, format="yaml")
+            differences = _differences(yaml.safe_load(asked)[subcommand]["model"],
+                                       yaml.safe_load(saved)[subcommand]["model"], "model")
+            if differences:
+                raise CheckpointError(
+                    f"--ckpt_path {config.ckpt_path} resumes a run with the settings saved in it; these differ:\n"
+                    + "\n".join(f"  {key}: the checkpoint has {old!r}, the command asks {new!r}"
+                                 for key, new, old in differences)
+                    + "\nDrop them to resume, or start a new run without --ckpt_path.")
+        else:
+            policy = hparams.get("init_args", {}).get("policy")
+            if policy is not None:
+                model = {"class_path": config.model.class_path, "init_args": {"policy": policy}}
+                self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+
+    @staticmethod
+    def _last_checkpoint(config) -> str:
+        """The newest `last.ckpt` of the run: in a `ModelCheckpoint(dirpath=...)` when the config has one, else in
+        the logger's `version_*/checkpoints/`; that version is then the one logged into."""
+        callbacks = config.trainer.get("callbacks") or []
+        dirpaths = [c.init_args.get("dirpath") for c in callbacks
+                    if str(c.get("class_path", "")).endswith("ModelCheckpoint") and c.init_args.get("dirpath")]
+        if dirpaths:
+            found = [Path(d) / "last.ckpt" for d in dirpaths if (Path(d) / "last.ckpt").is_file()]
+            if not found:
+                raise CheckpointError(f"--ckpt_path last: no last.ckpt in {', '.join(map(str, dirpaths))}")
+            return str(max(found, key=lambda p: p.stat().st_mtime))
+        init = getattr(config.trainer.logger, "init_args", None)
         if init is None or init.get("save_dir") is None:
-            return
+            raise CheckpointError("--ckpt_path last needs a logger with a save_dir (or a ModelCheckpoint dirpath)")
         runs = Path(init.save_dir) / (init.get("name") or "lightning_logs")
         found = sorted(runs.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
-            raise FileNotFoundError(f"--ckpt_path last: no checkpoint under {runs}/version_*/checkpoints/last.ckpt")
-        config.ckpt_path = str(found[-1])
+            raise CheckpointError(f"--ckpt_path last: no checkpoint under {runs}/version_*/checkpoints/last.ckpt")
         init.version = found[-1].parent.parent.name
+        return str(found[-1])
+
+
+def _differences(asked, saved, key: str) -> list[tuple[str, object, object]]:
+    """(dotted key, asked value, saved value) wherever two nested settings differ."""
+    if isinstance(asked, dict) and isinstance(saved, dict):
+        return [d for k in sorted(set(asked) | set(saved), key=str)
+                for d in _differences(asked.get(k), saved.get(k), f"{key}.{k}")]
+    return [] if asked == saved else [(key, asked, saved)]
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LabelfreeCLI:

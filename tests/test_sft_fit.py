@@ -8,7 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_modules.cli import build_cli
+from lightning_modules.cli import CheckpointError, build_cli
 from lightning_modules.sft import WeightedSFTModule
 
 DATA = str(Path(__file__).parents[1] / "configs" / "data" / "arithmetic_sft.jsonl")
@@ -71,7 +71,8 @@ def test_checkpoint_holds_only_trainable_tensors_and_reloads(fitted, tiny_model_
 
 def test_resume_continues_step_count(fitted, tiny_model_dir):
     _, tmp_path = fitted
-    cli = run_cli(tiny_model_dir, tmp_path, "--trainer.max_steps=4", f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}")
+    cli = run_cli(tiny_model_dir, tmp_path, "--trainer.max_steps=4", f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}",
+                  "--model.init_args.optimizer.init_args.lr=0.01")  # the run's own settings (others are refused)
     assert cli.trainer.global_step == 4
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 4
 
@@ -159,7 +160,7 @@ def test_ckpt_path_last_resumes_the_newest_run_in_its_version(tiny_model_dir, tm
             "--trainer.callbacks.every_n_train_steps=1", *extra,
         ])
 
-    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+    with pytest.raises(CheckpointError, match="no checkpoint under"):
         fit("--trainer.max_steps=2", "--ckpt_path=last")
     fit("--trainer.max_steps=2")
     resumed = fit("--trainer.max_steps=4", "--ckpt_path=last")
