@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from datamodules.collate import SFTExample, collate, tokenize_example
 from lightning_modules.losses.functional import IGNORE_INDEX
+from lightning_modules.model_store import resolve_model
 from lightning_modules.sampling import SamplingParams, finish_text, generate_batch
 
 RATING_PROMPT = (
@@ -79,15 +80,27 @@ def self_ratings(policy, questions: Sequence[str], answers: Sequence[str], batch
 
 
 @torch.no_grad()
+def check_reward_model(model_dir: str) -> None:
+    """A `FileNotFoundError` or `ValueError` naming `model_dir` unless it is a sequence classifier with one
+    label: read from its config alone, before any generation."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(model_dir))
+    architectures = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ValueError(f"reward model {model_dir} is not a sequence classifier (architectures: {architectures})")
+    if config.num_labels != 1:
+        raise ValueError(f"reward model {model_dir} has {config.num_labels} labels; one score is expected")
+
+
 def reward_model_scores(model_dir: str, questions: Sequence[str], answers: Sequence[str], batch_size: int = 16,
                         progress: bool = True) -> torch.Tensor:
     """RM-filter (SPEC §3): a sequence-classification model's single logit for `question + eos + answer`. (N,)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    check_reward_model(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    if model.config.num_labels != 1:
-        raise ValueError(f"reward model {model_dir} has {model.config.num_labels} labels; one score is expected")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
         model.config.pad_token_id = tok.pad_token_id

@@ -35,7 +35,7 @@ from datamodules.collate import LengthBucketSampler, SFTExample, collate, tokeni
 from datamodules.generation import HFGenerator, dist_info, gather_objects
 from datamodules.io import check_at_least
 from datamodules.labeled import TokenizedDataset
-from datamodules.scoring import reward_model_scores, sample_losses, self_ratings
+from datamodules.scoring import check_reward_model, reward_model_scores, sample_losses, self_ratings
 from datamodules.selection import Selector, Signals, ds_signals
 from datamodules.signals import VOTE_SIGNALS, token_entropy, vote_signals
 from datamodules.tasks.base import Question, Task
@@ -101,8 +101,10 @@ class SelfGeneratedDataModule(L.LightningDataModule):
             raise ValueError("the DS weight needs a labeled valid set: set valid_questions > 0 (and valid_split)")
         if "labeled_token_entropy" in needs and not self.labeled:
             raise ValueError("EntropyThreshold on the labeled population needs labeled_questions > 0")
-        if "reward_model_score" in needs and self.hparams.reward_model is None:
-            raise ValueError("RewardModelFilter needs reward_model (a sequence-classification model directory)")
+        if "reward_model_score" in needs:
+            if self.hparams.reward_model is None:
+                raise ValueError("RewardModelFilter needs reward_model (a sequence-classification model directory)")
+            check_reward_model(self.hparams.reward_model)
 
     def _load_questions(self) -> tuple[list[Question], list[Question], list[Question]]:
         """The unlabeled questions, IWSI's valid set and SemiEvol's labeled set, disjoint: splits that read the

@@ -124,10 +124,11 @@ def test_a_question_with_fewer_than_two_parsed_answers_has_no_vote():
 
 
 # ---------------------------------------------------------------------------------------------- models
-@pytest.mark.parametrize("name", ["smollm2-135m-instruc", "runs/no-such-model", "/no/such/model"])
-def test_a_missing_model_or_mistyped_alias_names_the_known_aliases(name):
+@pytest.mark.parametrize("name", ["smollm2-135m-instruc", "{tmp}/no-such-model", "./no-such-model", "/no/such/model"])
+def test_a_missing_model_or_mistyped_alias_names_the_known_aliases(name, tmp_path):
     with pytest.raises(FileNotFoundError, match="known aliases: smollm2-135m-instruct"):
-        resolve_model(name)
+        resolve_model(name.format(tmp=tmp_path))
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # a hub id, for users online
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from datamodules.scoring import parse_rating
-from datamodules.selection import DSWeightFilter, EmptySelectionError, EntropyThreshold, MajorityVote, SelfRatingFilter
+from datamodules.selection import (
+    DSWeightFilter,
+    EmptySelectionError,
+    EntropyThreshold,
+    MajorityVote,
+    RewardModelFilter,
+    SelfRatingFilter,
+)
 from datamodules.self_generated import SelfGeneratedDataModule
 from datamodules.tasks import Arithmetic
 from lightning_modules.policy import Policy
@@ -111,14 +118,18 @@ def test_valid_and_labeled_sets_never_overlap_the_unlabeled_questions(tmp_path):
     assert [q.id for q in unlabeled] == ["r6", "r7", "r8", "r9", "r10"]  # r0 is the few-shot exemplar
 
 
-@pytest.mark.parametrize("selector, missing", [
-    (DSWeightFilter(), "valid_questions > 0"),
-    (EntropyThreshold(), "labeled_questions > 0"),
+@pytest.mark.parametrize("selector, settings, missing", [
+    (DSWeightFilter(), {}, "valid_questions > 0"),
+    (EntropyThreshold(), {}, "labeled_questions > 0"),
+    (RewardModelFilter(), {}, "RewardModelFilter needs reward_model"),
+    (RewardModelFilter(), {"reward_model": "/no/such/rm"}, "no such model directory"),
+    (RewardModelFilter(), {"reward_model": "TINY"}, "is not a sequence classifier"),
 ])
-def test_a_selector_missing_its_labeled_data_fails_before_generation(selector, missing, tiny_model_dir, tmp_path,
-                                                                      monkeypatch):
+def test_a_selector_missing_what_it_needs_fails_before_generation(selector, settings, missing, tiny_model_dir,
+                                                                  tmp_path, monkeypatch):
     from datamodules.generation import HFGenerator
 
     monkeypatch.setattr(HFGenerator, "sample", lambda *a, **k: pytest.fail("generation ran"))
-    with pytest.raises(ValueError, match=missing):
-        _fit(tiny_model_dir, tmp_path, [MajorityVote(), selector])
+    settings = {k: tiny_model_dir if v == "TINY" else v for k, v in settings.items()}  # a causal LM, not an RM
+    with pytest.raises((ValueError, FileNotFoundError), match=missing):
+        _fit(tiny_model_dir, tmp_path, [MajorityVote(), selector], **settings)
