@@ -122,7 +122,6 @@ class HFGenerator:
         if not questions:
             raise ValueError("no questions to sample answers for")
         rank, world = dist_info()
-        model = policy.model
         directory = None
         if self.cache_dir is not None:
             directory = Path(self.cache_dir) / cache_key(policy, task, questions, params, self.chunk_size)
@@ -133,9 +132,7 @@ class HFGenerator:
         todo = [i for i in mine if i not in done]
         if done:
             log.info("generation: reusing %d of %d chunks from %s", len(done), len(mine), directory)
-        was_training = model.training
-        model.eval()
-        try:
+        with policy.inference():
             prefix = self._prefix(policy, task, questions[0])
             bar = tqdm(total=sum(len(chunks[i]) for i in todo), desc="generate", unit="q", disable=not self.progress)
             start, generated = time.perf_counter(), 0
@@ -149,8 +146,6 @@ class HFGenerator:
                 bar.set_postfix(tok_per_s=f"{generated / (time.perf_counter() - start):.0f}")
             bar.close()
             self.stats = {"generated_tokens": generated, "seconds": time.perf_counter() - start}
-        finally:
-            model.train(was_training)
         all_rows = {i: rows for part in gather_objects(done) for i, rows in part.items()}
         return datasets.Dataset.from_list([r for i in range(len(chunks)) for r in all_rows[i]], features=FEATURES)
 

@@ -36,20 +36,15 @@ def sample_losses(
     tokenized = [tokenize_example(policy.tokenizer, e, max_length) for e in examples]
     order = sorted(range(len(tokenized)), key=lambda i: len(tokenized[i].input_ids))
     out = torch.empty(len(tokenized))
-    was_training = policy.training
-    policy.eval()
     context = policy.reference() if reference else contextlib.nullcontext()
-    try:
-        with context:
-            for start in tqdm(range(0, len(order), batch_size), desc="score", disable=not progress):
-                idx = order[start : start + batch_size]
-                batch = collate([tokenized[i] for i in idx], policy.tokenizer.pad_token_id)
-                if tokens == "all":  # every real token is a target (the first has no context and is skipped)
-                    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
-                batch = {k: v.to(next(policy.parameters()).device) for k, v in batch.items()}
-                out[idx] = policy.sequence_nll(batch).float().cpu()
-    finally:
-        policy.train(was_training)
+    with policy.inference(), context:
+        for start in tqdm(range(0, len(order), batch_size), desc="score", disable=not progress):
+            idx = order[start : start + batch_size]
+            batch = collate([tokenized[i] for i in idx], policy.tokenizer.pad_token_id)
+            if tokens == "all":  # every real token is a target (the first has no context and is skipped)
+                batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+            batch = {k: v.to(next(policy.parameters()).device) for k, v in batch.items()}
+            out[idx] = policy.sequence_nll(batch).float().cpu()
     return out
 
 
@@ -68,14 +63,10 @@ def self_ratings(policy, questions: Sequence[str], answers: Sequence[str], batch
     prompts = [tok(t, add_special_tokens=not tok.chat_template)["input_ids"] for t in texts]
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
     ratings = []
-    was_training = policy.training
-    policy.eval()
-    try:
+    with policy.inference():
         for start in tqdm(range(0, len(prompts), batch_size), desc="rate", disable=not progress):
             completions = generate_batch(policy.model, tok, None, 0, prompts[start : start + batch_size], params)
             ratings += [parse_rating(finish_text(tok, c, ())[0]) for c in completions]
-    finally:
-        policy.train(was_training)
     return torch.tensor(ratings)
 
 

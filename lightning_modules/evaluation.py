@@ -44,16 +44,15 @@ class AnswerSamplingModule(TrainableStateMixin, L.LightningModule):
         texts = [finish_text(self.policy.tokenizer, c, batch["stop"])[0] for c in completions]
         return [texts[i * params.n : (i + 1) * params.n] for i in range(len(batch["suffix_ids"]))]
 
-    @torch.no_grad()
     def test_step(self, batch: dict, batch_idx: int) -> dict:
         generator = torch.Generator().manual_seed(self.sampled.seed * 1_000_003 + batch_idx)
-        greedy = [t[0] for t in self._texts(batch, self.greedy, None)]
-        samples = self._texts(batch, self.sampled, generator) if self.k else [[] for _ in greedy]
+        with self.policy.inference():
+            greedy = [t[0] for t in self._texts(batch, self.greedy, None)]
+            samples = self._texts(batch, self.sampled, generator) if self.k else [[] for _ in greedy]
         return {"greedy": greedy, "samples": samples}
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         return self.test_step(batch, batch_idx)
 
     def on_test_start(self) -> None:
-        self.policy.eval()
         self._prefix = None

@@ -7,6 +7,7 @@ Design decisions:
 - `token_nll` never materialises float32 B x T x V logits: it runs the decoder, keeps the hidden states of
   the positions that carry a label only, and applies the output head chunk by chunk (`chunked_linear_nll`),
   recomputing each chunk's logits in the backward pass instead of storing them.
+- Mode rule: every no-grad pass runs inside `inference()` (eval mode, no gradient, the mode restored after).
 - Scoring takes an optional `prefix_ids` shared by every row (a task's few-shot exemplars): it runs once and its
   KV cache is repeated over the batch, gradient kept (online RL's teacher-forced passes: 2.5x faster per step).
 """
@@ -167,6 +168,18 @@ class Policy(nn.Module):
                     h.update(tensor_bytes(p))
             self._base_fingerprint = h.hexdigest()
         return self._base_fingerprint
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[None]:
+        """The one way to run a no-grad pass (generation, scoring, rewards, evaluation, TTA's answers): eval mode
+        (no dropout) and no gradient, the previous mode restored afterwards, also on an exception."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.model.train(was_training)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[nn.Module]:

@@ -135,11 +135,9 @@ class TestTimeAdaptationModule(TrainableStateMixin, L.LightningModule):
         tok = self.policy.tokenizer
         stop = batch["tasks"][0].stop
         prompts = [ids[-n:].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_lengths"])]
-        self.policy.eval()
-        with torch.no_grad():
+        with self.policy.inference():
             completions = generate_batch(self.policy.model, tok, None, 0, prompts,
                                          SamplingParams(n=1, temperature=0.0, max_new_tokens=self.max_new_tokens), stop)
-        self.policy.train()
         texts, answers = [], []
         for c in completions:
             text, c = finish_text(tok, c, stop)

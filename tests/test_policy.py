@@ -128,3 +128,15 @@ def test_missing_default_model_says_how_to_fetch(tmp_path, monkeypatch):
         resolve_model("smollm2-135m-instruct")
     with pytest.raises(FileNotFoundError, match="no such model directory or .gguf file"):
         Policy(str(tmp_path / "missing.gguf"))
+
+
+def test_inference_is_eval_without_gradient_and_restores_the_mode(tiny_model_dir):
+    policy = Policy(tiny_model_dir)
+    policy.train()
+    with policy.inference():
+        assert not policy.model.training and not torch.is_grad_enabled()
+    assert policy.model.training and torch.is_grad_enabled()
+    policy.eval()
+    with pytest.raises(RuntimeError), policy.inference():
+        raise RuntimeError("a failing pass")
+    assert not policy.model.training  # the mode it found, also after an exception

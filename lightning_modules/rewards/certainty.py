@@ -15,18 +15,18 @@ from lightning_modules.rewards.base import Reward, Rollout, rollout_tensors
 
 
 class SelfCertaintyReward(Reward):
-    @torch.no_grad()
     def forward(self, rollout: Rollout, policy) -> Tensor:
         ids, mask, produced = _produced(rollout, policy)
-        kl = policy.token_map(ids, mask, produced, _kl_from_uniform, rollout.prefix_ids)  # (N, T)
+        with policy.inference():
+            kl = policy.token_map(ids, mask, produced, _kl_from_uniform, rollout.prefix_ids)  # (N, T)
         return ((kl * produced).sum(-1) / produced.sum(-1).clamp_min(1)).cpu()
 
 
 class NegativeEntropyReward(Reward):
-    @torch.no_grad()
     def forward(self, rollout: Rollout, policy) -> Tensor:
         ids, mask, produced = _produced(rollout, policy)
-        return -(policy.token_entropy(ids, mask, produced, rollout.prefix_ids) * produced).sum(-1).cpu()
+        with policy.inference():
+            return -(policy.token_entropy(ids, mask, produced, rollout.prefix_ids) * produced).sum(-1).cpu()
 
 
 def _produced(rollout: Rollout, policy) -> tuple[Tensor, Tensor, Tensor]:

@@ -47,11 +47,10 @@ class SelfEvaluationReward(Reward):
             out.append(tok(chat, add_special_tokens=not tok.chat_template)["input_ids"])
         return out
 
-    @torch.no_grad()
     def forward(self, rollout: Rollout, policy) -> Tensor:
         prompts = self._prompts(rollout, policy)
         rewards = []
-        with policy.reference() as judge:
+        with policy.inference(), policy.reference() as judge:
             for s in range(0, len(prompts), self.batch_size):
                 chunk = prompts[s : s + self.batch_size]
                 rewards.append(self._probability(judge, policy, chunk) if self.mode == "probability"
