@@ -2,8 +2,10 @@
 
 Same model (default: the embedded SmolLM2-135M-Instruct), same demo-task prompts (2-shot chat prompts, the same
 text), same group of G samples per prompt and prompts per step, same max_new_tokens and temperature, same LoRA
-config, learning rate, PPO clip and KL beta to the adapter-disabled model, one optimisation pass per rollout, and
-the same reward (the TTRL majority vote of each group, a cheap reward so that the step is generation + training).
+config, learning rate, PPO clip and KL beta to the adapter-disabled model, one optimisation pass per rollout, the
+same loss (TRL set to `loss_type="bnpo"`, the k3 KL without its `use_bias_correction_kl`, advantage eps 1e-4 in
+both, dropout off in both: `disable_dropout=True` and labelfree's mode rule), and the same reward (the TTRL
+majority vote of each group, a cheap reward so that the step is generation + training).
 Each engine runs in its own subprocess. The first `--warmup` steps are not timed. Completion lengths differ by
 sampling, so the table reports seconds per step and per completion token (each engine's own count: TRL's
 `completions/mean_length`, labelfree's `rl/response_length`).
@@ -69,7 +71,8 @@ def run_labelfree(args, meter: Meter) -> None:
     task, _, _ = _task_and_prompts(args)
     module = SelfRewardRLModule(
         Policy(args.model, lora=LoraSettings(**LORA)), [MajorityVoteReward()], group_size=args.group,
-        temperature=1.0, max_new_tokens=args.max_new_tokens, loss=PPOClipLoss(clip_eps=0.2, kl_beta=args.beta),
+        temperature=1.0, max_new_tokens=args.max_new_tokens,
+        loss=PPOClipLoss(clip_eps=0.2, kl_beta=args.beta, loss_type="bnpo"),
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4),
     )
     data = QuestionDataModule(task, num_questions=args.prompts * args.steps, batch_size=args.prompts,
@@ -110,6 +113,7 @@ def run_trl(args, meter: Meter) -> None:
         beta=args.beta, epsilon=0.2, num_iterations=1, learning_rate=1e-4, lr_scheduler_type="constant",
         max_steps=args.steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
         dataloader_num_workers=0, shuffle_dataset=False,
+        loss_type="bnpo", use_bias_correction_kl=False, disable_dropout=True,  # labelfree's default loss and mode
     )
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules=LORA["target_modules"], task_type="CAUSAL_LM")

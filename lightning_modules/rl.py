@@ -4,11 +4,16 @@ Each training step, for a batch of P unlabeled prompts:
 1. the current policy samples a group of G responses per prompt (no gradient; the shared few-shot prefix and
    each prompt are prefilled once), keeping each token's log-probability at temperature 1 (log pi_old);
 2. reward modules score the P x G responses; the reward is their weighted sum;
-3. advantages are normalised within each prompt's group (`grpo` or `rloo`);
+3. advantages are normalised within each prompt's group (`grpo` or `rloo`): the weighted sum of the rewards
+   (`reward_combination: sum_then_normalize`), or the weighted sum of each reward normalised on its own
+   (`normalize_each`, Intuitor's reading when several rewards combine);
 4. `ppo_epochs` passes of the PPO-clip loss on the response tokens, plus beta x KL(pi || pi_ref) per token (k3) to
    the reference = the adapter-disabled model (`policy.reference()`), whose log-probs are computed once.
    These teacher-forced passes run the shared few-shot prefix once too (`prefix_ids`); the first PPO pass also
    gives the entropy of the distributions that produced the response tokens (`rl/entropy`).
+Mode rule (SPEC §6): RL trains with dropout off, every pass in eval mode (TRL's `disable_dropout`), so the
+log-probs that sampled a response and the first PPO pass see the same network: the first-epoch ratio is 1 up to
+float rounding and nothing is clipped (with LoRA dropout in train mode it reached 1.34, 3% of tokens clipped).
 The reference RLC code used trlx PPO with a value head and an adaptive KL; this is the group-normalised,
 critic-free variant the spec asks for. Gold answers (where the task has them) are read only for evaluation
 metrics: the accuracy of the sampled answers, how often the reward agrees with gold (`rl/reward_accuracy`:
@@ -41,8 +46,9 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
         policy: the model; with LoRA the reference is the same network with the adapter disabled.
         rewards: reward modules; `reward_weights` (default all 1) weigh their sum.
         group_size, temperature, top_p, max_new_tokens: the G sampled responses per prompt.
-        advantage: `grpo` or `rloo`.
-        loss: the policy loss (default `PPOClipLoss(clip_eps=0.2, kl_beta=0.04, normalization="token")`).
+        advantage, advantage_eps: `grpo` ((r - mean) / (std + eps), eps 1e-4 as TRL and Intuitor) or `rloo`.
+        reward_combination: `sum_then_normalize` (default) or `normalize_each` (see step 3).
+        loss: the policy loss (default `PPOClipLoss(clip_eps=0.2, kl_beta=0.04, loss_type="bnpo")`).
         ppo_epochs: optimisation passes over each rollout.
         max_nonfinite_steps: skipped non-finite updates in a row before the run stops (`guard.py`).
     """
@@ -50,7 +56,9 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
     def __init__(
         self, policy: Policy, rewards: list[Reward], reward_weights: list[float] | None = None,
         group_size: int = 4, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 96,
-        advantage: Literal["grpo", "rloo"] = "grpo", loss: nn.Module | None = None, ppo_epochs: int = 1,
+        advantage: Literal["grpo", "rloo"] = "grpo", advantage_eps: float = 1e-4,
+        reward_combination: Literal["sum_then_normalize", "normalize_each"] = "sum_then_normalize",
+        loss: nn.Module | None = None, ppo_epochs: int = 1,
         optimizer: OptimizerCallable = torch.optim.AdamW, seed: int = 0, max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
@@ -66,7 +74,8 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
                              f"got {group_size}")
         if ppo_epochs < 1:
             raise ValueError(f"ppo_epochs must be at least 1, got {ppo_epochs}")
-        self.advantage, self.ppo_epochs = advantage, ppo_epochs
+        self.advantage, self.advantage_eps, self.ppo_epochs = advantage, advantage_eps, ppo_epochs
+        self.reward_combination = reward_combination
         self.loss = loss if loss is not None else PPOClipLoss()
         self.optimizer_factory = optimizer
         self.generator = torch.Generator().manual_seed(seed)
@@ -76,17 +85,14 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
     def configure_optimizers(self):
         return self.optimizer_factory(self.policy.trainable_parameters())
 
-    @torch.no_grad()
     def rollout(self, batch: dict) -> tuple[Rollout, list[list[float]]]:
         """G responses per prompt from the current policy, and their tokens' log-probs at temperature 1."""
         policy, tok = self.policy, self.policy.tokenizer
-        was_training = policy.training
-        policy.eval()
         prefix = batch["prefix_ids"]
-        cache = prefix_cache(policy.model, prefix)
-        completions = generate_batch(policy.model, tok, cache, len(prefix), batch["suffix_ids"], self.params,
-                                     batch["stop"], self.generator)
-        policy.train(was_training)
+        with policy.inference():
+            cache = prefix_cache(policy.model, prefix)
+            completions = generate_batch(policy.model, tok, cache, len(prefix), batch["suffix_ids"], self.params,
+                                         batch["stop"], self.generator)
         finished = [finish_text(tok, c, batch["stop"]) for c in completions]
         p, g = len(batch["suffix_ids"]), self.params.n
         task = batch["task"]
@@ -104,9 +110,10 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
         return out.masked_scatter(mask, torch.tensor([v for row in values for v in row], device=labels.device))
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        self.policy.eval()  # the mode rule: dropout off for sampling, reference and PPO passes alike
         rollout, old = self.rollout(batch)
         n = len(rollout.texts)
-        rewards = torch.zeros(n)
+        rewards, advantages = torch.zeros(n), torch.zeros(n)
         for module, weight in zip(self.rewards, self.reward_weights):
             r = module(rollout, self.policy).float().cpu()
             name = type(module).__name__
@@ -115,9 +122,13 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
                 raise ValueError(f"reward {name} must return one finite value per response: got shape "
                                  f"{tuple(r.shape)} for {n} responses, {bad} non-finite")
             rewards += weight * r
+            if self.reward_combination == "normalize_each":
+                advantages += weight * group_advantages(r, rollout.group, self.advantage, self.advantage_eps)
             self.log(f"reward/{name}_mean", r.mean(), batch_size=n)
             self.log(f"reward/{name}_std", r.std() if n > 1 else 0.0, batch_size=n)
-        advantages = group_advantages(rewards, rollout.group, self.advantage).to(self.device)
+        if self.reward_combination == "sum_then_normalize":
+            advantages = group_advantages(rewards, rollout.group, self.advantage, self.advantage_eps)
+        advantages = advantages.to(self.device)
         ids, mask, labels = rollout_tensors(rollout, self.policy.tokenizer.pad_token_id, self.device)
         response = labels != IGNORE_INDEX  # (N, T)
         old_logp = self._aligned(old, labels)

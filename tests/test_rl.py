@@ -65,13 +65,62 @@ def test_reward_ranking_hand_values_and_naive_loop():
     assert reward_ranking(rewards, correct, group).item() == pytest.approx(sum(scores) / len(scores))
 
 
-def test_sequence_vs_token_normalisation():
+def test_loss_types_hand_values():
     logp = torch.zeros(2, 3)
     mask = torch.tensor([[True, False, False], [True, True, True]])
-    adv = torch.tensor([1.0, 0.0])
-    token = PPOClipLoss(kl_beta=0.0)(logp, logp, logp, adv, mask).loss.item()
-    seq = PPOClipLoss(kl_beta=0.0, normalization="sequence")(logp, logp, logp, adv, mask).loss.item()
-    assert token == pytest.approx(-1 / 4) and seq == pytest.approx(-1 / 2)
+    adv = torch.tensor([1.0, 0.0])  # per-token loss: -1 on response 0's one token, 0 elsewhere
+
+    def loss(loss_type, **kw):
+        return PPOClipLoss(kl_beta=0.0, loss_type=loss_type, **kw)(logp, logp, logp, adv, mask).loss.item()
+
+    assert loss("bnpo") == pytest.approx(-1 / 4)  # sum / 4 response tokens
+    assert loss("dapo") == pytest.approx(-1 / 4)  # the same in one process
+    assert loss("grpo") == pytest.approx(-1 / 2)  # (-1/1 + 0/3) / 2 responses
+    assert loss("dr_grpo", max_completion_length=8) == pytest.approx(-1 / 16)  # sum / (2 x 8)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        PPOClipLoss(loss_type="dr_grpo")
+
+
+def test_loss_types_against_a_naive_loop():
+    gen = torch.Generator().manual_seed(0)
+    n, t = 5, 7
+    logp, old, ref = (-torch.rand(n, t, generator=gen) * 3 for _ in range(3))
+    adv = torch.randn(n, generator=gen)
+    mask = torch.rand(n, t, generator=gen) < 0.7
+    mask[:, 0] = True
+    beta, eps, c, k = 0.04, 0.2, 3.0, 0.05
+
+    def token_loss(i, j):
+        r = math.exp(logp[i, j] - old[i, j])
+        a = adv[i].item()
+        pg = -min(r * a, min(max(r, 1 - eps), 1 + eps) * a)
+        if a < 0:
+            pg = min(pg, -c * a)  # dual clip
+        d = (ref[i, j] - logp[i, j]).item()
+        kl = min(max(math.exp(d) - d - 1, -k), k)  # clamped k3
+        return pg + beta * kl
+
+    rows = [[token_loss(i, j) for j in range(t) if mask[i, j]] for i in range(n)]
+    want = {"grpo": sum(sum(r) / len(r) for r in rows) / n, "bnpo": sum(map(sum, rows)) / sum(map(len, rows)),
+            "dr_grpo": sum(map(sum, rows)) / (n * 10), "dapo": sum(map(sum, rows)) / sum(map(len, rows))}
+    for loss_type, value in want.items():
+        loss = PPOClipLoss(eps, beta, loss_type, max_completion_length=10, dual_clip=c, kl_clamp=k)
+        assert loss(logp, old, ref, adv, mask).loss.item() == pytest.approx(value, rel=1e-5), loss_type
+
+
+def test_dual_clip_caps_a_negative_advantage():
+    logp, old = torch.log(torch.tensor([[0.8]])), torch.log(torch.tensor([[0.1]]))  # ratio 8
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    plain = PPOClipLoss(kl_beta=0.0)(logp, old, logp, torch.tensor([-1.0]), mask).loss.item()
+    dual = PPOClipLoss(kl_beta=0.0, dual_clip=3.0)(logp, old, logp, torch.tensor([-1.0]), mask).loss.item()
+    assert plain == pytest.approx(8.0) and dual == pytest.approx(3.0)  # -min(8 x -1, 1.2 x -1) = 8, capped at 3
+
+
+def test_advantage_eps_is_trls_and_intuitors():
+    adv = group_advantages(torch.tensor([1.0, 1.0, 1.0, 1.001]), torch.zeros(4, dtype=torch.long))
+    assert adv[-1].item() == pytest.approx(1.25, rel=1e-3)  # spread 1e-4: not blown up to full scale
+    assert group_advantages(torch.tensor([1.0, 1.0, 1.0, 1.001]), torch.zeros(4, dtype=torch.long),
+                            eps=1e-6)[-1].item() == pytest.approx(1.497, rel=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +205,61 @@ def test_two_step_fit_changes_only_adapter_weights(config, tiny_model_dir, tmp_p
     if config.stem != "intuitor":  # rewards in [0, 1]; self-certainty is unbounded
         assert "rl/reward_accuracy" in metrics
     assert "rl/sample_accuracy" in cli.model.step_metrics and set(cli.model.step_metrics) <= set(metrics)
+
+
+def test_rewards_normalised_each_before_they_combine(rollout, tiny_model_dir):
+    import lightning as L
+
+    from datamodules.questions import QuestionDataModule
+
+    policy, r = rollout
+    seen = []
+
+    class Recording(PPOClipLoss):
+        def forward(self, logp, old, ref, advantages, mask):
+            seen.append(advantages.cpu())
+            return super().forward(logp, old, ref, advantages, mask)
+
+    majority, gold = MajorityVoteReward()(r, policy), GoldReward()(r, policy)
+    each = group_advantages(majority, r.group) + 2 * group_advantages(gold, r.group)
+    for combination, want in (("normalize_each", each), ("sum_then_normalize", group_advantages(majority + 2 * gold,
+                                                                                                r.group))):
+        module = SelfRewardRLModule(Policy(tiny_model_dir), [MajorityVoteReward(), GoldReward()], reward_weights=[1, 2],
+                                    reward_combination=combination, loss=Recording())
+        module.rollout = lambda batch: (r, [[0.0] * len(x) for x in r.response_ids])  # the hand-made group
+        L.Trainer(max_steps=1, enable_progress_bar=False, logger=False, enable_checkpointing=False).fit(
+            module, QuestionDataModule(Arithmetic(), num_questions=2, batch_size=2, tokenizer=tiny_model_dir))
+        torch.testing.assert_close(seen[-1], want)
+    assert not torch.allclose(seen[0], seen[1])  # the two readings differ on this group
+
+
+def test_the_first_ppo_epoch_sees_the_network_that_sampled(tiny_model_dir):
+    """Dropout configured (LoRA 0.5) and a non-zero adapter: the mode rule makes the first-epoch ratio 1."""
+    import lightning as L
+
+    from datamodules.questions import QuestionDataModule
+    from lightning_modules.policy import LoraSettings
+
+    policy = Policy(tiny_model_dir, lora=LoraSettings(dropout=0.5))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    module = SelfRewardRLModule(policy, [MajorityVoteReward()], temperature=1.0, max_new_tokens=6)
+    L.Trainer(max_steps=1, enable_progress_bar=False, logger=False, enable_checkpointing=False).fit(
+        module, QuestionDataModule(Arithmetic(), num_questions=2, batch_size=2, tokenizer=tiny_model_dir))
+    assert module.step_metrics["rl/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert module.step_metrics["rl/clip_fraction"] == 0.0
+
+
+def test_a_reward_is_the_same_twice_on_one_rollout(rollout, tiny_model_dir):
+    from lightning_modules.policy import LoraSettings
+
+    policy = Policy(tiny_model_dir, lora=LoraSettings(dropout=0.5))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    policy.train()
+    first, second = SelfCertaintyReward()(rollout[1], policy), SelfCertaintyReward()(rollout[1], policy)
+    assert torch.equal(first, second) and policy.training  # eval for the pass, train mode restored
