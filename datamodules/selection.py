@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -78,15 +79,26 @@ class PercentileFilter(Selector):
     """Keep the best `keep` fraction of the candidates still in play by `signal`.
 
     `lower_is_better`: keep values <= the `100 * keep`-th percentile; else values >= the `100 * (1 - keep)`-th.
-    Non-finite values are never kept."""
+    Non-finite values are never kept. `rule="reference"` (IWSI's official `filter_data.py`, lower-is-better only):
+    the cut is the sorted value at index int(keep x n) over all ranks, and values strictly below it are kept
+    (the counts differ from the interpolated percentile whenever keep x (n - 1) is whole)."""
 
-    def __init__(self, signal: str, keep: float = 0.8, lower_is_better: bool = True) -> None:
+    def __init__(self, signal: str, keep: float = 0.8, lower_is_better: bool = True,
+                 rule: Literal["percentile", "reference"] = "percentile") -> None:
         if not 0 < keep <= 1:
             raise ValueError(f"{type(self).__name__}: keep must be in (0, 1], got {keep}")
-        self.signal, self.keep, self.lower_is_better = signal, keep, lower_is_better
+        if rule == "reference" and not lower_is_better:
+            raise ValueError(f"{type(self).__name__}: rule 'reference' is IWSI's lower-is-better cut")
+        self.signal, self.keep, self.lower_is_better, self.rule = signal, keep, lower_is_better, rule
 
     def select(self, signals, keep, weight):
         values = signals[self.signal].double()
+        if self.rule == "reference":
+            pooled = gather_all(values[keep])
+            pooled = pooled[torch.isfinite(pooled)].sort().values
+            index = int(self.keep * len(pooled))
+            passed = values < pooled[index] if index < len(pooled) else torch.isfinite(values)
+            return keep & passed & torch.isfinite(values), weight
         if self.lower_is_better:
             cut = global_percentile(values[keep], 100 * self.keep)
             passed = values <= cut
@@ -99,8 +111,8 @@ class PercentileFilter(Selector):
 class DSWeightFilter(PercentileFilter):
     """IWSI (SPEC §2): keep samples whose DS weight is at most the k-th percentile (k = 80) over all samples."""
 
-    def __init__(self, keep: float = 0.8) -> None:
-        super().__init__("ds_weight", keep, lower_is_better=True)
+    def __init__(self, keep: float = 0.8, rule: Literal["percentile", "reference"] = "percentile") -> None:
+        super().__init__("ds_weight", keep, lower_is_better=True, rule=rule)
 
 
 class AnswerEntropyFilter(Selector):
@@ -145,23 +157,30 @@ class EntropyThreshold(Selector):
     """SemiEvol (SPEC §4): keep unlabeled samples with response entropy (mean NLL of the response tokens)
     H <= tau, tau the `percentile`-th percentile of the same quantity on the `labeled` population (default, the
     seed's reading; `labeled_token_entropy` holds the labeled values, any length) or on the `unlabeled`
-    candidates themselves (the paper's Eq. 7)."""
+    candidates themselves (the paper's Eq. 7). `inconsistent` is the official code's reading
+    (`resolve_inconsistencies`; use it with `percentile: 30`): tau over the samples of questions whose answers
+    disagree (vote share < 1), those kept when H < tau (strict), the consistent ones always kept."""
 
     signal = "token_entropy"
 
     def __init__(self, percentile: float = 50, population: str = "labeled") -> None:
-        if population not in ("labeled", "unlabeled"):
-            raise ValueError(f"population must be 'labeled' or 'unlabeled', got {population!r}")
+        if population not in ("labeled", "unlabeled", "inconsistent"):
+            raise ValueError(f"population must be 'labeled', 'unlabeled' or 'inconsistent', got {population!r}")
         if not 0 <= percentile <= 100:
             raise ValueError(f"EntropyThreshold: percentile must be in [0, 100], got {percentile}")
         self.percentile, self.population = percentile, population
 
     @property
     def needs(self) -> set[str]:
-        return {"token_entropy"} | ({"labeled_token_entropy"} if self.population == "labeled" else set())
+        extra = {"labeled": {"labeled_token_entropy"}, "inconsistent": {"vote_share"}}.get(self.population, set())
+        return {"token_entropy"} | extra
 
     def select(self, signals, keep, weight):
         values = signals["token_entropy"].double()
+        if self.population == "inconsistent":
+            consistent = signals["vote_share"] == 1  # every parsed answer agrees (NaN: no vote, inconsistent)
+            tau = global_percentile(values[keep & ~consistent], self.percentile)
+            return keep & (consistent | (values < tau)), weight
         reference = signals["labeled_token_entropy"] if self.population == "labeled" else values[keep]
         tau = global_percentile(reference.double(), self.percentile)
         return keep & (values <= tau), weight

@@ -118,3 +118,24 @@ def test_percentiles_are_global_across_ranks(tmp_path):
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert results[0]["cut"] == results[1]["cut"] == global_percentile(single, 80)
     assert sorted(results[0]["kept"] + results[1]["kept"]) == list(range(80))  # same 80 as one process
+
+
+def test_iwsi_reference_cut_keeps_strictly_below_the_sorted_value():
+    signals = {"ds_weight": torch.arange(1.0, 12.0)}  # 11 values: 0.8 x (11 - 1) = 8 is whole
+    keep, _ = DSWeightFilter(keep=0.8)(signals)
+    assert int(keep.sum()) == 9  # the interpolated percentile is 9.0, kept: <= 9
+    keep, _ = DSWeightFilter(keep=0.8, rule="reference")(signals)
+    assert keep.tolist() == [True] * 8 + [False] * 3  # sorted[int(0.8 x 11) = 8] = 9, kept: < 9
+    naive = [w < sorted(signals["ds_weight"].tolist())[int(0.8 * 11)] for w in signals["ds_weight"].tolist()]
+    assert keep.tolist() == naive
+    with pytest.raises(ValueError, match="lower-is-better"):
+        PercentileFilter("x", rule="reference", lower_is_better=False)
+
+
+def test_semievol_inconsistent_population_hand_values():
+    # questions a (consistent: share 1) and b, c (answers disagree)
+    signals = {"token_entropy": torch.tensor([9.0, 9.0, 1.0, 2.0, 3.0, 4.0]),
+               "vote_share": torch.tensor([1.0, 1.0, 0.5, 0.5, 0.5, 0.5])}
+    keep, _ = EntropyThreshold(percentile=30, population="inconsistent")(signals)
+    # tau = 30th percentile of [1, 2, 3, 4] = 1.9 (linear); inconsistent kept when H < tau; consistent always
+    assert keep.tolist() == [True, True, True, False, False, False]
