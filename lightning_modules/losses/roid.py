@@ -6,6 +6,8 @@ Per batch of B samples with label distributions p_i:
   pi_bar <- momentum pi_bar + (1 - momentum) mean_B p (after the weights, over all B samples);
   loss = sum_i w_i SLR_i / B with SLR_i = -sum_c q log(q / (1 - q) + eps), q = clamp(p, max=clip).
 `weighting=False` gives the plain SLR mean. pi_bar starts uniform and `reset()` puts it back.
+Option `batch_size`: divide by the configured batch size instead of the batch's own (the reference's reading; the
+two differ only on a partial last batch). Default: the batch's own size.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from lightning_modules.losses.functional import roid_weights, soft_likelihood_ra
 
 class SoftLikelihoodRatioLoss(nn.Module):
     def __init__(self, weighting: bool = True, temperature: float = 1 / 3, momentum: float = 0.9, clip: float = 0.99,
-                 eps: float = 1e-5) -> None:
+                 eps: float = 1e-5, batch_size: int | None = None) -> None:
         super().__init__()
+        self.batch_size = batch_size
         self.weighting, self.temperature, self.momentum = weighting, temperature, momentum
         self.clip, self.eps = clip, eps
         self.register_buffer("class_probs_ema", torch.empty(0))
@@ -41,5 +44,5 @@ class SoftLikelihoodRatioLoss(nn.Module):
             weights, keep = torch.ones_like(slr), torch.ones_like(slr, dtype=torch.bool)
         self.class_probs_ema = update_class_probs_ema(self.class_probs_ema, logits, self.momentum)
         self.last_weights = weights
-        loss = (weights * slr).sum() / b
+        loss = (weights * slr).sum() / (self.batch_size or b)
         return LossOutput(loss, {"kept_fraction": keep.float().mean(), "slr": slr.detach().mean()})
