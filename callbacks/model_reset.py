@@ -4,6 +4,9 @@ When: SAR's recovery rule (the loss module's `ema` below `ema_threshold`, 0.2 in
 `relative` x the first EMA, for token-level use), every `every_n_steps` steps, or after every batch
 (`episodic`). Only what adapts is snapshotted (LoRA weights or norm gains: never a copy of the frozen model),
 and restoring is bit-exact. Each reset is logged (`tta/resets`) and its step kept in `reset_steps`.
+Option `like_reference` (SAR's official code): the loss state (SAR's EMA) survives a reset, so resets repeat
+while it stays low, and the base optimizer's momentum is left in place (its SAM `load_state_dict` restores only
+the wrapper's). Default: the clean reset of weights, optimizer state and loss state.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import torch
 
 class ModelReset(L.Callback):
     def __init__(self, ema_threshold: float | None = 0.2, relative: float | None = None,
-                 every_n_steps: int | None = None, episodic: bool = False) -> None:
-        self.ema_threshold, self.relative = ema_threshold, relative
+                 every_n_steps: int | None = None, episodic: bool = False, like_reference: bool = False) -> None:
+        self.ema_threshold, self.relative, self.like_reference = ema_threshold, relative, like_reference
         self.every_n_steps, self.episodic = every_n_steps, episodic
         self.reset_steps: list[int] = []
 
@@ -45,13 +48,15 @@ class ModelReset(L.Callback):
         params = dict(pl_module.named_parameters())
         for name, value in self._params.items():
             params[name].copy_(value)
+        self.reset_steps.append(trainer.global_step)
+        if self.like_reference:  # the EMA and the momentum buffers stay
+            return
         for opt, state in zip(trainer.optimizers, self._optimizers):
             opt.load_state_dict(copy.deepcopy(state))
         if hasattr(pl_module.loss, "reset"):  # losses with state (ROID's pi_bar, SAR's EMA) know their start
             pl_module.loss.reset()
         else:
             pl_module.loss.load_state_dict(copy.deepcopy(self._loss_state))
-        self.reset_steps.append(trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.should_reset(trainer, pl_module):

@@ -1,5 +1,6 @@
 """Test-time adaptation: the SAR step on a small torch model, resets, weight ensembling, and fits on the tiny LM."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,63 @@ def test_model_reset_restores_parameters_optimizer_and_loss_state_bit_exactly():
     assert module.loss.class_probs_ema.numel() == 0  # pi_bar back to its start (uniform on next use)
 
 
+def test_model_reset_like_reference_keeps_the_ema_and_the_momentum():
+    """SAR's official reset: weights back, the EMA and the base optimizer's momentum buffers left in place, so
+    resets repeat while the EMA stays low (SPEC §5.3)."""
+    from lightning_modules.losses.sar import ReliableEntropy
+
+    runs = {}
+    for like_reference in (False, True):
+        module = _Stub()
+        module.loss = ReliableEntropy()
+        opt = torch.optim.SGD([module.w], lr=0.1, momentum=0.9)
+        trainer = type("T", (), {"optimizers": [opt], "global_step": 0})()
+        reset = ModelReset(ema_threshold=0.2, like_reference=like_reference)
+        reset.on_train_start(trainer, module)
+        for step in range(1, 4):
+            opt.zero_grad()
+            (module.w ** 3).sum().backward()
+            opt.step()
+            module.loss.update_ema(0.1)  # below the threshold: a reset after every step
+            trainer.global_step = step
+            reset.on_train_batch_end(trainer, module, None, None, step)
+        runs[like_reference] = (reset.reset_steps, module.loss.ema, opt.state)
+    assert runs[False][0] == runs[True][0] == [1, 2, 3]  # the stub sets the EMA anew each step
+    assert runs[False][1] is None and not runs[False][2]  # clean: EMA and momentum gone
+    assert runs[True][1] == 0.1 and "momentum_buffer" in next(iter(runs[True][2].values()))  # both survive
+    module = _Stub()
+    module.loss = ReliableEntropy()
+    module.loss.update_ema(0.1)
+    trainer = type("T", (), {"optimizers": [], "global_step": 5})()
+    reset = ModelReset(like_reference=True)
+    reset.on_train_start(trainer, module)
+    reset.on_train_batch_end(trainer, module, None, None, 5)
+    trainer.global_step = 6
+    reset.on_train_batch_end(trainer, module, None, None, 6)
+    assert reset.reset_steps == [5, 6]  # the surviving EMA resets again at once, as the reference does
+
+
+def test_roid_predictions_use_the_reference_prior_correction_on_logits(tiny_model_dir):
+    from lightning_modules.losses.functional import prior_correction
+    from lightning_modules.losses.roid import SoftLikelihoodRatioLoss
+    from lightning_modules.policy import Policy
+    from lightning_modules.tta import TestTimeAdaptationModule
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 3, generator=gen) * 3
+    on_logits = prior_correction(logits, on_logits=True).argmax(-1)
+    on_probs = prior_correction(logits.softmax(-1)).argmax(-1)
+    assert not torch.equal(on_logits, on_probs)  # the two readings differ on this batch
+    policy = Policy(tiny_model_dir, adapt="norm")
+    default = TestTimeAdaptationModule(policy, SoftLikelihoodRatioLoss(), use_prior_correction=True)
+    option = TestTimeAdaptationModule(policy, SoftLikelihoodRatioLoss(), use_prior_correction=True,
+                                      prior_correction_on="probabilities")
+    assert torch.equal(default._predict(logits), on_logits) and torch.equal(option._predict(logits), on_probs)
+    partial = logits[:4]
+    own, configured = SoftLikelihoodRatioLoss()(partial).loss, SoftLikelihoodRatioLoss(batch_size=16)(partial).loss
+    torch.testing.assert_close(configured, own * 4 / 16)  # the reference divides a partial batch by 16
+
+
 def test_sar_ema_rule_absolute_and_relative():
     from lightning_modules.losses.sar import ReliableEntropy
 
@@ -210,3 +268,75 @@ def test_stream_orders_shifts_and_mixes(tiny_model_dir):
     assert batch["input_ids"].shape[0] == 4 and batch["verbalizer_ids"].shape == (4, 2)
     with pytest.raises(ValueError, match="classification tasks"):
         StreamDataModule([Comparison(), Arithmetic()], tokenizer=tiny_model_dir).setup("fit")
+
+
+# Produced by running the official SAR code (mr-eggplant/SAR, sar.py + sam.py at 20f6e24, torch 2.13 CPU) on the
+# model and stream built below: SAR(model, SAM(norm params, SGD, lr 0.05, momentum 0.9), margin_e0 = 0.4 ln 4),
+# 60 batches. Only the numbers are kept: the reset steps, the EMA after each step, the final LayerNorm parameters.
+SAR_REFERENCE_RESETS = [22, 33, 34, 46, 56]
+SAR_REFERENCE_EMAS = [
+    0.3063639998435974, 0.30407688915729525, 0.3011473706364632, 0.3103321305811405, 0.30666579412519934,
+    0.2901055122056604, 0.2909954879855216, 0.2850712428249509, 0.27396893707730685, 0.26747096366719886,
+    0.26297742832037646, 0.2604721877723888, 0.2522269943729003, 0.24250856572761773, 0.23449554176069473,
+    0.22888645348790743, 0.22954734848001712, 0.22824744897537633, 0.21487070710170153, 0.2069983296755661,
+    0.20078657983217024, 0.19337290154522704, 0.20665834212266843, 0.2025463568922589, 0.20710487107247497,
+    0.21440027302334058, 0.21199797969307912, 0.21649899227541458, 0.2199283463637987, 0.22130337264069552,
+    0.21311735128696532, 0.202896567571185, 0.1898712939512926, 0.19898921488155702, 0.20259218578126828,
+    0.20653031019497037, 0.20773752106542695, 0.20861354535801985, 0.20756683408603468, 0.20968728058980762,
+    0.2104339119206088, 0.20717571673484597, 0.20632642952524383, 0.20014024926354967, 0.20021540808496313,
+    0.19515466887787675, 0.20317936121555294, 0.21627111595093124, 0.21963716472285014, 0.22298072807577568,
+    0.22568193405199632, 0.21923087235684918, 0.21544097390528671, 0.21539197588046924, 0.20201352140975476,
+    0.19411461563413573, 0.2049185038641563, 0.21273340592105427, 0.20098041498052394, 0.20362071546960456,
+]
+SAR_REFERENCE_WEIGHT = [
+    1.0933313369750977, 0.9928125143051147, 0.9582842588424683, 1.0485105514526367, 1.126686930656433,
+    1.011101245880127, 0.9597641229629517, 1.0316253900527954, 1.0313695669174194, 0.9736487865447998,
+    1.0266474485397339, 1.0049744844436646, 1.0236492156982422, 1.1020680665969849, 1.0013095140457153,
+    1.2428185939788818,
+]
+SAR_REFERENCE_BIAS = [
+    0.09069143980741501, -0.05056910961866379, -0.07947299629449844, 0.025873500853776932, 0.08204705268144608,
+    0.01672298274934292, -0.06726222485303879, 0.04842421039938927, 0.038010433316230774, -0.03051527962088585,
+    0.05942216515541077, -0.028045330196619034, 0.06426475197076797, 0.08376665413379669, -0.10880697518587112,
+    0.2661406099796295,
+]
+
+
+def test_sar_with_like_reference_reproduces_the_official_trace_bit_for_bit():
+    import math
+
+    from lightning_modules.losses.sar import ReliableEntropy
+
+    torch.manual_seed(0)
+    layers = torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.ReLU(), torch.nn.Linear(16, 4)
+    model = torch.nn.Sequential(*layers)
+    with torch.no_grad():
+        model[3].weight.mul_(9.0)  # confident enough for the EMA to cross 0.2 several times
+    model.requires_grad_(False)
+    model[1].requires_grad_(True)
+    generator = torch.Generator().manual_seed(1)
+    stream = [torch.randn(16, 6, generator=generator) for _ in range(60)]
+
+    def run(like_reference: bool):
+        module = _Stub()
+        module.model, module.loss = copy.deepcopy(model), ReliableEntropy()
+        for p in (module.w, module.frozen):
+            p.requires_grad_(False)
+        opt = SAM([p for p in module.model.parameters() if p.requires_grad], torch.optim.SGD, lr=0.05, momentum=0.9)
+        trainer = type("T", (), {"optimizers": [opt], "global_step": 0})()
+        reset = ModelReset(ema_threshold=0.2, like_reference=like_reference)
+        reset.on_train_start(trainer, module)
+        emas = []
+        for step, x in enumerate(stream, 1):
+            _, ema = sar_adapt_step(lambda x=x: module.model(x), opt, 0.4 * math.log(4), module.loss.ema)
+            module.loss.update_ema(ema)
+            trainer.global_step = step
+            reset.on_train_batch_end(trainer, module, None, None, step)
+            emas.append(module.loss.ema)
+        return reset.reset_steps, emas, module.model[1]
+
+    resets, emas, norm = run(like_reference=True)
+    assert resets == SAR_REFERENCE_RESETS and emas == SAR_REFERENCE_EMAS
+    assert norm.weight.tolist() == SAR_REFERENCE_WEIGHT and norm.bias.tolist() == SAR_REFERENCE_BIAS
+    clean_resets, _, _ = run(like_reference=False)
+    assert clean_resets == [22, 42]  # the default clean reset: the EMA starts anew, so resets are rarer

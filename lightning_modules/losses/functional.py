@@ -109,9 +109,11 @@ def chunked_linear_entropy(hidden: Tensor, weight: Tensor, chunk: int = 256) -> 
 
 # ------------------------------------------------------------------------------------- test-time adaptation
 def entropy(logits: Tensor) -> Tensor:
-    """Shannon entropy (nats) of softmax(logits) over the last dim, float32. (..., C) -> (...)."""
-    log_p = logits.float().log_softmax(-1)
-    return -(log_p.exp() * log_p).sum(-1)
+    """Shannon entropy (nats) of softmax(logits) over the last dim, float32. (..., C) -> (...).
+    Written as Tent's and SAR's official code write it, -(softmax * log_softmax), so that traces match theirs
+    bit for bit."""
+    logits = logits.float()
+    return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
 
 
 def soft_likelihood_ratio(logits: Tensor, clip: float = 0.99, eps: float = 1e-5) -> Tensor:

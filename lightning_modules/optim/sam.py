@@ -35,8 +35,8 @@ class SAM(torch.optim.Optimizer):
         norm = torch.linalg.vector_norm(torch.stack([s.norm() for s in scaled])) if scaled else torch.tensor(0.0)
         for (group, p), s in zip(pairs, scaled):
             self._saved[p] = p.detach().clone()
-            step = s * (p.abs() if group["adaptive"] else 1.0)  # adaptive: w^2 g
-            p.add_(step, alpha=group["rho"] / (norm.item() + 1e-12))
+            scale = group["rho"] / (norm + 1e-12)  # a tensor, in the reference's order of operations
+            p.add_(s * (p.abs() if group["adaptive"] else 1.0) * scale.to(p))  # adaptive: w^2 g
         if zero_grad:
             self.zero_grad()
 
