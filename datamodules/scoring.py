@@ -25,14 +25,15 @@ RATING_PROMPT = (
 )
 
 
-@torch.no_grad()
 def sample_losses(
     policy, examples: Sequence[SFTExample], tokens: Literal["all", "completion"] = "all", batch_size: int = 16,
-    max_length: int = 1024, reference: bool = True, progress: bool = True,
+    max_length: int = 1024, reference: bool = True, progress: bool = True, first_token_from_pad: bool = False,
 ) -> torch.Tensor:
     """Per-sample mean NLL in the training format (SPEC §2: `all` = every non-pad token of prompt + answer, the
     official code's reading; `completion` = the answer's tokens only), under the pre-trained model
-    (`policy.reference()`) unless `reference=False`. (N,) float32, in the order given."""
+    (`policy.reference()`) unless `reference=False`. (N,) float32, in the order given.
+    `first_token_from_pad` (with `all`): also score the first token, predicted from a pad position, as IWSI's
+    official `record_loss.py` does with its left padding (`with_leading_pad`); it reproduces that code to 5e-7."""
     tokenized = [tokenize_example(policy.tokenizer, e, max_length) for e in examples]
     order = sorted(range(len(tokenized)), key=lambda i: len(tokenized[i].input_ids))
     out = torch.empty(len(tokenized))
@@ -41,7 +42,9 @@ def sample_losses(
         for start in tqdm(range(0, len(order), batch_size), desc="score", disable=not progress):
             idx = order[start : start + batch_size]
             batch = collate([tokenized[i] for i in idx], policy.tokenizer.pad_token_id)
-            if tokens == "all":  # every real token is a target (the first has no context and is skipped)
+            if first_token_from_pad:
+                batch = with_leading_pad(batch, policy.tokenizer.pad_token_id)
+            if tokens == "all":  # every real token is a target (the first has no context unless a pad leads)
                 batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
             batch = {k: v.to(next(policy.parameters()).device) for k, v in batch.items()}
             out[idx] = policy.sequence_nll(batch).float().cpu()
@@ -54,7 +57,6 @@ def parse_rating(text: str) -> float:
     return min(max(float(match.group(1)), 0.0), 10.0) if match else 0.0
 
 
-@torch.no_grad()
 def self_ratings(policy, questions: Sequence[str], answers: Sequence[str], batch_size: int = 16,
                  max_new_tokens: int = 16, progress: bool = True) -> torch.Tensor:
     """Self-filter (SPEC §3): the policy rates each (question, answer) 0–10, greedily. (N,)."""
@@ -71,6 +73,15 @@ def self_ratings(policy, questions: Sequence[str], answers: Sequence[str], batch
 
 
 @torch.no_grad()
+def with_leading_pad(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The batch with one pad token (attention 0, no label) before every row: the first real token then has a
+    position that predicts it, as under the left padding of IWSI's official loss code."""
+    rows = len(batch["input_ids"])
+    pad = {"input_ids": torch.full((rows, 1), pad_token_id), "attention_mask": torch.zeros(rows, 1, dtype=torch.long),
+           "labels": torch.full((rows, 1), IGNORE_INDEX)}
+    return {k: torch.cat([pad[k].to(v), v], 1) if k in pad else v for k, v in batch.items()}
+
+
 def check_reward_model(model_dir: str) -> None:
     """A `FileNotFoundError` or `ValueError` naming `model_dir` unless it is a sequence classifier with one
     label: read from its config alone, before any generation."""

@@ -52,7 +52,8 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         n, temperature, top_p, max_new_tokens, seed: sampling (SPEC defaults for IWSI: 15, 1.1).
         generation_batch_size: questions per generation batch.
         valid_questions, valid_split: IWSI's small labeled valid set (gold rationales) for the DS weight.
-        ds_tokens, clip_like_reference: DS weight options (SPEC §2).
+        ds_tokens, clip_like_reference, ds_first_token_from_pad: DS weight options (SPEC §2; the last scores the
+            first token from a pad position, as IWSI's official loss code does).
         labeled_questions, labeled_split, labeled_warmup: SemiEvol's labeled set, mixed into training; with
             `labeled_warmup` round 0 trains on it alone and generation starts in round 1.
         reward_model: a sequence-classification model directory (RM-filter).
@@ -66,7 +67,8 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         self, task: Task, selectors: list[Selector] | None = None, num_questions: int = 200, split: str = "train",
         n: int = 8, temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0,
         generation_batch_size: int = 8, valid_questions: int = 0, valid_split: str = "valid",
-        ds_tokens: str = "all", clip_like_reference: bool = False, labeled_questions: int = 0,
+        ds_tokens: str = "all", clip_like_reference: bool = False, ds_first_token_from_pad: bool = False,
+        labeled_questions: int = 0,
         labeled_split: str = "labeled", labeled_warmup: bool = False, reward_model: str | None = None,
         epochs_per_round: int = 1, batch_size: int = 8, max_length: int = 512, cache_dir: str | None = None,
         tokenizer: str = DEFAULT_MODEL,
@@ -148,9 +150,10 @@ class SelfGeneratedDataModule(L.LightningDataModule):
 
         if names & {"ds_weight", "ds_ratio", "sample_loss"}:
             valid_examples = [self._example(q, self.task.format_rationale(q)) for q in self.valid]
-            valid_mean = sample_losses(policy, valid_examples, hp.ds_tokens).mean().item()
+            options = {"tokens": hp.ds_tokens, "first_token_from_pad": hp.ds_first_token_from_pad}
+            valid_mean = sample_losses(policy, valid_examples, **options).mean().item()
             examples = [self._example(q, a) for q, a in zip(questions, answers)]
-            losses = scatter(lambda: sample_losses(policy, examples, hp.ds_tokens))
+            losses = scatter(lambda: sample_losses(policy, examples, **options))
             signals |= ds_signals(losses, valid_mean, hp.clip_like_reference) | {"sample_loss": losses}
         if "self_rating" in names:
             signals["self_rating"] = scatter(lambda: self_ratings(policy, texts, answers))

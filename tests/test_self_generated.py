@@ -133,3 +133,30 @@ def test_a_selector_missing_what_it_needs_fails_before_generation(selector, sett
     settings = {k: tiny_model_dir if v == "TINY" else v for k, v in settings.items()}  # a causal LM, not an RM
     with pytest.raises((ValueError, FileNotFoundError), match=missing):
         _fit(tiny_model_dir, tmp_path, [MajorityVote(), selector], **settings)
+
+
+# IWSI's official per-sample loss (record_loss.py: left padding to max_length 64 with eos as the pad, CE of the
+# shifted labels, mask attention_mask[:, 1:]), run in a scratch directory on the tiny model for these two texts.
+IWSI_TEXTS = ["Q: Ana has 7 boxes. Each box holds 12 apples.\nA: <|im_end|>7 x 12 = 84. The answer is 84.",
+              "Q: How many?\nA: <|im_end|>The answer is 3."]
+IWSI_REFERENCE_LOSSES = [5.979732036590576, 5.956542015075684]
+
+
+def test_ds_loss_first_token_option_reproduces_iwsis_loss_code(tiny_model_dir):
+    from datamodules.collate import TokenizedExample, collate
+    from datamodules.scoring import with_leading_pad
+    from lightning_modules.losses.functional import IGNORE_INDEX
+
+    policy = Policy(tiny_model_dir).eval()
+    ids = [policy.tokenizer(t)["input_ids"] for t in IWSI_TEXTS]
+    batch = collate([TokenizedExample(i, 0, 1.0, False) for i in ids], policy.tokenizer.pad_token_id)
+
+    def losses(b):
+        b = dict(b, labels=b["input_ids"].masked_fill(b["attention_mask"] == 0, IGNORE_INDEX))
+        with policy.inference(), policy.reference():
+            return policy.sequence_nll(b).tolist()
+
+    with_pad = losses(with_leading_pad(batch, policy.tokenizer.pad_token_id))
+    assert with_pad == pytest.approx(IWSI_REFERENCE_LOSSES, abs=1e-6)
+    without = losses(batch)  # the default: the first token has no context and is not scored
+    assert max(abs(a - b) for a, b in zip(without, IWSI_REFERENCE_LOSSES)) > 1e-4
