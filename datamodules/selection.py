@@ -158,14 +158,16 @@ class EntropyThreshold(Selector):
     H <= tau, tau the `percentile`-th percentile of the same quantity on the `labeled` population (default, the
     seed's reading; `labeled_token_entropy` holds the labeled values, any length) or on the `unlabeled`
     candidates themselves (the paper's Eq. 7). `inconsistent` is the official code's reading
-    (`resolve_inconsistencies`; use it with `percentile: 30`): tau over the samples of questions whose answers
-    disagree (vote share < 1), those kept when H < tau (strict), the consistent ones always kept."""
+    (`resolve_inconsistencies`): tau over the samples of questions whose answers disagree (vote share < 1), those
+    kept when H < tau (strict), the consistent ones always kept. `percentile` defaults to 50, and to the official
+    code's 30 for `inconsistent`."""
 
     signal = "token_entropy"
 
-    def __init__(self, percentile: float = 50, population: str = "labeled") -> None:
+    def __init__(self, percentile: float | None = None, population: str = "labeled") -> None:
         if population not in ("labeled", "unlabeled", "inconsistent"):
             raise ValueError(f"population must be 'labeled', 'unlabeled' or 'inconsistent', got {population!r}")
+        percentile = (30 if population == "inconsistent" else 50) if percentile is None else percentile
         if not 0 <= percentile <= 100:
             raise ValueError(f"EntropyThreshold: percentile must be in [0, 100], got {percentile}")
         self.percentile, self.population = percentile, population

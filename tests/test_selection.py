@@ -136,6 +136,7 @@ def test_semievol_inconsistent_population_hand_values():
     # questions a (consistent: share 1) and b, c (answers disagree)
     signals = {"token_entropy": torch.tensor([9.0, 9.0, 1.0, 2.0, 3.0, 4.0]),
                "vote_share": torch.tensor([1.0, 1.0, 0.5, 0.5, 0.5, 0.5])}
-    keep, _ = EntropyThreshold(percentile=30, population="inconsistent")(signals)
+    assert EntropyThreshold(population="inconsistent").percentile == 30 and EntropyThreshold().percentile == 50
+    keep, _ = EntropyThreshold(population="inconsistent")(signals)
     # tau = 30th percentile of [1, 2, 3, 4] = 1.9 (linear); inconsistent kept when H < tau; consistent always
     assert keep.tolist() == [True, True, True, False, False, False]
