@@ -17,6 +17,7 @@ The data side's tokenizer is linked to the policy's model, so a config names the
 
 from __future__ import annotations
 
+import logging
 import pickle
 import zipfile
 from pathlib import Path
@@ -25,6 +26,8 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -84,8 +87,13 @@ class LabelfreeCLI(LightningCLI):
         else:
             policy = hparams.get("init_args", {}).get("policy")
             if policy is not None:
+                asked = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, format="yaml"))
                 model = {"class_path": config.model.class_path, "init_args": {"policy": policy}}
                 self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+                taken = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, format="yaml"))
+                for key, new, old in _differences(asked[subcommand]["model"]["init_args"]["policy"],
+                                                  taken[subcommand]["model"]["init_args"]["policy"], "policy"):
+                    log.warning("--ckpt_path %s: %s is the checkpoint's %r, not %r", config.ckpt_path, key, old, new)
 
     @staticmethod
     def _last_checkpoint(config) -> str:

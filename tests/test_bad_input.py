@@ -259,7 +259,7 @@ def test_an_adapter_never_loads_onto_another_base_model(tiny_model_dir, tmp_path
     module.on_load_checkpoint(checkpoint)  # its own base model: fine
 
 
-def test_labelfree_test_evaluates_a_trained_adapter(tiny_model_dir, tmp_path, monkeypatch):
+def test_labelfree_test_evaluates_a_trained_adapter(tiny_model_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(ROOT)
     _sft_cli(tiny_model_dir, tmp_path)
     last = next(tmp_path.rglob("last.ckpt"))
@@ -273,6 +273,7 @@ def test_labelfree_test_evaluates_a_trained_adapter(tiny_model_dir, tmp_path, mo
     state = cli.model.state_dict()
     assert set(trained) == set(state) and all(torch.equal(trained[k], state[k]) for k in trained)
     assert "test/arithmetic-2shot/greedy_accuracy" in cli.trainer.callback_metrics
+    assert "policy.init_args.adapt is the checkpoint's 'lora', not 'none'" in caplog.text  # the eval recipe's
 
 
 def test_ckpt_path_last_finds_a_model_checkpoint_dirpath(tiny_model_dir, tmp_path, monkeypatch):

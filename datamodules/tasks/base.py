@@ -66,6 +66,8 @@ class Task:
     answer_sentence = "The answer is {answer}."
     verbalizers: tuple[str, ...] | None = None  # classification: the label words, in label order
     answer_prefix = "The answer is "  # label level: the answer slot comes right after this
+    default_exemplar_split = "train"
+    duplicates: Literal["refuse", "skip"] = "refuse"  # a question in two uses: refused (a file's) or replaced
 
     def __init__(
         self,
@@ -78,8 +80,6 @@ class Task:
         self.few_shot, self.template, self.system_prompt, self.data_path = few_shot, template, system_prompt, data_path
         self.exemplar_split = exemplar_split or self.default_exemplar_split
         self._exemplar_cache: dict[tuple, list[Question]] = {}
-
-    default_exemplar_split = "train"
 
     # ----------------------------------------------------------------- what subclasses define
     def extract(self, completion: str) -> str | None:
@@ -181,8 +181,6 @@ class Task:
             owner |= {self._text_key(q): f"questions of split {split!r}" for q in questions}
             out.append(self._normalise_gold(questions, source))
         return out
-
-    duplicates: Literal["refuse", "skip"] = "refuse"
 
     def _text_key(self, q: Question) -> str:
         return " ".join(self.format_question(q).split())
