@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+from paired import paired_rows  # benchmarks/paired.py, beside this script
 from tables import mean_std, run_grid  # benchmarks/tables.py, beside this script
 
 from callbacks.task_evaluation import TaskEvaluation
@@ -65,6 +66,8 @@ def run(method: str, seed: int, args, with_base: bool) -> dict:
     early = slice(0, max(len(history.steps) // 4, 1))
     late = slice(-max(len(history.steps) // 4, 1), None)
     return {
+        "after_correct": [r["greedy_correct"] for r in evaluation.predictions["fit_end"]],
+        "base_correct": [r["greedy_correct"] for r in evaluation.predictions.get("fit_start", [])],
         "base": evaluation.results.get("fit_start", {}).get("greedy_accuracy"),
         "after": evaluation.results["fit_end"]["greedy_accuracy"],
         "sample_acc_early": history.mean("rl/sample_accuracy", early),
@@ -99,6 +102,13 @@ def main() -> None:
         column = lambda key, digits=2: mean_std([r[key] for r in rows], digits)  # noqa: B023 (used at once)
         print(f"| {method} | {column('after', 3)} | {column('sample_acc_early')} → {column('sample_acc_late')} | "
               f"{column('reward_accuracy')} | {column('reward_ranking')} | {column('kl_late', 4)} |")
+    baselines = {"base": [first["base_correct"]] * len(args.seeds)}
+    if "gold" in results:
+        baselines["gold"] = [r["after_correct"] for r in results["gold"]]
+    print("\nheld-out greedy accuracy after, paired difference (method - baseline) pooled over seeds by concatenating "
+          "their held-out questions, 95% bootstrap interval, McNemar's exact p:")
+    print("| reward | " + " | ".join(f"vs {b}" for b in baselines) + " |\n|---|" + "---|" * len(baselines))
+    print("\n".join(paired_rows(results, "after_correct", baselines)))
 
 
 if __name__ == "__main__":

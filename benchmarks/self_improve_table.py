@@ -19,6 +19,7 @@ import functools
 import time
 from pathlib import Path
 
+from paired import paired_rows  # benchmarks/paired.py, beside this script
 from tables import mean_std, run_grid  # benchmarks/tables.py, beside this script
 
 from callbacks.task_evaluation import TaskEvaluation
@@ -51,7 +52,11 @@ def run(method: str, seed: int, args, with_base: bool) -> dict:
     data = cli.datamodule
     report = data.reports[-1] if data.reports else {}
     final = report.get("selectors", [{}])[-1] if report else {}
+    correct = lambda evaluation, when: [r["greedy_correct"] for r in evaluation.predictions.get(when, [])]  # noqa: E731
     return {
+        "few_shot_correct": correct(few_shot, "fit_end"), "zero_shot_correct": correct(zero_shot, "fit_end"),
+        "base_few_shot_correct": correct(few_shot, "fit_start"),
+        "base_zero_shot_correct": correct(zero_shot, "fit_start"),
         "few_shot": few_shot.results["fit_end"]["greedy_accuracy"],
         "zero_shot": zero_shot.results["fit_end"]["greedy_accuracy"],
         "base_few_shot": few_shot.results.get("fit_start", {}).get("greedy_accuracy"),
@@ -90,6 +95,14 @@ def main() -> None:
         print(f"| {method} | {cell([r['few_shot'] for r in rows])} | {cell([r['zero_shot'] for r in rows])} | "
               f"{cell([r['kept'] for r in rows])} | {cell([r['precision'] for r in rows])} | "
               f"{cell([r['recall'] for r in rows])} |")
+    for prompt in ("few_shot", "zero_shot"):
+        baselines = {"base": [base[f"base_{prompt}_correct"]] * len(args.seeds)}
+        baselines |= {m: [r[f"{prompt}_correct"] for r in results[m]] for m in ("greedy_control", "lmsi")
+                      if m in results}
+        print(f"\n{prompt.replace('_', '-')} greedy accuracy, paired difference (method - baseline) pooled over "
+              "seeds by concatenating their held-out questions, 95% bootstrap interval, McNemar's exact p:")
+        print("| method | " + " | ".join(f"vs {b}" for b in baselines) + " |\n|---|" + "---|" * len(baselines))
+        print("\n".join(paired_rows(results, f"{prompt}_correct", baselines)))
 
 
 if __name__ == "__main__":

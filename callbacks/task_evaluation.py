@@ -74,6 +74,7 @@ class TaskEvaluation(L.Callback):
         self.num_text_rows = num_text_rows
         self.rows: list[dict] = []
         self.results: dict[str, dict[str, float]] = {}  # when -> metrics
+        self.predictions: dict[str, list[dict]] = {}  # when -> one row per question (for paired statistics)
 
     def name(self, task: Task | None = None) -> str:
         """This evaluation's name: `name`, else derived from the task's prompt settings and the split."""
@@ -118,7 +119,7 @@ class TaskEvaluation(L.Callback):
 
     def _report(self, trainer: L.Trainer, when: str, rows: list[dict], stage: str) -> dict[str, float]:
         metrics = self._metrics(rows, trainer.strategy.root_device)
-        self.results[when] = metrics
+        self.results[when], self.predictions[when] = metrics, rows
         name = self.name(self._task(trainer))
         prefix = f"{stage}/{name}"
         summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())

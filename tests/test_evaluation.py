@@ -47,8 +47,11 @@ def test_fit_time_evaluation_logs_before_and_after(tiny_model_dir, tmp_path):
                         limit_val_batches=0, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path))
     module = WeightedSFTModule(Policy(tiny_model_dir), export_adapter=False)
     trainer.fit(module, LabeledDataModule(str(ROOT / "configs/data/arithmetic_sft.jsonl"), tokenizer=tiny_model_dir))
-    assert set(evaluation.results) == {"fit_start", "fit_end"}
+    assert set(evaluation.results) == set(evaluation.predictions) == {"fit_start", "fit_end"}
     assert set(evaluation.results["fit_end"]) == {"greedy_accuracy", "greedy_parse_rate", "maj@2", "pass@2"}
+    rows = evaluation.predictions["fit_end"]  # one per question, for paired statistics
+    accuracy = evaluation.results["fit_end"]["greedy_accuracy"]
+    assert len(rows) == 3 and accuracy == sum(r["greedy_correct"] for r in rows) / 3
     assert all(0.0 <= v <= 1.0 for r in evaluation.results.values() for v in r.values())
     assert (Path(trainer.log_dir) / "predictions-arithmetic-2shot-fit_start.jsonl").exists()
     assert module.policy.model.training  # evaluation put the policy back in train mode

@@ -1,0 +1,46 @@
+"""Paired statistics of the method tables (benchmarks/paired.py): hand values and a naive bootstrap loop."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from paired import cell, mcnemar_exact, paired_difference, pool  # noqa: E402
+
+
+def test_mcnemar_exact_hand_values():
+    a = [1, 1, 1, 1, 1, 0, 0]
+    b = [0, 0, 0, 0, 0, 0, 0]  # 5 questions only a gets right, none only b
+    assert mcnemar_exact(a, b) == pytest.approx(2 / 2**5)
+    a, b = [1, 1, 0, 1], [0, 1, 1, 0]  # 2 vs 1 discordant: p = 2 (C(3,0) + C(3,1)) / 8 = 1
+    assert mcnemar_exact(a, b) == 1.0
+    assert mcnemar_exact([1, 0], [1, 0]) == 1.0  # no discordant question
+    n10, n01 = 12, 3
+    want = 2 * sum(math.comb(15, k) for k in range(4)) / 2**15
+    assert mcnemar_exact([1] * n10 + [0] * n01, [0] * n10 + [1] * n01) == pytest.approx(want)
+
+
+def test_paired_bootstrap_against_a_naive_loop():
+    gen = torch.Generator().manual_seed(3)
+    a = (torch.rand(50, generator=gen) < 0.6).tolist()
+    b = (torch.rand(50, generator=gen) < 0.5).tolist()
+    got = paired_difference(a, b, resamples=500, seed=7)
+    assert got["difference"] == pytest.approx(sum(a) / 50 - sum(b) / 50)
+    draw = torch.randint(50, (500, 50), generator=torch.Generator().manual_seed(7))
+    boots = sorted(sum(float(a[i]) - float(b[i]) for i in row.tolist()) / 50 for row in draw)
+    want = torch.quantile(torch.tensor(boots, dtype=torch.float64), torch.tensor([0.025, 0.975], dtype=torch.float64))
+    assert [got["low"], got["high"]] == pytest.approx(want.tolist())
+    assert got["low"] <= got["difference"] <= got["high"]
+
+
+def test_identical_methods_differ_by_nothing_and_seeds_pool_by_concatenation():
+    same = paired_difference([1, 0, 1, 1], [1, 0, 1, 1])
+    assert (same["difference"], same["low"], same["high"], same["mcnemar_p"]) == (0.0, 0.0, 0.0, 1.0)
+    a, b = pool([([1, 0], [0, 0]), ([1], [1])])
+    assert (a, b) == ([1, 0, 1], [0, 0, 1])
+    assert cell(paired_difference([1, 1, 0, 1], [0, 1, 0, 1], resamples=200)).startswith("+0.250 [")
+    with pytest.raises(ValueError, match="same questions"):
+        paired_difference([1, 0], [1])
