@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from lightning_modules.losses.functional import IGNORE_INDEX
 
@@ -63,17 +63,27 @@ def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, Te
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weight": weight}
 
 
-class LengthBucketSampler(Sampler[list[int]]):
+class LengthBucketSampler(BatchSampler):
     """Batches of similar length: shuffle, cut into pools of `pool_batches` batches, sort each pool by
     length, split into batches, shuffle the batches. Deterministic for (seed, epoch). Under several ranks
-    each takes every `world_size`-th batch, all ranks getting the same number of batches."""
+    each takes every `world_size`-th batch, all ranks getting the same number of batches.
+
+    It follows `BatchSampler`'s API so that Lightning's DDP can rebuild it with a `sampler` of its own (a
+    `DistributedSampler`): that sampler is kept but not read, since every rank already builds the same global plan
+    and takes its own batches from it."""
 
     def __init__(
         self, lengths: list[int], batch_size: int, shuffle: bool = True, seed: int = 0,
-        pool_batches: int = 50, rank: int = 0, world_size: int = 1,
+        pool_batches: int = 50, rank: int = 0, world_size: int = 1, sampler: Sampler | None = None,
+        drop_last: bool = False,
     ) -> None:
+        # BatchSampler.__init__ is not called: its sampler-driven batching is replaced by the length plan
         self.lengths, self.batch_size, self.shuffle, self.seed = lengths, batch_size, shuffle, seed
         self.pool_batches, self.rank, self.world_size = pool_batches, rank, world_size
+        self.sampler, self.drop_last = sampler, drop_last
+        if len(self) == 0:
+            raise ValueError(f"{len(lengths)} samples make {math.ceil(len(lengths) / batch_size)} batches of "
+                             f"{batch_size}, fewer than the {world_size} ranks: nothing would train; lower batch_size")
         self.epoch = 0
         self.skip = 0  # batches of this epoch already trained before a resume
 

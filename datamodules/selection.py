@@ -3,8 +3,8 @@
 A selector is a small class called with a `Signals` table (one row per candidate, columns of equal length)
 and the current keep mask and weights; it returns new ones. Selectors compose in a list, each seeing what the
 previous ones kept. Percentiles are taken over every candidate still in play on **all ranks** (the values are
-all-gathered first), never per batch or per rank. A selector that would keep nothing raises
-`EmptySelectionError` naming itself and the signal's range.
+all-gathered first), never per batch or per rank. A selector that would keep nothing on any rank raises
+`EmptySelectionError` naming itself and the signal's range, on every rank.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ def gather_all(values: Tensor) -> Tensor:
     """All ranks' values concatenated in rank order (the values themselves when not distributed)."""
     parts = gather_objects(values.cpu())
     return values if len(parts) == 1 else torch.cat(parts).to(values.device)
+
+
+def kept_anywhere(keep: Tensor) -> bool:
+    """Whether any rank keeps a candidate (every rank must call it alike)."""
+    return sum(gather_objects(int(keep.sum()))) > 0
 
 
 def global_percentile(values: Tensor, q: float) -> float:
@@ -59,7 +64,7 @@ class Selector:
         keep = torch.ones(n, dtype=torch.bool) if keep is None else keep
         weight = torch.ones(n) if weight is None else weight
         new_keep, new_weight = self.select(signals, keep, weight)
-        if keep.any() and not new_keep.any():
+        if kept_anywhere(keep) and not kept_anywhere(new_keep):  # over all ranks: every rank raises or none
             values = signals.get(self.signal, torch.empty(0))[keep] if self.signal else torch.empty(0)
             span = f"[{values.min().item():.4g}, {values.max().item():.4g}]" if values.numel() else "n/a"
             raise EmptySelectionError(f"{type(self).__name__} kept nothing: signal {self.signal!r} ranges over {span}")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -178,7 +177,8 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         keep, weight = torch.ones(len(rows), dtype=torch.bool), torch.ones(len(rows))
         correct = torch.tensor([self.task.same(r["answer"], by_id[r["question_id"]].answer) for r in rows])
         report = {"round": self.round, "questions": len(questions), "candidates": len(candidates),
-                  "parsed_fraction": _mean([r["answer"] is not None for r in rows]), "selectors": []}
+                  "parsed_fraction": _global_sum(sum(r["answer"] is not None for r in rows)) / len(candidates),
+                  "selectors": []}
         report["selectors"].append({"name": "all candidates", **_audit(keep, correct)})
         for selector in self.selectors:
             self._add_signals(policy, selector.needs, rows, by_id, keep, signals)
@@ -187,7 +187,8 @@ class SelfGeneratedDataModule(L.LightningDataModule):
                 raise ValueError(f"{type(selector).__name__} gave non-finite weights to "
                                  f"{int((~torch.isfinite(weight[keep])).sum())} kept candidates")
             report["selectors"].append({"name": type(selector).__name__, **_audit(keep, correct)})
-        report |= {"kept": int(keep.sum()), "kept_fraction": _mean(keep.tolist())}
+        kept = _global_sum(int(keep.sum()))
+        report |= {"kept": kept, "kept_fraction": kept / len(candidates)}
         kept_rows = []
         for i in torch.nonzero(keep).flatten().tolist():
             r = rows[i]
@@ -196,7 +197,9 @@ class SelfGeneratedDataModule(L.LightningDataModule):
                 "completion": r["completion"], "answer": r["answer"], "majority": majority[i],
                 "weight": float(weight[i]), **{k: float(v[i]) for k, v in signals.items() if len(v) == len(rows)},
             })
-        kept_rows = [r for part in gather_objects(kept_rows) for r in part]
+        position = {q.id: i for i, q in enumerate(questions)}  # back into question order, as one process has them
+        kept_rows = sorted((r for part in gather_objects(kept_rows) for r in part),
+                           key=lambda r: position[r["question_id"]])
         self.signals, self.reports = signals, self.reports + [report]
         if rank == 0:
             out = run_dir / f"round-{self.round}"
@@ -237,10 +240,11 @@ class SelfGeneratedDataModule(L.LightningDataModule):
 
 
 def _audit(keep: torch.Tensor, correct: torch.Tensor) -> dict:
-    kept_correct = int((keep & correct).sum())
-    return {"kept": int(keep.sum()), "precision": kept_correct / max(int(keep.sum()), 1),
-            "recall": kept_correct / max(int(correct.sum()), 1)}
+    """Kept count, precision and recall over every rank's candidates."""
+    kept, kept_correct, right = (_global_sum(int(x.sum())) for x in (keep, keep & correct, correct))
+    return {"kept": kept, "precision": kept_correct / max(kept, 1), "recall": kept_correct / max(right, 1)}
 
 
-def _mean(values: Sequence) -> float:
-    return sum(map(float, values)) / max(len(values), 1)
+def _global_sum(count: int) -> int:
+    """A count summed over ranks (itself when not distributed); every rank must call it alike."""
+    return sum(gather_objects(count))
