@@ -3,6 +3,7 @@
 import copy
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -232,7 +233,18 @@ def test_two_step_fit_changes_only_adapted_parameters(config, tiny_model_dir, tm
     before = {n: p.detach().clone() for n, p in cli.model.named_parameters()}
     if "sar" in config.stem:  # the tiny model is never confident: widen the margin so SAR adapts
         cli.model.loss.margin_factor = 1.0
+    modes = []
+
+    class Modes(L.Callback):  # the mode rule: a step leaves the policy in the mode it found (here: eval)
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            pl_module.policy.eval()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            modes.append(pl_module.policy.model.training)
+
+    cli.trainer.callbacks.append(Modes())
     cli.trainer.fit(cli.model, cli.datamodule)
+    assert modes and not any(modes)  # the token step used to force train mode after answering
     after = dict(cli.model.named_parameters())
     changed = {n for n, p in after.items() if not torch.equal(before[n], p.detach())}
     trainable = {n for n, p in after.items() if p.requires_grad}
