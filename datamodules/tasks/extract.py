@@ -31,6 +31,7 @@ _MARKER = "the answer is"
 _LETTER = re.compile(r"\(([A-J])\)")
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
 _INTEGER, _FRACTION, _DECIMAL = re.compile(r"-?\d+"), re.compile(r"-?\d+/\d+"), re.compile(r"-?\d*\.\d+")
+_NUMBER_LIKE = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")  # a plain number, fraction or decimal (gold fast path)
 _DASHES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2014": "-", "\ufe63": "-", "\uff0d": "-", '"': None,
                          "\u201c": None, "\u201d": None})
 # an arithmetic expression: digits, operators (x and × as times), parentheses, decimals, thousands separators
@@ -144,8 +145,6 @@ def parse_gold(raw: str) -> str | None:
         return _canonical(_parse(text.replace(",", "").replace("$", "").strip()))
     return _canonical(_parse(f"${text}$", latex_only=True)) or _canonical(_parse(text))
 
-
-_NUMBER_LIKE = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
 
 
 def _number(answer: str) -> Fraction | None:
