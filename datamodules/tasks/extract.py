@@ -97,7 +97,7 @@ def _canonical(parsed: list) -> str | None:
             return str(int(number)) if number == int(number) else repr(number)
         if isinstance(value, sympy.Basic):
             return f"${matched}$" if isinstance(matched, str) and matched.strip() else f"${sympy.latex(value)}$"
-    except (TypeError, ValueError, OverflowError, AttributeError):
+    except (TypeError, ValueError, OverflowError, AttributeError, ZeroDivisionError):  # 0/0 is no answer
         return None
     return f"${value.strip()}$" if isinstance(value, str) and value.strip() else None
 
