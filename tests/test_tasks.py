@@ -96,8 +96,8 @@ def test_extractors_never_raise(text):
 
 
 @given(st.integers(-10**6, 10**6), st.text(alphabet=st.characters(blacklist_characters="0123456789=-.,\\$"),
-                                           max_size=20))
-def test_extract_math_reads_the_answer_sentence(value, noise):
+                                           max_size=20).filter(lambda t: "the answer is" not in t.lower()))
+def test_extract_math_reads_the_answer_sentence(value, noise):  # noise that is itself a marker would be the last
     assert extract_math(f"{noise} The answer is {value:,}. {noise}") == str(value)
 
 
