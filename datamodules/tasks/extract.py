@@ -31,7 +31,6 @@ _MARKER = "the answer is"
 _LETTER = re.compile(r"\(([A-J])\)")
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
 _INTEGER, _FRACTION, _DECIMAL = re.compile(r"-?\d+"), re.compile(r"-?\d+/\d+"), re.compile(r"-?\d*\.\d+")
-_NUMBER_LIKE = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")  # a plain number, fraction or decimal (gold fast path)
 _DASHES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2014": "-", "\ufe63": "-", "\uff0d": "-", '"': None,
                          "\u201c": None, "\u201d": None})
 # an arithmetic expression: digits, operators (x and × as times), parentheses, decimals, thousands separators
@@ -141,10 +140,10 @@ def parse_gold(raw: str) -> str | None:
     boxed = last_boxed(text)
     if boxed is not None:
         text = boxed
-    if _NUMBER_LIKE.fullmatch(text.replace(",", "").replace("$", "").strip()):
-        return _canonical(_parse(text.replace(",", "").replace("$", "").strip()))
+    plain = text.replace(",", "").replace("$", "").strip()
+    if is_number(plain):  # "2000", "3/4", "84.30": no LaTeX to read
+        return _canonical(_parse(plain))
     return _canonical(_parse(f"${text}$", latex_only=True)) or _canonical(_parse(text))
-
 
 
 def _number(answer: str) -> Fraction | None:
