@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from datamodules.tasks.base import Question, Task
-from lightning_modules.policy import tensor_bytes
+from lightning_modules.policy import hash_weights
 from lightning_modules.sampling import SamplingParams, finish_text, generate_batch, prefix_cache
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,7 @@ def model_fingerprint(policy) -> str:
     and the trainable ones' current values (the adapter), with the adaptation kind and dtype. New weights copied
     under the same path, or another adapter, give another fingerprint."""
     h = hashlib.sha256(f"{policy.base_fingerprint()}|{policy.adapt}|{next(policy.parameters()).dtype}".encode())
-    for name, p in sorted(policy.named_parameters()):
-        if p.requires_grad:
-            h.update(name.encode())
-            h.update(tensor_bytes(p))
+    hash_weights(h, ((n, p) for n, p in sorted(policy.named_parameters()) if p.requires_grad))
     return h.hexdigest()[:16]
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -67,9 +67,11 @@ def format_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
     return (f"{system}\n" if system else "") + PLAIN_TEMPLATE.format(prompt=prompt)
 
 
-def tensor_bytes(tensor: Tensor) -> bytes:
-    """A tensor's raw bytes (any dtype, any device): what a content hash of weights reads."""
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
+def hash_weights(h, named: Iterable[tuple[str, Tensor]]) -> None:
+    """Feed (name, tensor) pairs to a hashlib hash: names and raw bytes (any dtype, any device), a content hash."""
+    for name, tensor in named:
+        h.update(name.encode())
+        h.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
 
 
 def is_norm_layer(module: nn.Module) -> bool:
@@ -162,10 +164,7 @@ class Policy(nn.Module):
         its path or name (new weights copied under the same directory hash differently)."""
         if self._base_fingerprint is None:
             h = hashlib.sha256()
-            for name, p in self.model.named_parameters():
-                if not p.requires_grad:
-                    h.update(name.encode())
-                    h.update(tensor_bytes(p))
+            hash_weights(h, ((n, p) for n, p in self.model.named_parameters() if not p.requires_grad))
             self._base_fingerprint = h.hexdigest()
         return self._base_fingerprint
 
