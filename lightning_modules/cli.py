@@ -73,11 +73,9 @@ class LabelfreeCLI(LightningCLI):
         if "class_path" not in hparams:  # saved outside the CLI: nothing to compare or take
             return
         if subcommand == "fit":
-            asked = self.parser.dump(self.config, skip_link_targets=False, format="yaml")
+            asked = self._model_settings(subcommand)
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
-            saved = self.parser.dump(self.config, skip_link_targets=False, format="yaml")
-            differences = _differences(yaml.safe_load(asked)[subcommand]["model"],
-                                       yaml.safe_load(saved)[subcommand]["model"], "model")
+            differences = _differences(asked, self._model_settings(subcommand), "model")
             if differences:
                 raise CheckpointError(
                     f"--ckpt_path {config.ckpt_path} resumes a run with the settings saved in it; these differ:\n"
@@ -87,13 +85,17 @@ class LabelfreeCLI(LightningCLI):
         else:
             policy = hparams.get("init_args", {}).get("policy")
             if policy is not None:
-                asked = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, format="yaml"))
+                asked = self._model_settings(subcommand)["init_args"]["policy"]
                 model = {"class_path": config.model.class_path, "init_args": {"policy": policy}}
                 self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
-                taken = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, format="yaml"))
-                for key, new, old in _differences(asked[subcommand]["model"]["init_args"]["policy"],
-                                                  taken[subcommand]["model"]["init_args"]["policy"], "policy"):
+                taken = self._model_settings(subcommand)["init_args"]["policy"]
+                for key, new, old in _differences(asked, taken, "policy"):
                     log.warning("--ckpt_path %s: %s is the checkpoint's %r, not %r", config.ckpt_path, key, old, new)
+
+    def _model_settings(self, subcommand: str) -> dict:
+        """The subcommand's `model` settings as plain data (what config.yaml would hold)."""
+        dumped = self.parser.dump(self.config, skip_link_targets=False, format="yaml")
+        return yaml.safe_load(dumped)[subcommand]["model"]
 
     @staticmethod
     def _last_checkpoint(config) -> str:
