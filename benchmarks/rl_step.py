@@ -61,8 +61,8 @@ def run_labelfree(args, meter: Meter) -> None:
     from datamodules.questions import QuestionDataModule
     from lightning_modules.losses.policy_gradient import PPOClipLoss
     from lightning_modules.policy import LoraSettings, Policy
-    from lightning_modules.rewards import MajorityVoteReward
     from lightning_modules.rl import SelfRewardRLModule
+    from lightning_modules.signals import MajorityAnswer
 
     class Timer(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, *a, **k):
@@ -70,7 +70,7 @@ def run_labelfree(args, meter: Meter) -> None:
 
     task, _, _ = _task_and_prompts(args)
     module = SelfRewardRLModule(
-        Policy(args.model, lora=LoraSettings(**LORA)), [MajorityVoteReward()], group_size=args.group,
+        Policy(args.model, lora=LoraSettings(**LORA)), [MajorityAnswer()], group_size=args.group,
         temperature=1.0, max_new_tokens=args.max_new_tokens,
         loss=PPOClipLoss(clip_eps=0.2, kl_beta=args.beta, loss_type="bnpo"),
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4),

@@ -5,7 +5,7 @@ reward > 0.5 vs correct, for rewards in [0, 1]; reward ranking: how often a corr
 higher reward than an incorrect one, ties 1/2, which is what group-normalised advantages use). Prints a Markdown
 table.
 
-Each run is `labelfree fit -c configs/rl/<method>.yaml` (the oracle: `ttrl.yaml` with `GoldReward`), the seed
+Each run is `labelfree fit -c configs/rl/<method>.yaml` (the oracle: `ttrl.yaml` with `GoldAnswer`), the seed
 changing the training questions, the sampling and the initialisation order; the held-out questions are the same
 for every run. The base model is evaluated once (greedy decoding of fixed questions does not depend on the seed).
 
@@ -56,7 +56,7 @@ def run(method: str, seed: int, args, with_base: bool) -> dict:
         "--trainer.enable_model_summary=false",
     ]
     if method == "gold":
-        overrides.append('--model.init_args.rewards=[{"class_path": "lightning_modules.rewards.GoldReward"}]')
+        overrides.append('--model.init_args.rewards=[{"class_path": "lightning_modules.signals.GoldAnswer"}]')
     cli = build_cli(["-c", str(ROOT / f"configs/rl/{config}.yaml"), *overrides], run=False)
     evaluation = TaskEvaluation(Arithmetic(seed=1234), num_questions=args.eval_questions, k=0,
                                 at_fit_start=with_base)

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from datamodules.tasks.base import Question, Task
 from lightning_modules.policy import hash_weights
 from lightning_modules.sampling import SamplingParams, finish_text, generate_batch, prefix_cache
+from lightning_modules.signals import Candidates
 
 log = logging.getLogger(__name__)
 ENGINE_VERSION = 2  # 2: answers read with math-verify
@@ -172,6 +173,21 @@ class HFGenerator:
                         "finish_reason": c.finish_reason,
                     })
         return [r for qi in range(len(questions)) for r in rows[qi]]
+
+
+def to_candidates(rows, questions: Sequence[Question], task: Task, tokenizer) -> Candidates:
+    """The engine's rows (any subset, any order) as `Candidates` over `questions`, with the prompt that sampled
+    them (shared prefix + each question's suffix) and their stored log-probs."""
+    position = {q.id: i for i, q in enumerate(questions)}
+    parts = [task.prompt_parts(tokenizer, q) for q in questions]
+    rows = list(rows)
+    return Candidates(
+        questions=list(questions), tasks=[task] * len(questions),
+        group=torch.tensor([position[r["question_id"]] for r in rows], dtype=torch.long),
+        texts=[r["completion"] for r in rows], answers=[r["answer"] for r in rows],
+        prompt_ids=[p.suffix_ids for p in parts], response_ids=[list(r["token_ids"]) for r in rows],
+        logprobs=[list(r["token_logprobs"]) for r in rows], prefix_ids=parts[0].prefix_ids if parts else [],
+    )
 
 
 def hash_seed(*parts) -> int:

@@ -1,25 +1,32 @@
 """Selectors: label-free signals -> which candidates to keep and how much each weighs (SPEC §1–4).
 
-A selector is a small class called with a `Signals` table (one row per candidate, columns of equal length)
-and the current keep mask and weights; it returns new ones. Selectors compose in a list, each seeing what the
-previous ones kept. Percentiles are taken over every candidate still in play on **all ranks** (the values are
-all-gathered first), never per batch or per rank. A selector that would keep nothing on any rank raises
-`EmptySelectionError` naming itself and the signal's range, on every rank.
+A selector takes a signal object (`lightning_modules/signals/`) and is called with that signal's values (one
+per candidate, NaN where it was not computed) and the current keep mask and weights; it returns new ones.
+Selectors compose in a list, each seeing what the previous ones kept. Percentiles are taken over every candidate
+still in play on **all ranks** (the values are all-gathered first), never per batch or
+per rank. A selector that would keep nothing on any rank raises `EmptySelectionError` naming itself and the
+signal's range, on every rank.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from datamodules.generation import gather_objects
-from lightning_modules.losses.functional import ds_weight
-
-Signals = dict[str, Tensor]  # column name -> (N,) tensor, one row per candidate
+from lightning_modules.signals import (
+    AnswerEntropy,
+    DSWeight,
+    MajorityAnswer,
+    RewardModelScore,
+    SelfRating,
+    Signal,
+    TokenNLL,
+    VoteShare,
+)
 
 
 class EmptySelectionError(ValueError):
@@ -47,127 +54,153 @@ def global_percentile(values: Tensor, q: float) -> float:
 
 
 class Selector:
-    """Base class: `select(signals, keep, weight) -> (keep, weight)`; keep (N,) bool, weight (N,) float."""
+    """Base class: `select(values, keep, weight, group) -> (keep, weight)`; keep (N,) bool, weight (N,) float,
+    `values` maps each role of `signals()` to its (N,) values (NaN: not computed, or no value), and, for the roles
+    in `labeled_roles`, `labeled_<role>` to the same signal on the labeled set's gold answers (any length)."""
 
-    signal = ""
+    signal: Signal | None = None
+    labeled_roles: frozenset[str] = frozenset()
 
-    @property
-    def needs(self) -> set[str]:
-        """The signal columns this selector reads (the data module computes only what is needed)."""
-        return {self.signal}
+    def signals(self) -> dict[str, Signal]:
+        """The signals this selector reads, by role (the data module computes only these, on the candidates still
+        in play)."""
+        return {"value": self.signal} if self.signal is not None else {}
 
-    def select(self, signals: Signals, keep: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    def select(self, values: dict[str, Tensor], keep: Tensor, weight: Tensor, group: Tensor):
         raise NotImplementedError
 
-    def __call__(self, signals: Signals, keep: Tensor | None = None, weight: Tensor | None = None):
-        n = len(next(iter(signals.values())))
+    def __call__(self, values: dict[str, Tensor], keep: Tensor | None = None, weight: Tensor | None = None,
+                 group: Tensor | None = None):
+        n = len(next(iter(values.values())))
         keep = torch.ones(n, dtype=torch.bool) if keep is None else keep
         weight = torch.ones(n) if weight is None else weight
-        new_keep, new_weight = self.select(signals, keep, weight)
+        group = torch.arange(n) if group is None else group
+        new_keep, new_weight = self.select(values, keep, weight, group)
         if kept_anywhere(keep) and not kept_anywhere(new_keep):  # over all ranks: every rank raises or none
-            values = signals.get(self.signal, torch.empty(0))[keep] if self.signal else torch.empty(0)
-            span = f"[{values.min().item():.4g}, {values.max().item():.4g}]" if values.numel() else "n/a"
-            raise EmptySelectionError(f"{type(self).__name__} kept nothing: signal {self.signal!r} ranges over {span}")
+            value = values.get("value", torch.empty(0))[keep]
+            value = value[torch.isfinite(value)]
+            span = f"[{value.min().item():.4g}, {value.max().item():.4g}]" if value.numel() else "n/a"
+            name = self.signal.name if self.signal is not None else "-"
+            raise EmptySelectionError(f"{type(self).__name__} kept nothing: signal {name!r} ranges over {span}")
         return new_keep, new_weight
 
 
-class MajorityVote(Selector):
-    """LMSI (SPEC §1): keep every candidate whose answer is its question's majority answer."""
+class ThresholdFilter(Selector):
+    """Keep candidates whose value is at least `threshold` (at most, for a lower-is-better signal). A value that is
+    NaN is never kept."""
 
-    signal = "is_majority"
+    def __init__(self, signal: Signal, threshold: float) -> None:
+        self.signal, self.threshold = signal, threshold
 
-    def select(self, signals, keep, weight):
-        return keep & (signals["is_majority"] == 1), weight  # NaN (fewer than 2 parsed answers) is no majority
+    def select(self, values, keep, weight, group):
+        v = values["value"]
+        passed = v >= self.threshold if self.signal.higher_is_better else v <= self.threshold
+        return keep & passed, weight
+
+
+class MajorityVote(ThresholdFilter):
+    """LMSI (SPEC §1): keep every candidate whose answer is its question's majority answer (`MajorityAnswer` = 1;
+    a question without a vote keeps nothing)."""
+
+    def __init__(self, signal: Signal | None = None) -> None:
+        super().__init__(signal if signal is not None else MajorityAnswer(), 1.0)
 
 
 class PercentileFilter(Selector):
-    """Keep the best `keep` fraction of the candidates still in play by `signal`.
+    """Keep the best `keep` fraction of the candidates still in play by `signal` (its `higher_is_better` says which
+    end is best): values >= the `100 * (1 - keep)`-th percentile, or <= the `100 * keep`-th for a lower-is-better
+    signal, over all ranks. Non-finite values are never kept. `per_question`: the fraction is kept within each
+    question instead (DeepConf's "keep the top eta of traces per question"). `rule="reference"` (IWSI's official
+    `filter_data.py`, lower-is-better only): the cut is the sorted value at index int(keep x n) over all ranks,
+    and values strictly below it are kept (the counts differ from the interpolated percentile whenever
+    keep x (n - 1) is whole)."""
 
-    `lower_is_better`: keep values <= the `100 * keep`-th percentile; else values >= the `100 * (1 - keep)`-th.
-    Non-finite values are never kept. `rule="reference"` (IWSI's official `filter_data.py`, lower-is-better only):
-    the cut is the sorted value at index int(keep x n) over all ranks, and values strictly below it are kept
-    (the counts differ from the interpolated percentile whenever keep x (n - 1) is whole)."""
-
-    def __init__(self, signal: str, keep: float = 0.8, lower_is_better: bool = True,
-                 rule: Literal["percentile", "reference"] = "percentile") -> None:
+    def __init__(self, signal: Signal, keep: float = 0.8, rule: Literal["percentile", "reference"] = "percentile",
+                 per_question: bool = False) -> None:
         if not 0 < keep <= 1:
             raise ValueError(f"{type(self).__name__}: keep must be in (0, 1], got {keep}")
-        if rule == "reference" and not lower_is_better:
-            raise ValueError(f"{type(self).__name__}: rule 'reference' is IWSI's lower-is-better cut")
-        self.signal, self.keep, self.lower_is_better, self.rule = signal, keep, lower_is_better, rule
+        if rule == "reference" and (signal.higher_is_better or per_question):
+            raise ValueError(f"{type(self).__name__}: rule 'reference' is IWSI's global lower-is-better cut")
+        self.signal, self.keep, self.rule, self.per_question = signal, keep, rule, per_question
 
-    def select(self, signals, keep, weight):
-        values = signals[self.signal].double()
+    def _passed(self, values: Tensor, keep: Tensor, percentile=global_percentile) -> Tensor:
+        if self.signal.higher_is_better:
+            return values >= percentile(values[keep], 100 * (1 - self.keep))
+        return values <= percentile(values[keep], 100 * self.keep)
+
+    def select(self, values, keep, weight, group):
+        values = values["value"].double()
+        finite = torch.isfinite(values)
         if self.rule == "reference":
             pooled = gather_all(values[keep])
             pooled = pooled[torch.isfinite(pooled)].sort().values
             index = int(self.keep * len(pooled))
-            passed = values < pooled[index] if index < len(pooled) else torch.isfinite(values)
-            return keep & passed & torch.isfinite(values), weight
-        if self.lower_is_better:
-            cut = global_percentile(values[keep], 100 * self.keep)
-            passed = values <= cut
+            passed = values < pooled[index] if index < len(pooled) else finite
+        elif self.per_question:
+            passed = torch.zeros_like(keep)
+            for g in group.unique():
+                rows = group == g
+                passed[rows] = self._passed(values[rows], (keep & finite)[rows], _local_percentile)
         else:
-            cut = global_percentile(values[keep], 100 * (1 - self.keep))
-            passed = values >= cut
-        return keep & passed & torch.isfinite(values), weight
+            passed = self._passed(values, keep)
+        return keep & passed & finite, weight
 
 
 class DSWeightFilter(PercentileFilter):
-    """IWSI (SPEC §2): keep samples whose DS weight is at most the k-th percentile (k = 80) over all samples."""
+    """IWSI (SPEC §2): keep samples whose DS weight is at most the k-th percentile (k = 80) over all samples.
+    `signal`: the `DSWeight` with its valid set and token rule (default `DSWeight()`)."""
 
-    def __init__(self, keep: float = 0.8, rule: Literal["percentile", "reference"] = "percentile") -> None:
-        super().__init__("ds_weight", keep, lower_is_better=True, rule=rule)
+    def __init__(self, keep: float = 0.8, rule: Literal["percentile", "reference"] = "percentile",
+                 signal: DSWeight | None = None) -> None:
+        super().__init__(signal if signal is not None else DSWeight(), keep, rule)
 
 
 class AnswerEntropyFilter(Selector):
     """Entropy-filter (MoT, SPEC §3): drop questions whose normalised answer entropy is above a threshold:
     the `100 * keep`-th percentile of the questions' entropies (each question counted once), or `threshold`."""
 
-    signal = "answer_entropy"
-    needs = {"answer_entropy", "first_of_question"}
-
-    def __init__(self, keep: float = 0.8, threshold: float | None = None) -> None:
+    def __init__(self, keep: float = 0.8, threshold: float | None = None, signal: Signal | None = None) -> None:
         if not 0 < keep <= 1:
             raise ValueError(f"AnswerEntropyFilter: keep must be in (0, 1], got {keep}")
         if threshold is not None and not 0 <= threshold <= 1:
             raise ValueError(f"AnswerEntropyFilter: threshold is a normalised entropy in [0, 1], got {threshold}")
         self.keep, self.threshold = keep, threshold
+        self.signal = signal if signal is not None else AnswerEntropy()
 
-    def select(self, signals, keep, weight):
-        values = signals["answer_entropy"].double()
+    def select(self, values, keep, weight, group):
+        values = values["value"].double()
         if self.threshold is not None:
             cut = self.threshold
         else:
-            first = signals["first_of_question"].bool()  # one value per question
+            first = torch.ones(len(group), dtype=torch.bool)  # one value per question: its first candidate's
+            first[1:] = group[1:] != group[:-1]
             cut = global_percentile(values[first], 100 * self.keep)
         return keep & (values <= cut), weight
 
 
 class SelfRatingFilter(PercentileFilter):
-    """Self-filter (SPEC §3): keep the top `keep` fraction by the model's own 0–10 rating."""
+    """Self-filter (SPEC §3): keep the top `keep` fraction by the model's own 0–10 rating (`SelfRating()`)."""
 
-    def __init__(self, keep: float = 0.8) -> None:
-        super().__init__("self_rating", keep, lower_is_better=False)
+    def __init__(self, keep: float = 0.8, signal: Signal | None = None) -> None:
+        super().__init__(signal if signal is not None else SelfRating(), keep)
 
 
 class RewardModelFilter(PercentileFilter):
-    """RM-filter (SPEC §3): keep the top `keep` fraction by an external reward model's score."""
+    """RM-filter (SPEC §3): keep the top `keep` fraction by an external reward model's score; `model` is a
+    sequence-classification directory (`RewardModelScore(model)`)."""
 
-    def __init__(self, keep: float = 0.8) -> None:
-        super().__init__("reward_model_score", keep, lower_is_better=False)
+    def __init__(self, model: str, keep: float = 0.8) -> None:
+        super().__init__(RewardModelScore(model), keep)
 
 
 class EntropyThreshold(Selector):
-    """SemiEvol (SPEC §4): keep unlabeled samples with response entropy (mean NLL of the response tokens)
-    H <= tau, tau the `percentile`-th percentile of the same quantity on the `labeled` population (default, the
-    seed's reading; `labeled_token_entropy` holds the labeled values, any length) or on the `unlabeled`
+    """SemiEvol (SPEC §4): keep unlabeled samples with response entropy (`TokenNLL`: mean NLL of the response
+    tokens) H <= tau, tau the `percentile`-th percentile of the same quantity on the `labeled` population (default,
+    the seed's reading: the labeled set's gold rationales under the current model) or on the `unlabeled`
     candidates themselves (the paper's Eq. 7). `inconsistent` is the official code's reading
-    (`resolve_inconsistencies`): tau over the samples of questions whose answers disagree (vote share < 1), those
+    (`resolve_inconsistencies`): tau over the samples of questions whose answers disagree (`VoteShare` < 1), those
     kept when H < tau (strict), the consistent ones always kept. `percentile` defaults to 50, and to the official
     code's 30 for `inconsistent`."""
-
-    signal = "token_entropy"
 
     def __init__(self, percentile: float | None = None, population: str = "labeled") -> None:
         if population not in ("labeled", "unlabeled", "inconsistent"):
@@ -176,49 +209,38 @@ class EntropyThreshold(Selector):
         if not 0 <= percentile <= 100:
             raise ValueError(f"EntropyThreshold: percentile must be in [0, 100], got {percentile}")
         self.percentile, self.population = percentile, population
+        self.signal = TokenNLL()
+        self.labeled_roles = frozenset({"value"}) if population == "labeled" else frozenset()
 
-    @property
-    def needs(self) -> set[str]:
-        extra = {"labeled": {"labeled_token_entropy"}, "inconsistent": {"vote_share"}}.get(self.population, set())
-        return {"token_entropy"} | extra
+    def signals(self) -> dict[str, Signal]:
+        return {"value": self.signal} | ({"consistency": VoteShare()} if self.population == "inconsistent" else {})
 
-    def select(self, signals, keep, weight):
-        values = signals["token_entropy"].double()
+    def select(self, values, keep, weight, group):
+        h = values["value"].double()
         if self.population == "inconsistent":
-            consistent = signals["vote_share"] == 1  # every parsed answer agrees (NaN: no vote, inconsistent)
-            tau = global_percentile(values[keep & ~consistent], self.percentile)
-            return keep & (consistent | (values < tau)), weight
-        reference = signals["labeled_token_entropy"] if self.population == "labeled" else values[keep]
+            consistent = values["consistency"] == 1  # every parsed answer agrees (NaN: no vote, inconsistent)
+            tau = global_percentile(h[keep & ~consistent], self.percentile)
+            return keep & (consistent | (h < tau)), weight
+        reference = values["labeled_value"] if self.population == "labeled" else h[keep]
         tau = global_percentile(reference.double(), self.percentile)
-        return keep & (values <= tau), weight
+        return keep & (h <= tau), weight
 
 
 class ImportanceWeights(Selector):
-    """IWSI-w (SPEC §2): keep everything, weight = clamp(w', max=C) with w' = L_valid / L."""
+    """IWSI-w (SPEC §2): keep everything, weight = clamp(w', max=C) with w' = L_valid / L (`DSWeight(output=
+    "ratio")`), or any signal's value clamped the same way."""
 
-    signal = "ds_ratio"
-    needs = {"ds_ratio"}
-
-    def __init__(self, max_weight: float = 2.0) -> None:
+    def __init__(self, max_weight: float = 2.0, signal: Signal | None = None) -> None:
         if not max_weight > 0:
             raise ValueError(f"ImportanceWeights: max_weight must be > 0, got {max_weight}")
         self.max_weight = max_weight
+        self.signal = signal if signal is not None else DSWeight(output="ratio")
 
-    def select(self, signals, keep, weight):
-        return keep, weight * signals["ds_ratio"].clamp(max=self.max_weight)
-
-
-def apply_selectors(selectors: Sequence[Selector], signals: Signals) -> tuple[Tensor, Tensor]:
-    keep, weight = None, None
-    for selector in selectors:
-        keep, weight = selector(signals, keep, weight)
-    if keep is None:
-        n = len(next(iter(signals.values())))
-        keep, weight = torch.ones(n, dtype=torch.bool), torch.ones(n)
-    return keep, weight
+    def select(self, values, keep, weight, group):
+        return keep, weight * values["value"].clamp(max=self.max_weight)
 
 
-def ds_signals(sample_loss: Tensor, valid_mean_loss: float, clip_like_reference: bool = False) -> Signals:
-    """The IWSI columns from per-sample losses of the pre-trained model: `ds_weight` and `ds_ratio` (w')."""
-    return {"ds_weight": ds_weight(sample_loss, valid_mean_loss, clip_like_reference),
-            "ds_ratio": valid_mean_loss / sample_loss.float()}
+def _local_percentile(values: Tensor, q: float) -> float:
+    """The q-th percentile of this rank's finite values (a question's candidates are all on one rank)."""
+    values = values[torch.isfinite(values)]
+    return torch.quantile(values.double(), q / 100).item() if values.numel() else math.nan

@@ -11,10 +11,13 @@ answer), whatever the few-shot prompt used for sampling. Gold answers never reac
 has them they feed the pseudo-label audit only: the precision (kept candidates whose answer is right) and
 recall (right candidates that were kept) after each selector, logged as `select/...`.
 
-Options: a labeled set mixed into training (`labeled_questions`, SemiEvol), optionally alone in a warm-up round
-(`labeled_warmup`); IWSI's valid set (`valid_questions`, gold rationales) for the DS weight; a reward model
-directory for the RM-filter. Under DDP each rank scores its share of the questions, percentiles are global,
-and every rank gets all kept samples (its batches are then sharded).
+Signals: each selector names the signal objects it reads (`lightning_modules/signals/`); only those are computed,
+costly ones on the candidates still in play only. A signal that needs labeled data (the DS weight's valid set)
+says how many questions of which split; they are loaded at setup, disjoint from the unlabeled questions, and each
+signal checks that it can run, before any generation. The votes and the response NLL are always computed (they
+are cheap) and written beside the kept rows. Options: a labeled set mixed into training (`labeled_questions`,
+SemiEvol), optionally alone in a warm-up round (`labeled_warmup`). Under DDP each rank scores its share of the
+questions, percentiles are global, and every rank gets all kept samples (its batches are then sharded).
 Per round, `<log_dir>/round-<r>/selected.jsonl` (prompt, completion, weight, every signal) and `report.json`.
 Candidates are cached under `<experiment dir>/candidates/` (shared by the experiment's versions), so a run
 interrupted during generation continues where it stopped when started again.
@@ -31,16 +34,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.collate import LengthBucketSampler, SFTExample, collate, tokenize_example
-from datamodules.generation import HFGenerator, dist_info, gather_objects
+from datamodules.generation import HFGenerator, dist_info, gather_objects, to_candidates
 from datamodules.io import check_at_least
 from datamodules.labeled import TokenizedDataset
-from datamodules.scoring import check_reward_model, reward_model_scores, sample_losses, self_ratings
-from datamodules.selection import Selector, Signals, ds_signals
-from datamodules.signals import VOTE_SIGNALS, token_entropy, vote_signals
+from datamodules.selection import Selector
 from datamodules.tasks.base import Question, Task
 from lightning_modules.model_store import DEFAULT_MODEL
 from lightning_modules.policy import format_prompt, load_tokenizer
 from lightning_modules.sampling import SamplingParams
+from lightning_modules.signals import AnswerEntropy, Candidates, MajorityAnswer, Signal, TokenNLL, VoteShare, score
+
+Values = dict[str, torch.Tensor]  # signal name -> (N,) values, one per candidate
 
 
 class SelfGeneratedDataModule(L.LightningDataModule):
@@ -50,12 +54,8 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         num_questions, split: the unlabeled questions.
         n, temperature, top_p, max_new_tokens, seed: sampling (SPEC defaults for IWSI: 15, 1.1).
         generation_batch_size: questions per generation batch.
-        valid_questions, valid_split: IWSI's small labeled valid set (gold rationales) for the DS weight.
-        ds_tokens, clip_like_reference, ds_first_token_from_pad: DS weight options (SPEC §2; the last scores the
-            first token from a pad position, as IWSI's official loss code does).
         labeled_questions, labeled_split, labeled_warmup: SemiEvol's labeled set, mixed into training; with
             `labeled_warmup` round 0 trains on it alone and generation starts in round 1.
-        reward_model: a sequence-classification model directory (RM-filter).
         epochs_per_round: epochs trained on each round's data.
         batch_size, max_length: SFT batches.
         cache_dir: where candidates are cached (default `<experiment dir>/candidates`, shared by its versions).
@@ -65,58 +65,55 @@ class SelfGeneratedDataModule(L.LightningDataModule):
     def __init__(
         self, task: Task, selectors: list[Selector] | None = None, num_questions: int = 200, split: str = "train",
         n: int = 8, temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0,
-        generation_batch_size: int = 8, valid_questions: int = 0, valid_split: str = "valid",
-        ds_tokens: str = "all", clip_like_reference: bool = False, ds_first_token_from_pad: bool = False,
-        labeled_questions: int = 0,
-        labeled_split: str = "labeled", labeled_warmup: bool = False, reward_model: str | None = None,
-        epochs_per_round: int = 1, batch_size: int = 8, max_length: int = 512, cache_dir: str | None = None,
-        tokenizer: str = DEFAULT_MODEL,
+        generation_batch_size: int = 8, labeled_questions: int = 0, labeled_split: str = "labeled",
+        labeled_warmup: bool = False, epochs_per_round: int = 1, batch_size: int = 8, max_length: int = 512,
+        cache_dir: str | None = None, tokenizer: str = DEFAULT_MODEL,
     ) -> None:
         super().__init__()
         check_at_least("SelfGeneratedDataModule", 1, num_questions=num_questions, batch_size=batch_size,
                        max_length=max_length, generation_batch_size=generation_batch_size,
                        epochs_per_round=epochs_per_round)
-        check_at_least("SelfGeneratedDataModule", 0, valid_questions=valid_questions,
-                       labeled_questions=labeled_questions)
+        check_at_least("SelfGeneratedDataModule", 0, labeled_questions=labeled_questions)
         self.save_hyperparameters(ignore=["task", "selectors"])
         self.task, self.selectors = task, list(selectors or [])
         self.params = SamplingParams(n, temperature, top_p, max_new_tokens, seed)
-        voting = [type(s).__name__ for s in self.selectors if s.needs & VOTE_SIGNALS]
+        voting = [type(s).__name__ for s in self.selectors if any(g.needs_group for g in s.signals().values())]
         if voting and n < 2:
             raise ValueError(f"{', '.join(voting)} reads a vote over each question's samples: n must be at least 2, "
                              f"got {n}")
         self.round = -1
         self.reports: list[dict] = []
-        self.signals: Signals = {}
+        self.signals: Values = {}
         self.train_set: TokenizedDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         self.tokenizer = load_tokenizer(self.hparams.tokenizer)
-        self.questions, self.valid, self.labeled = self._load_questions()
-        self._check_selectors_have_what_they_need()
+        self.questions, self.labeled = self._load_questions()
+        for selector in self.selectors:
+            if selector.labeled_roles and not self.labeled:
+                raise ValueError(f"{type(selector).__name__} compares with the labeled set: set labeled_questions > 0 "
+                                 "(and labeled_split)")
+        for signal in self._signals():
+            signal.check()  # before any generation: the labeled data or model each signal needs
 
-    def _check_selectors_have_what_they_need(self) -> None:
-        """Before any generation: the labeled data or model a selector's signal needs."""
-        needs = set().union(*(s.needs for s in self.selectors))
-        if needs & {"ds_weight", "ds_ratio", "sample_loss"} and not self.valid:
-            raise ValueError("the DS weight needs a labeled valid set: set valid_questions > 0 (and valid_split)")
-        if "labeled_token_entropy" in needs and not self.labeled:
-            raise ValueError("EntropyThreshold on the labeled population needs labeled_questions > 0")
-        if "reward_model_score" in needs:
-            if self.hparams.reward_model is None:
-                raise ValueError("RewardModelFilter needs reward_model (a sequence-classification model directory)")
-            check_reward_model(self.hparams.reward_model)
+    def _signals(self) -> list[Signal]:
+        """Every signal the selectors read, each object once."""
+        unique = {id(s): s for selector in self.selectors for s in selector.signals().values()}
+        return list(unique.values())
 
-    def _load_questions(self) -> tuple[list[Question], list[Question], list[Question]]:
-        """The unlabeled questions, IWSI's valid set and SemiEvol's labeled set, disjoint: splits that read the
-        same source are carved into consecutive slices (valid, then labeled, then unlabeled; see
-        `Task.load_splits`), and a question in two of them is refused."""
+    def _load_questions(self) -> tuple[list[Question], list[Question]]:
+        """The unlabeled questions, SemiEvol's labeled set and each signal's labeled set (IWSI's valid set), disjoint:
+        splits that read the same source are carved into consecutive slices (signals' sets, then labeled, then
+        unlabeled; see `Task.load_splits`), and a question in two of them is refused. Returns (unlabeled,
+        labeled); each signal receives its own set."""
         hp = self.hparams
-        requests = {"valid": (hp.valid_split, hp.valid_questions), "labeled": (hp.labeled_split, hp.labeled_questions),
-                    "unlabeled": (hp.split, hp.num_questions)}
-        requests = {use: r for use, r in requests.items() if r[1]}
-        loaded = dict(zip(requests, self.task.load_splits(list(requests.values()))))
-        return loaded.get("unlabeled", []), loaded.get("valid", []), loaded.get("labeled", [])
+        wanted = [s for s in self._signals() if s.labeled is not None]
+        requests = [s.labeled for s in wanted]
+        requests += [(hp.labeled_split, hp.labeled_questions)] * bool(hp.labeled_questions)
+        loaded = self.task.load_splits(requests + [(hp.split, hp.num_questions)])
+        for signal, questions in zip(wanted, loaded):
+            signal.use_labeled(questions, self.task)
+        return loaded[-1], loaded[len(wanted)] if hp.labeled_questions else []
 
     # ------------------------------------------------------------------ data of a round
     def _example(self, question: Question, completion: str, weight: float = 1.0, where: str = "") -> SFTExample:
@@ -126,40 +123,16 @@ class SelfGeneratedDataModule(L.LightningDataModule):
     def _labeled(self) -> list[SFTExample]:
         return [self._example(q, self.task.format_rationale(q), where=f"labeled:{q.id}") for q in self.labeled]
 
-    def _cheap_signals(self, rows: list[dict]) -> tuple[Signals, list]:
-        """The signals every round has: votes (SPEC §1, §3) and token entropy from the stored log-probs (§4)."""
-        signals, majority = vote_signals([r["question_id"] for r in rows], [r["answer"] for r in rows], self.task)
-        signals["token_entropy"] = token_entropy([r["token_logprobs"] for r in rows])
-        return signals, majority
-
-    def _add_signals(self, policy, names: set[str], rows: list[dict], by_id: dict[str, Question], keep, signals):
-        """The costly signals in `names` that `signals` lacks, computed for the candidates still in play only
-        (NaN elsewhere: a selector never keeps a NaN)."""
-        hp, names = self.hparams, names - signals.keys()
-        if not names:
-            return
-        idx = torch.nonzero(keep).flatten().tolist()
-        questions = [by_id[rows[i]["question_id"]] for i in idx]
-        answers = [rows[i]["completion"] for i in idx]
-        texts = [self.task.format_question(q) for q in questions]  # raw question text, no chat template
-
-        def scatter(compute) -> torch.Tensor:
-            out = torch.full((len(rows),), float("nan"))
-            return out.index_put_((torch.tensor(idx, dtype=torch.long),), compute()) if idx else out
-
-        if names & {"ds_weight", "ds_ratio", "sample_loss"}:
-            valid_examples = [self._example(q, self.task.format_rationale(q)) for q in self.valid]
-            options = {"tokens": hp.ds_tokens, "first_token_from_pad": hp.ds_first_token_from_pad}
-            valid_mean = sample_losses(policy, valid_examples, **options).mean().item()
-            examples = [self._example(q, a) for q, a in zip(questions, answers)]
-            losses = scatter(lambda: sample_losses(policy, examples, **options))
-            signals |= ds_signals(losses, valid_mean, hp.clip_like_reference) | {"sample_loss": losses}
-        if "self_rating" in names:
-            signals["self_rating"] = scatter(lambda: self_ratings(policy, texts, answers))
-        if "reward_model_score" in names:
-            signals["reward_model_score"] = scatter(lambda: reward_model_scores(hp.reward_model, texts, answers))
-        if "labeled_token_entropy" in names:  # SemiEvol: the same quantity on the labeled responses
-            signals["labeled_token_entropy"] = sample_losses(policy, self._labeled(), "completion", reference=False)
+    def _labeled_candidates(self) -> Candidates:
+        """The labeled set's gold rationales as candidates in the training format (no stored log-probs), for
+        selectors that compare with the same signal on labeled data (SemiEvol)."""
+        tokenized = [tokenize_example(self.tokenizer, e, self.hparams.max_length) for e in self._labeled()]
+        return Candidates(
+            questions=self.labeled, tasks=[self.task] * len(self.labeled), group=torch.arange(len(self.labeled)),
+            texts=[self.task.format_rationale(q) for q in self.labeled], answers=[None] * len(self.labeled),
+            prompt_ids=[t.input_ids[: t.n_prompt] for t in tokenized],
+            response_ids=[t.input_ids[t.n_prompt :] for t in tokenized],
+        )
 
     def _generate_and_select(self, policy, run_dir: Path) -> list[SFTExample]:
         hp = self.hparams
@@ -172,7 +145,9 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         candidates = engine.sample(policy, questions, self.task, self.params)
         mine = {q.id for q in questions[rank::world]}
         rows = [r for r in candidates if r["question_id"] in mine]
-        signals, majority = self._cheap_signals(rows)
+        batch = to_candidates(rows, questions, self.task, policy.tokenizer)
+        signals: Values = {s.name: score(s, batch, policy) for s in ALWAYS}
+        majority = _majorities(batch)
         by_id = {q.id: q for q in questions}
         keep, weight = torch.ones(len(rows), dtype=torch.bool), torch.ones(len(rows))
         correct = torch.tensor([self.task.same(r["answer"], by_id[r["question_id"]].answer) for r in rows])
@@ -180,9 +155,22 @@ class SelfGeneratedDataModule(L.LightningDataModule):
                   "parsed_fraction": _global_sum(sum(r["answer"] is not None for r in rows)) / len(candidates),
                   "selectors": []}
         report["selectors"].append({"name": "all candidates", **_audit(keep, correct)})
+        computed = {id(s): signals[s.name] for s in ALWAYS}  # signal -> values, and where they were asked for
+        asked = {id(s): torch.ones(len(rows), dtype=torch.bool) for s in ALWAYS}
         for selector in self.selectors:
-            self._add_signals(policy, selector.needs, rows, by_id, keep, signals)
-            keep, weight = selector(signals, keep, weight)
+            values = {}
+            for role, signal in selector.signals().items():
+                key = id(signal)
+                missing = keep & ~asked.get(key, torch.zeros_like(keep))  # costly signals: the candidates in play
+                if key not in computed or missing.any():
+                    new = score(signal, batch, policy, where=missing)
+                    computed[key] = torch.where(missing, new, computed[key]) if key in computed else new
+                    asked[key] = asked.get(key, torch.zeros_like(keep)) | missing
+                values[role] = signals[signal.name] = computed[key]
+                if role in selector.labeled_roles:
+                    values[f"labeled_{role}"] = signals[f"labeled_{signal.name}"] = score(
+                        signal, self._labeled_candidates(), policy)
+            keep, weight = selector(values, keep, weight, batch.group)
             if not torch.isfinite(weight[keep]).all():
                 raise ValueError(f"{type(selector).__name__} gave non-finite weights to "
                                  f"{int((~torch.isfinite(weight[keep])).sum())} kept candidates")
@@ -237,6 +225,19 @@ class SelfGeneratedDataModule(L.LightningDataModule):
                                       world_size=trainer.world_size)
         collate_fn = functools.partial(collate, pad_token_id=self.tokenizer.pad_token_id)
         return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate_fn)
+
+
+ALWAYS = (MajorityAnswer(), VoteShare(), AnswerEntropy(), TokenNLL())  # cheap: from the answers and stored log-probs
+
+
+def _majorities(batch: Candidates) -> list[str | None]:
+    """Each candidate's question's majority answer (SPEC §1), for the kept rows' record."""
+    out: list[str | None] = [None] * len(batch)
+    for g, rows in enumerate(batch.members()):
+        majority, _, _ = batch.tasks[g].majority([batch.answers[i] for i in rows])
+        for i in rows:
+            out[i] = majority
+    return out
 
 
 def _audit(keep: torch.Tensor, correct: torch.Tensor) -> dict:

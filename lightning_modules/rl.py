@@ -3,7 +3,9 @@
 Each training step, for a batch of P unlabeled prompts:
 1. the current policy samples a group of G responses per prompt (no gradient; the shared few-shot prefix and
    each prompt are prefilled once), keeping each token's log-probability at temperature 1 (log pi_old);
-2. reward modules score the P x G responses; the reward is their weighted sum;
+2. label-free signals (`lightning_modules/signals/`, any of them) score the P x G responses; the reward is their
+   weighted sum; a signal that has no value for a response (NaN: a vote with fewer than two parsed answers)
+   rewards it 0, counted in `reward/<name>_no_value`;
 3. advantages are normalised within each prompt's group (`grpo` or `rloo`): the weighted sum of the rewards
    (`reward_combination: sum_then_normalize`), or the weighted sum of each reward normalised on its own
    (`normalize_each`, Intuitor's reading when several rewards combine);
@@ -18,7 +20,7 @@ The reference RLC code used trlx PPO with a value head and an adaptive KL; this 
 critic-free variant the spec asks for. Gold answers (where the task has them) are read only for evaluation
 metrics: the accuracy of the sampled answers, how often the reward agrees with gold (`rl/reward_accuracy`:
 reward > 0.5 vs correct, for rewards in [0, 1]) and how often it ranks a correct response of a group above an
-incorrect one (`rl/reward_ranking`, any reward scale).
+incorrect one (`rl/reward_ranking`, any reward scale: `signals.quality.ranking_auc`).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from lightning_modules.guard import FiniteGuard
 from lightning_modules.losses.functional import IGNORE_INDEX
 from lightning_modules.losses.policy_gradient import PPOClipLoss, group_advantages
 from lightning_modules.policy import Policy
-from lightning_modules.rewards.base import Reward, Rollout, rollout_tensors
 from lightning_modules.sampling import SamplingParams, finish_text, generate_batch, prefix_cache
 from lightning_modules.sft import TrainableStateMixin, save_config_hyperparameters
+from lightning_modules.signals import Candidates, Signal, candidate_tensors, score, signal_names
+from lightning_modules.signals.quality import ranking_auc
 
 PROGRESS_BAR = ("rl/loss", "rl/reward", "rl/sample_accuracy")
 
@@ -44,7 +47,7 @@ PROGRESS_BAR = ("rl/loss", "rl/reward", "rl/sample_accuracy")
 class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
     """Args:
         policy: the model; with LoRA the reference is the same network with the adapter disabled.
-        rewards: reward modules; `reward_weights` (default all 1) weigh their sum.
+        rewards: the signals that reward; `reward_weights` (default all 1) weigh their sum.
         group_size, temperature, top_p, max_new_tokens: the G sampled responses per prompt.
         advantage, advantage_eps: `grpo` ((r - mean) / (std + eps), eps 1e-4 as TRL and Intuitor) or `rloo`.
         reward_combination: `sum_then_normalize` (default) or `normalize_each` (see step 3).
@@ -54,7 +57,7 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
     """
 
     def __init__(
-        self, policy: Policy, rewards: list[Reward], reward_weights: list[float] | None = None,
+        self, policy: Policy, rewards: list[Signal], reward_weights: list[float] | None = None,
         group_size: int = 4, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 96,
         advantage: Literal["grpo", "rloo"] = "grpo", advantage_eps: float = 1e-4,
         reward_combination: Literal["sum_then_normalize", "normalize_each"] = "sum_then_normalize",
@@ -85,8 +88,8 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
     def configure_optimizers(self):
         return self.optimizer_factory(self.policy.trainable_parameters())
 
-    def rollout(self, batch: dict) -> tuple[Rollout, list[list[float]]]:
-        """G responses per prompt from the current policy, and their tokens' log-probs at temperature 1."""
+    def rollout(self, batch: dict) -> Candidates:
+        """G responses per prompt from the current policy, with their tokens' log-probs at temperature 1."""
         policy, tok = self.policy, self.policy.tokenizer
         prefix = batch["prefix_ids"]
         with policy.inference():
@@ -96,12 +99,12 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
         finished = [finish_text(tok, c, batch["stop"]) for c in completions]
         p, g = len(batch["suffix_ids"]), self.params.n
         task = batch["task"]
-        rollout = Rollout(
+        return Candidates(
             questions=batch["questions"], tasks=[task] * p, group=torch.arange(p).repeat_interleave(g),
             texts=[t for t, _ in finished], answers=[task.extract(t) for t, _ in finished],
-            prompt_ids=batch["suffix_ids"], response_ids=[c.tokens for _, c in finished], prefix_ids=prefix,
+            prompt_ids=batch["suffix_ids"], response_ids=[c.tokens for _, c in finished],
+            logprobs=[c.logprobs for _, c in finished], prefix_ids=prefix,
         )
-        return rollout, [c.logprobs for _, c in finished]
 
     def _aligned(self, values: list[list[float]], labels: Tensor) -> Tensor:
         """Per-response token values placed at the response's label positions. (N, T)."""
@@ -111,27 +114,25 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         self.policy.eval()  # the mode rule: dropout off for sampling, reference and PPO passes alike
-        rollout, old = self.rollout(batch)
-        n = len(rollout.texts)
+        rollout = self.rollout(batch)
+        n = len(rollout)
         rewards, advantages = torch.zeros(n), torch.zeros(n)
-        for module, weight in zip(self.rewards, self.reward_weights):
-            r = module(rollout, self.policy).float().cpu()
-            name = type(module).__name__
-            if r.shape != (n,) or not torch.isfinite(r).all():
-                bad = int((~torch.isfinite(r)).sum()) if r.shape == (n,) else "?"
-                raise ValueError(f"reward {name} must return one finite value per response: got shape "
-                                 f"{tuple(r.shape)} for {n} responses, {bad} non-finite")
+        for module, weight, name in zip(self.rewards, self.reward_weights, signal_names(self.rewards)):
+            r = score(module, rollout, self.policy)
+            no_value = torch.isnan(r)
+            r = r.nan_to_num(0.0)
             rewards += weight * r
             if self.reward_combination == "normalize_each":
                 advantages += weight * group_advantages(r, rollout.group, self.advantage, self.advantage_eps)
             self.log(f"reward/{name}_mean", r.mean(), batch_size=n)
             self.log(f"reward/{name}_std", r.std() if n > 1 else 0.0, batch_size=n)
+            self.log(f"reward/{name}_no_value", no_value.float().mean(), batch_size=n)
         if self.reward_combination == "sum_then_normalize":
             advantages = group_advantages(rewards, rollout.group, self.advantage, self.advantage_eps)
         advantages = advantages.to(self.device)
-        ids, mask, labels = rollout_tensors(rollout, self.policy.tokenizer.pad_token_id, self.device)
+        ids, mask, labels = candidate_tensors(rollout, self.policy.tokenizer.pad_token_id, self.device)
         response = labels != IGNORE_INDEX  # (N, T)
-        old_logp = self._aligned(old, labels)
+        old_logp = self._aligned(rollout.logprobs, labels)
         prefix = rollout.prefix_ids
         with torch.no_grad(), self.policy.reference():
             ref_logp = -self.policy.token_nll(ids, mask, labels, prefix)
@@ -153,7 +154,7 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
                 self.guard.updated(self.policy.named_parameters(), self.global_step)
         self._log_step(rollout, rewards, out, response, entropy)
 
-    def _log_step(self, rollout: Rollout, rewards: Tensor, out, response: Tensor, entropy: Tensor) -> None:
+    def _log_step(self, rollout: Candidates, rewards: Tensor, out, response: Tensor, entropy: Tensor) -> None:
         """Logs the step's figures; they are also kept in `step_metrics` (floats), only those of this step."""
         n = len(rollout.texts)
         metrics = {"rl/loss": out.loss.detach(), "rl/reward": rewards.mean(),
@@ -168,20 +169,9 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
             metrics["rl/sample_accuracy"] = correct.mean()
             if rewards.min() >= 0 and rewards.max() <= 1:  # a threshold only means something for [0, 1] rewards
                 metrics["rl/reward_accuracy"] = ((rewards > 0.5).float() == correct).float().mean()
-            ranking = reward_ranking(rewards, correct, rollout.group)
+            ranking = ranking_auc(rewards, correct, rollout.group)
             if ranking is not None:
                 metrics["rl/reward_ranking"] = ranking
         for name, value in metrics.items():
             self.log(name, value, batch_size=n, prog_bar=name in PROGRESS_BAR)
         self.step_metrics = {name: float(value) for name, value in metrics.items()}
-
-
-def reward_ranking(rewards: Tensor, correct: Tensor, group: Tensor) -> Tensor | None:
-    """How often the reward ranks a correct response above an incorrect one of the same group (ties count 1/2):
-    the within-group AUC, the part of the reward that group-normalised advantages use. None without such pairs."""
-    correct = correct.bool()
-    pairs = (group[:, None] == group[None, :]) & correct[:, None] & ~correct[None, :]
-    if not pairs.any():
-        return None
-    diff = rewards[:, None] - rewards[None, :]
-    return ((diff > 0).float() + 0.5 * (diff == 0).float())[pairs].mean()

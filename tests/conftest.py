@@ -32,3 +32,25 @@ def sft_jsonl(tmp_path):
         return str(path)
 
     return write
+
+
+@pytest.fixture(scope="module")
+def rollout(tiny_model_dir):
+    """The tiny policy and a hand-made `Candidates` batch: two questions of 4 answers each (gold, 3, gold written
+    as "= gold", unparsable; 7, 7, 8, gold)."""
+    from datamodules.tasks import Arithmetic
+    from lightning_modules.policy import Policy
+    from lightning_modules.signals import Candidates
+
+    policy = Policy(tiny_model_dir)
+    task = Arithmetic(few_shot=0)
+    q = task.load("train", 2)
+    tok = policy.tokenizer
+    texts = [f"The answer is {q[0].answer}.", "The answer is 3.", f"= {q[0].answer}", "no idea",
+             "The answer is 7.", "The answer is 7.", "The answer is 8.", f"The answer is {q[1].answer}."]
+    return policy, Candidates(
+        questions=q, tasks=[task, task], group=torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), texts=texts,
+        answers=[task.extract(t) for t in texts],
+        prompt_ids=[task.prompt_parts(tok, x).ids for x in q],
+        response_ids=[tok(t, add_special_tokens=False)["input_ids"] for t in texts],
+    )

@@ -11,7 +11,6 @@ from datamodules.io import DataError
 from datamodules.labeled import LabeledDataModule
 from datamodules.selection import AnswerEntropyFilter, EntropyThreshold, MajorityVote, PercentileFilter
 from datamodules.self_generated import SelfGeneratedDataModule
-from datamodules.signals import vote_signals
 from datamodules.tasks import Arithmetic
 from lightning_modules.cli import CheckpointError, build_cli
 from lightning_modules.guard import NonFiniteTrainingError
@@ -108,19 +107,26 @@ def test_settings_that_train_on_nothing_are_refused_when_built(build, message):
 
 
 def test_rl_needs_a_group_to_normalise_within(tiny_model_dir):
-    from lightning_modules.rewards.answers import MajorityVoteReward
     from lightning_modules.rl import SelfRewardRLModule
+    from lightning_modules.signals import MajorityAnswer
 
     with pytest.raises(ValueError, match="group_size must be at least 2"):
-        SelfRewardRLModule(Policy(tiny_model_dir), [MajorityVoteReward()], group_size=1)
+        SelfRewardRLModule(Policy(tiny_model_dir), [MajorityAnswer()], group_size=1)
 
 
-def test_a_question_with_fewer_than_two_parsed_answers_has_no_vote():
-    signals, _ = vote_signals(["a"] * 4 + ["b"] * 4, ["84", None, None, None, "5", "5", "6", None], Arithmetic())
-    assert signals["vote_share"][:4].isnan().all() and signals["answer_entropy"][:4].isnan().all()
-    assert signals["is_majority"][:4].isnan().all() and signals["vote_share"][4].item() == pytest.approx(2 / 3)
-    keep, _ = MajorityVote()(signals)
+def test_a_question_with_fewer_than_two_parsed_answers_has_no_vote(rollout):
+    from dataclasses import replace
+
+    from lightning_modules.signals import AnswerEntropy, MajorityAnswer, VoteShare, score
+
+    policy, r = rollout
+    r = replace(r, answers=["84", None, None, None, "5", "5", "6", None])
+    share, entropy, majority = (score(s, r, policy) for s in (VoteShare(), AnswerEntropy(), MajorityAnswer()))
+    assert share[:4].isnan().all() and entropy[:4].isnan().all() and majority[:4].isnan().all()
+    assert share[4].item() == pytest.approx(2 / 3)
+    keep, _ = MajorityVote()({"value": majority})
     assert keep.tolist() == [False] * 4 + [True, True, False, False]
+    assert score(MajorityAnswer(min_parsed=1), r, policy)[:4].tolist() == [1, 0, 0, 0]  # TTRL's official reading
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -178,9 +184,8 @@ def test_an_update_that_makes_weights_non_finite_stops_at_once_and_writes_nothin
 def test_rl_skips_non_finite_updates_and_refuses_non_finite_rewards(tiny_model_dir):
     from datamodules.questions import QuestionDataModule
     from lightning_modules.losses.policy_gradient import PPOClipLoss
-    from lightning_modules.rewards.answers import MajorityVoteReward
-    from lightning_modules.rewards.base import Reward
     from lightning_modules.rl import SelfRewardRLModule
+    from lightning_modules.signals import MajorityAnswer, Signal
 
     class NaNPPOLoss(PPOClipLoss):
         def forward(self, *args):
@@ -191,19 +196,19 @@ def test_rl_skips_non_finite_updates_and_refuses_non_finite_rewards(tiny_model_d
         trainer = L.Trainer(max_steps=4, enable_progress_bar=False, logger=False, enable_checkpointing=False)
         trainer.fit(module, QuestionDataModule(Arithmetic(), num_questions=4, batch_size=2, tokenizer=tiny_model_dir))
 
-    module = SelfRewardRLModule(Policy(tiny_model_dir), [MajorityVoteReward()], loss=NaNPPOLoss(), max_new_tokens=4,
+    module = SelfRewardRLModule(Policy(tiny_model_dir), [MajorityAnswer()], loss=NaNPPOLoss(), max_new_tokens=4,
                                 max_nonfinite_steps=2)
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     with pytest.raises(NonFiniteTrainingError, match="step 1: 2 non-finite loss values in a row"):
         fit(module)
     assert all(torch.equal(p, before[n]) for n, p in module.named_parameters() if p.requires_grad)
 
-    class NaNReward(Reward):
-        def forward(self, rollout, policy):
-            return torch.full((len(rollout.texts),), float("nan"))
+    class BrokenReward(Signal):
+        def forward(self, candidates, policy):
+            return torch.full((len(candidates),), float("nan"))
 
-    with pytest.raises(ValueError, match="reward NaNReward must return one finite value per response: .* 8 non-finite"):
-        fit(SelfRewardRLModule(Policy(tiny_model_dir), [NaNReward()], max_new_tokens=4))
+    with pytest.raises(ValueError, match="signal broken_reward returned 8 non-finite values"):
+        fit(SelfRewardRLModule(Policy(tiny_model_dir), [BrokenReward()], max_new_tokens=4))
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

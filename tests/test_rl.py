@@ -1,6 +1,7 @@
 """Online RL: advantage and PPO-clip maths, rewards on the tiny model, and a short fit per recipe."""
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,16 +10,9 @@ import torch
 from datamodules.tasks import Arithmetic
 from lightning_modules.losses.policy_gradient import PPOClipLoss, group_advantages, kl_k3
 from lightning_modules.policy import Policy
-from lightning_modules.rewards import (
-    GoldReward,
-    MajorityVoteReward,
-    NegativeEntropyReward,
-    Rollout,
-    SelfCertaintyReward,
-    SelfEvaluationReward,
-)
-from lightning_modules.rewards.base import rollout_tensors
-from lightning_modules.rl import SelfRewardRLModule, reward_ranking
+from lightning_modules.rl import SelfRewardRLModule
+from lightning_modules.signals import GoldAnswer, MajorityAnswer, SelfCertainty, candidate_tensors
+from lightning_modules.signals.quality import ranking_auc
 
 ROOT = Path(__file__).parents[1]
 
@@ -55,14 +49,14 @@ def test_reward_ranking_hand_values_and_naive_loop():
     correct = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
     group = torch.tensor([0, 0, 0, 0, 1, 1])
     # group 0: correct {0.9, 0.2} vs incorrect {0.2, 0.5}: 0.9 beats both, 0.2 ties 0.2 and loses to 0.5
-    assert reward_ranking(rewards, correct, group).item() == pytest.approx((1 + 1 + 0.5 + 0) / 4)
-    assert reward_ranking(rewards[4:], correct[4:], group[4:]) is None  # group 1 has no incorrect response
+    assert ranking_auc(rewards, correct, group) == pytest.approx((1 + 1 + 0.5 + 0) / 4)
+    assert ranking_auc(rewards[4:], correct[4:], group[4:]) is None  # group 1 has no incorrect response
     gen = torch.Generator().manual_seed(0)
     rewards, correct = torch.randint(0, 4, (40,), generator=gen).float(), torch.rand(40, generator=gen) < 0.5
     group = torch.arange(5).repeat_interleave(8)
     scores = [float(rewards[i] > rewards[j]) + 0.5 * float(rewards[i] == rewards[j])
               for i in range(40) for j in range(40) if group[i] == group[j] and correct[i] and not correct[j]]
-    assert reward_ranking(rewards, correct, group).item() == pytest.approx(sum(scores) / len(scores))
+    assert ranking_auc(rewards, correct, group) == pytest.approx(sum(scores) / len(scores))
 
 
 def test_loss_types_hand_values():
@@ -123,60 +117,15 @@ def test_advantage_eps_is_trls_and_intuitors():
                             eps=1e-6)[-1].item() == pytest.approx(1.497, rel=1e-3)
 
 
-@pytest.fixture(scope="module")
-def rollout(tiny_model_dir):
-    policy = Policy(tiny_model_dir)
-    task = Arithmetic(few_shot=0)
-    q = task.load("train", 2)
-    tok = policy.tokenizer
-    texts = [f"The answer is {q[0].answer}.", "The answer is 3.", f"= {q[0].answer}", "no idea",
-             "The answer is 7.", "The answer is 7.", "The answer is 8.", f"The answer is {q[1].answer}."]
-    return policy, Rollout(
-        questions=q, tasks=[task, task], group=torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), texts=texts,
-        answers=[task.extract(t) for t in texts],
-        prompt_ids=[task.prompt_parts(tok, x).ids for x in q],
-        response_ids=[tok(t, add_special_tokens=False)["input_ids"] for t in texts],
-    )
-
-
-def test_majority_and_gold_rewards_on_a_hand_made_group(rollout):
-    policy, r = rollout
-    assert MajorityVoteReward()(r, policy).tolist() == [1, 0, 1, 0, 1, 1, 0, 0]
-    assert GoldReward()(r, policy).tolist() == [1, 0, 1, 0, 0, 0, 0, 1]
-
-
-def test_self_evaluation_reward_is_a_probability(rollout):
-    policy, r = rollout
-    prob = SelfEvaluationReward()(r, policy)
-    assert prob.shape == (8,) and ((prob >= 0) & (prob <= 1)).all()
-    sampled = SelfEvaluationReward(mode="sampled")(r, policy)
-    assert set(sampled.tolist()) <= {0.0, 1.0}
-
-
-def test_self_certainty_against_a_naive_loop(rollout):
-    policy, r = rollout
-    policy.eval()
-    got = SelfCertaintyReward()(r, policy)
-    ids, mask, labels = rollout_tensors(r, policy.tokenizer.pad_token_id, "cpu")
-    with torch.no_grad():
-        logits = policy.model(input_ids=ids, attention_mask=mask).logits.float()
-    for i in range(len(r.texts)):
-        positions = [t - 1 for t in range(ids.shape[1]) if labels[i, t] != -100]
-        kl = [(-logits[i, t].log_softmax(-1).mean() - math.log(logits.shape[-1])).item() for t in positions]
-        assert got[i].item() == pytest.approx(sum(kl) / len(kl), rel=1e-4)
-    neg_entropy = NegativeEntropyReward()(r, policy)
-    assert (neg_entropy <= 0).all()
-
-
 def test_ppo_epochs_must_be_positive(rollout):
     with pytest.raises(ValueError, match="ppo_epochs"):
-        SelfRewardRLModule(rollout[0], [GoldReward()], ppo_epochs=0)
+        SelfRewardRLModule(rollout[0], [GoldAnswer()], ppo_epochs=0)
 
 
 def test_kl_is_zero_while_the_adapter_is_zero(rollout):
     policy, r = rollout
     policy.eval()
-    ids, mask, labels = rollout_tensors(r, policy.tokenizer.pad_token_id, "cpu")
+    ids, mask, labels = candidate_tensors(r, policy.tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
         logp = -policy.token_nll(ids, mask, labels)
         with policy.reference():
@@ -220,13 +169,13 @@ def test_rewards_normalised_each_before_they_combine(rollout, tiny_model_dir):
             seen.append(advantages.cpu())
             return super().forward(logp, old, ref, advantages, mask)
 
-    majority, gold = MajorityVoteReward()(r, policy), GoldReward()(r, policy)
+    majority, gold = MajorityAnswer()(r, policy), GoldAnswer()(r, policy)
     each = group_advantages(majority, r.group) + 2 * group_advantages(gold, r.group)
     for combination, want in (("normalize_each", each), ("sum_then_normalize", group_advantages(majority + 2 * gold,
                                                                                                 r.group))):
-        module = SelfRewardRLModule(Policy(tiny_model_dir), [MajorityVoteReward(), GoldReward()], reward_weights=[1, 2],
+        module = SelfRewardRLModule(Policy(tiny_model_dir), [MajorityAnswer(), GoldAnswer()], reward_weights=[1, 2],
                                     reward_combination=combination, loss=Recording())
-        module.rollout = lambda batch: (r, [[0.0] * len(x) for x in r.response_ids])  # the hand-made group
+        module.rollout = lambda batch: replace(r, logprobs=[[0.0] * len(x) for x in r.response_ids])  # hand-made
         L.Trainer(max_steps=1, enable_progress_bar=False, logger=False, enable_checkpointing=False).fit(
             module, QuestionDataModule(Arithmetic(), num_questions=2, batch_size=2, tokenizer=tiny_model_dir))
         torch.testing.assert_close(seen[-1], want)
@@ -245,7 +194,7 @@ def test_the_first_ppo_epoch_sees_the_network_that_sampled(tiny_model_dir):
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    module = SelfRewardRLModule(policy, [MajorityVoteReward()], temperature=1.0, max_new_tokens=6)
+    module = SelfRewardRLModule(policy, [MajorityAnswer()], temperature=1.0, max_new_tokens=6)
     L.Trainer(max_steps=1, enable_progress_bar=False, logger=False, enable_checkpointing=False).fit(
         module, QuestionDataModule(Arithmetic(), num_questions=2, batch_size=2, tokenizer=tiny_model_dir))
     assert module.step_metrics["rl/ratio"] == pytest.approx(1.0, abs=1e-5)
@@ -261,5 +210,5 @@ def test_a_reward_is_the_same_twice_on_one_rollout(rollout, tiny_model_dir):
             if "lora_B" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
     policy.train()
-    first, second = SelfCertaintyReward()(rollout[1], policy), SelfCertaintyReward()(rollout[1], policy)
+    first, second = SelfCertainty()(rollout[1], policy), SelfCertainty()(rollout[1], policy)
     assert torch.equal(first, second) and policy.training  # eval for the pass, train mode restored

@@ -8,7 +8,6 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules.scoring import parse_rating
 from datamodules.selection import (
     DSWeightFilter,
     EmptySelectionError,
@@ -21,6 +20,7 @@ from datamodules.self_generated import SelfGeneratedDataModule
 from datamodules.tasks import Arithmetic
 from lightning_modules.policy import Policy
 from lightning_modules.sft import WeightedSFTModule
+from lightning_modules.signals import DSWeight, SelfRating, VoteShare
 
 
 def _fit(tiny_model_dir, tmp_path, selectors, max_epochs=1, **data_kwargs):
@@ -38,18 +38,22 @@ def _fit(tiny_model_dir, tmp_path, selectors, max_epochs=1, **data_kwargs):
 class _Everything(MajorityVote):
     """The tiny model rarely parses an answer: a selector that keeps all, to exercise the pipeline."""
 
-    def select(self, signals, keep, weight):
-        return keep, weight * (1 + signals["vote_share"].nan_to_num(0.0))
+    def signals(self):
+        return {"value": VoteShare()}
+
+    def select(self, values, keep, weight, group):
+        return keep, weight * (1 + values["value"].nan_to_num(0.0))
 
 
 def test_pipeline_writes_selection_and_trains(tiny_model_dir, tmp_path):
-    trainer, data = _fit(tiny_model_dir, tmp_path, [_Everything()], valid_questions=2)
+    trainer, data = _fit(tiny_model_dir, tmp_path, [_Everything()])
     assert trainer.global_step >= 1
     run = Path(trainer.log_dir)
     rows = [json.loads(x) for x in (run / "round-0" / "selected.jsonl").read_text().splitlines()]
     report = json.loads((run / "round-0" / "report.json").read_text())
     assert len(rows) == 18 == report["candidates"] == report["kept"]
-    assert {"prompt", "completion", "weight", "vote_share", "answer_entropy", "token_entropy"} <= set(rows[0])
+    assert {"prompt", "completion", "weight", "vote_share", "answer_entropy", "token_nll", "majority_answer",
+            "majority"} <= set(rows[0])
     assert all(r["weight"] == pytest.approx(1 + (0 if math.isnan(r["vote_share"]) else r["vote_share"])) for r in rows)
     assert [s["name"] for s in report["selectors"]] == ["all candidates", "_Everything"]
     assert 0 <= report["selectors"][0]["precision"] <= 1 and report["selectors"][0]["recall"] in (0.0, 1.0)
@@ -57,17 +61,15 @@ def test_pipeline_writes_selection_and_trains(tiny_model_dir, tmp_path):
 
 
 def test_costly_signals_are_computed_for_the_candidates_still_in_play(tiny_model_dir, tmp_path, monkeypatch):
-    import datamodules.self_generated as self_generated
+    rated_questions, real = [], SelfRating.forward
 
-    rated_questions, real = [], self_generated.self_ratings
+    def spy(self, candidates, policy):
+        rated_questions.extend(candidates.question_text(i) for i in range(len(candidates)))
+        return real(self, candidates, policy)
 
-    def spy(policy, questions, answers):
-        rated_questions.extend(questions)
-        return real(policy, questions, answers)
-
-    monkeypatch.setattr(self_generated, "self_ratings", spy)
-    _, data = _fit(tiny_model_dir, tmp_path, [DSWeightFilter(keep=0.8), SelfRatingFilter(keep=1.0)],
-                   valid_questions=2)
+    monkeypatch.setattr(SelfRating, "forward", spy)
+    _, data = _fit(tiny_model_dir, tmp_path, [DSWeightFilter(keep=0.8, signal=DSWeight(valid_questions=2)),
+                                              SelfRatingFilter(keep=1.0)])
     signals, report = data.signals, data.reports[0]
     assert (signals["ds_weight"] >= 1).all()  # the first selector: every candidate scored
     rated = torch.isfinite(signals["self_rating"])
@@ -87,21 +89,16 @@ def test_semievol_warmup_then_labeled_threshold(tiny_model_dir, tmp_path):
     _, data = _fit(tiny_model_dir, tmp_path, [EntropyThreshold(percentile=100)], max_epochs=2,
                    labeled_questions=3, labeled_warmup=True)
     assert [r["round"] for r in data.reports] == [1]  # round 0 trained on the labeled set alone
-    assert data.signals["labeled_token_entropy"].shape == (3,)
+    assert data.signals["labeled_token_nll"].shape == (3,)
 
 
 def test_empty_selection_is_a_clear_error(tiny_model_dir, tmp_path):
     class Nothing(MajorityVote):
-        def select(self, signals, keep, weight):
+        def select(self, values, keep, weight, group):
             return keep & False, weight
 
     with pytest.raises(EmptySelectionError, match="Nothing kept nothing"):
         _fit(tiny_model_dir, tmp_path, [Nothing()])
-
-
-def test_parse_rating():
-    assert parse_rating("Score: 7") == 7 and parse_rating("I'd say score : 12/10") == 10
-    assert parse_rating("maybe 3 out of 10") == 3 and parse_rating("no idea") == 0 and parse_rating("Score: -2") == 0
 
 
 def test_valid_and_labeled_sets_never_overlap_the_unlabeled_questions(tmp_path):
@@ -110,29 +107,32 @@ def test_valid_and_labeled_sets_never_overlap_the_unlabeled_questions(tmp_path):
 
     rows = [f'{{"id": "r{i}", "question": "Q {i}?", "answer": "{i}", "rationale": "It is {i}."}}' for i in range(12)]
     (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
-    data = SelfGeneratedDataModule(GSM8K(data_path=str(tmp_path / "train.jsonl"), few_shot=1), num_questions=5,
-                                   valid_questions=2, valid_split="train", labeled_questions=3,
+    ds = DSWeight(valid_questions=2, valid_split="train")
+    data = SelfGeneratedDataModule(GSM8K(data_path=str(tmp_path / "train.jsonl"), few_shot=1),
+                                   [DSWeightFilter(signal=ds)], num_questions=5, labeled_questions=3,
                                    labeled_split="train")
-    unlabeled, valid, labeled = data._load_questions()
-    assert [q.id for q in valid] == ["r1", "r2"] and [q.id for q in labeled] == ["r3", "r4", "r5"]
+    unlabeled, labeled = data._load_questions()
+    assert [r for _, r in ds.valid] == ["It is 1. The answer is 1.", "It is 2. The answer is 2."]
+    assert [q.id for q in labeled] == ["r3", "r4", "r5"]
     assert [q.id for q in unlabeled] == ["r6", "r7", "r8", "r9", "r10"]  # r0 is the few-shot exemplar
 
 
-@pytest.mark.parametrize("selector, settings, missing", [
-    (DSWeightFilter(), {}, "valid_questions > 0"),
-    (EntropyThreshold(), {}, "labeled_questions > 0"),
-    (RewardModelFilter(), {}, "RewardModelFilter needs reward_model"),
-    (RewardModelFilter(), {"reward_model": "/no/such/rm"}, "no such model directory"),
-    (RewardModelFilter(), {"reward_model": "TINY"}, "is not a sequence classifier"),
+@pytest.mark.parametrize("selector, missing", [
+    (lambda: DSWeightFilter(signal=DSWeight(valid_questions=0)), "DSWeight needs a labeled valid set: valid_quest"),
+    (lambda: EntropyThreshold(), "labeled_questions > 0"),
+    (lambda: RewardModelFilter("/no/such/rm"), "no such model directory"),
+    (lambda: RewardModelFilter("TINY"), "is not a sequence classifier"),
 ])
-def test_a_selector_missing_what_it_needs_fails_before_generation(selector, settings, missing, tiny_model_dir,
-                                                                  tmp_path, monkeypatch):
+def test_a_selector_missing_what_it_needs_fails_before_generation(selector, missing, tiny_model_dir, tmp_path,
+                                                                  monkeypatch):
     from datamodules.generation import HFGenerator
 
     monkeypatch.setattr(HFGenerator, "sample", lambda *a, **k: pytest.fail("generation ran"))
-    settings = {k: tiny_model_dir if v == "TINY" else v for k, v in settings.items()}  # a causal LM, not an RM
     with pytest.raises((ValueError, FileNotFoundError), match=missing):
-        _fit(tiny_model_dir, tmp_path, [MajorityVote(), selector], **settings)
+        selector = selector()
+        if isinstance(selector, RewardModelFilter) and selector.signal.model_dir == "TINY":
+            selector.signal.model_dir = tiny_model_dir  # a causal LM, not a reward model
+        _fit(tiny_model_dir, tmp_path, [MajorityVote(), selector])
 
 
 # IWSI's official per-sample loss (record_loss.py: left padding to max_length 64 with eos as the pad, CE of the
@@ -143,8 +143,7 @@ IWSI_REFERENCE_LOSSES = [5.979732036590576, 5.956542015075684]
 
 
 def test_ds_loss_first_token_option_reproduces_iwsis_loss_code(tiny_model_dir):
-    from datamodules.collate import TokenizedExample, collate
-    from datamodules.scoring import with_leading_pad
+    from lightning_modules.batching import TokenizedExample, collate, with_leading_pad
     from lightning_modules.losses.functional import IGNORE_INDEX
 
     policy = Policy(tiny_model_dir).eval()

@@ -1,0 +1,183 @@
+"""One batch type and one interface for every label-free signal (SPEC §1–4, §6–7).
+
+`Candidates` holds G answers to each of P questions: what generation writes for self-training and evaluation,
+and what an RL step samples. A `Signal` maps them to one float per candidate. The same object is a selection
+filter's input (`datamodules/selection.py`), an RL reward (`lightning_modules/rl.py`) and an evaluation vote
+weight or best-of-k pick (`callbacks/task_evaluation.py`, `callbacks/signal_quality.py`).
+
+Design decisions:
+- Which model judges is the signal's `judge`, applied in one place (`Signal.__call__`): "current" runs the policy
+  as it is, "initial" the frozen initial model (`policy.reference()`: the adapter disabled), "none" reads only the
+  candidates. Every call runs in `policy.inference()` (eval mode, no gradient).
+- NaN means "no value". A signal that may legitimately have none (a vote with fewer than two parsed answers)
+  says so with `abstains = True`; any other NaN, or a wrong length, is an error naming the signal (`score`).
+- Costly signals are computed on the candidates still in play only (`score(..., where=keep)`); signals that read
+  the rest of the group (`needs_group`, the votes) always see whole groups.
+- A signal that needs labeled data (the DS weight's valid set) states it (`labeled`); the owner of the questions
+  loads it disjoint from them and hands it over (`use_labeled`) before any generation; `check()` runs then too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_modules.losses.functional import IGNORE_INDEX, predicting_labels
+
+
+@dataclass
+class Candidates:
+    """N candidate answers to P questions, grouped by question (`group[i]` is candidate i's question index)."""
+
+    questions: list[Any]  # (P,) question objects: text in `.question`, gold in `.answer` (evaluation only)
+    tasks: list[Any]  # (P,) each question's task: `extract`, `same`, `majority`, `answer_counts`, `format_question`
+    group: Tensor  # (N,) long
+    texts: list[str]  # (N,) response texts
+    answers: list[str | None]  # (N,) extracted answers, None when unparsable
+    prompt_ids: list[list[int]]  # (P,) the ids of the prompt that sampled, after the shared prefix
+    response_ids: list[list[int]]  # (N,)
+    logprobs: list[list[float]] | None = None  # (N,) each response token's log-prob at temperature 1, when sampled
+    prefix_ids: list[int] = field(default_factory=list)  # shared by every prompt (a task's few-shot exemplars)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def members(self) -> list[list[int]]:
+        """The candidate indices of each question, in order. (P lists)"""
+        rows: list[list[int]] = [[] for _ in self.questions]
+        for i, g in enumerate(self.group.tolist()):
+            rows[g].append(i)
+        return rows
+
+    def subset(self, index: Sequence[int]) -> Candidates:
+        """The candidates at `index` (every question kept, so `group` keeps its meaning)."""
+        index = list(index)
+        pick = (lambda xs: [xs[i] for i in index])
+        return replace(self, group=self.group[torch.tensor(index, dtype=torch.long)], texts=pick(self.texts),
+                       answers=pick(self.answers), response_ids=pick(self.response_ids),
+                       logprobs=None if self.logprobs is None else pick(self.logprobs))
+
+    def question_text(self, i: int) -> str:
+        """Candidate i's question as its task writes it (options included), without any chat template."""
+        g = int(self.group[i])
+        return self.tasks[g].format_question(self.questions[g])
+
+
+class Signal(nn.Module):
+    """A label-free signal: `forward(candidates, policy) -> (N,)` float tensor, NaN = no value.
+
+    Class attributes a signal sets: `higher_is_better`, `judge` ("current", "initial" or "none"), `needs_group`
+    (reads the other candidates of its question), `abstains` (may return NaN), `labeled` (the labeled questions it
+    needs, as `(split, count)`, or None)."""
+
+    higher_is_better: bool = True
+    judge: Literal["current", "initial", "none"] = "current"
+    needs_group: bool = False
+    abstains: bool = False
+
+    @property
+    def name(self) -> str:
+        """snake_case of the class name: the key of its column, metric and plot."""
+        return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", type(self).__name__).lower()
+
+    @property
+    def labeled(self) -> tuple[str, int] | None:
+        return None
+
+    def use_labeled(self, questions: list[Any], task: Any) -> None:
+        """Receives the labeled questions asked for in `labeled` (loaded disjoint from the questions it scores)."""
+
+    def check(self) -> None:
+        """Raises, naming the setting to give, when the signal cannot run; called before any generation."""
+
+    def forward(self, candidates: Candidates, policy) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, candidates: Candidates, policy) -> Tensor:
+        if self.judge == "none":  # reads the candidates only: no model, no mode to set
+            with torch.no_grad():
+                return super().__call__(candidates, policy)
+        judge = policy.reference() if self.judge == "initial" else contextlib.nullcontext()
+        with policy.inference(), judge:
+            return super().__call__(candidates, policy)
+
+
+def score(signal: Signal, candidates: Candidates, policy, where: Tensor | None = None) -> Tensor:
+    """`signal` on the candidates where `where` (N,) bool is set (all when None, and always all for a signal that
+    `needs_group`), checked: one finite value per candidate asked for (NaN only from a signal that abstains).
+    (N,) float32 on the CPU, NaN for the candidates not asked for."""
+    n = len(candidates)
+    index = torch.arange(n) if where is None or signal.needs_group else torch.nonzero(where.cpu()).flatten()
+    out = torch.full((n,), float("nan"))
+    if len(index) == 0:
+        return out
+    asked = candidates if len(index) == n else candidates.subset(index.tolist())
+    values = signal(asked, policy)
+    if not isinstance(values, Tensor) or values.shape != (len(index),):
+        shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(f"signal {signal.name} returned {shape} for {len(index)} candidates: one value each expected")
+    values = values.detach().float().cpu()
+    bad = torch.isinf(values) | (torch.isnan(values) & (not signal.abstains))
+    if bad.any():
+        raise ValueError(f"signal {signal.name} returned {int(bad.sum())} non-finite values (first at candidate "
+                         f"{int(index[bad.nonzero()[0]])}) for candidates it was asked to score")
+    return out.index_put_((index,), values)
+
+
+def signal_names(signals: Sequence[Signal]) -> list[str]:
+    """Each signal's name, made unique by a suffix (`_2`, ...) where two share one."""
+    names, seen = [], {}
+    for s in signals:
+        seen[s.name] = seen.get(s.name, 0) + 1
+        names.append(s.name if seen[s.name] == 1 else f"{s.name}_{seen[s.name]}")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------- teacher forcing
+def candidate_tensors(candidates: Candidates, pad_token_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded prompt + response ids (N, T), their attention mask, and `labels` holding the response tokens
+    (IGNORE_INDEX elsewhere), so that `policy.token_nll(ids, mask, labels, candidates.prefix_ids)` scores the
+    responses. The rows continue `candidates.prefix_ids`, which they leave out."""
+    seqs = [candidates.prompt_ids[int(g)] + r for g, r in zip(candidates.group, candidates.response_ids)]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for i, (g, r) in enumerate(zip(candidates.group, candidates.response_ids)):
+        n_prompt = len(candidates.prompt_ids[int(g)])
+        ids[i, : len(seqs[i])] = torch.tensor(seqs[i])
+        mask[i, : len(seqs[i])] = 1
+        labels[i, n_prompt : len(seqs[i])] = torch.tensor(r, dtype=torch.long)
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def response_values(candidates: Candidates, policy, fn: Callable[[Tensor], Tensor] | None,
+                    batch_size: int = 16) -> list[Tensor]:
+    """`fn(logits (n, V)) -> (n,)` of the distribution that produced each response token (None: the token's NLL),
+    under the model as it is now (the caller picks it), batched by length: one 1-D float32 tensor per candidate,
+    in response order."""
+    device = next(policy.parameters()).device
+    order = sorted(range(len(candidates)), key=lambda i: len(candidates.response_ids[i]))
+    out: list[Tensor] = [torch.empty(0)] * len(candidates)
+    for start in range(0, len(order), batch_size):
+        idx = [i for i in order[start : start + batch_size] if candidates.response_ids[i]]
+        if not idx:
+            continue
+        part = candidates.subset(idx)
+        ids, mask, labels = candidate_tensors(part, policy.tokenizer.pad_token_id, device)
+        if fn is None:
+            at = labels != IGNORE_INDEX  # (B, T) token_nll aligns each NLL with its label
+            values = policy.token_nll(ids, mask, labels, candidates.prefix_ids)
+        else:
+            at = predicting_labels(labels)  # (B, T) the positions whose distribution produced a response token
+            values = policy.token_map(ids, mask, at, fn, candidates.prefix_ids)
+        values, at = values.float().cpu(), at.cpu()
+        for row, i in enumerate(idx):
+            out[i] = values[row][at[row]]
+    return out

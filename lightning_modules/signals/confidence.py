@@ -1,0 +1,108 @@
+"""Signals from the model's own token distributions on each response (SPEC §4, §7). The response is scored after
+the prompt that sampled it (`Candidates.prompt_ids`, shared prefix included), by the current model.
+
+- `TokenNLL` (SemiEvol's response entropy, SPEC §4): -(1/T) sum_t log p(y_t | ...), lower is better. Read from the
+  log-probs stored at sampling (temperature 1, the model that sampled) when the candidates carry them, else one
+  teacher-forced pass (a labeled set's gold rationales).
+- `SelfCertainty` (Intuitor, arXiv 2505.19590): mean_t KL(U || p_t) = mean_t [-log|V| - (1/|V|) sum_v log p_t(v)].
+- `NegativeEntropy`: minus the token entropy H(p_t) of the response, `reduction="mean"` (RENT, arXiv
+  2505.22660: -(1/T) sum_t H(p_t), the default) or `"sum"` (EM-RL, arXiv 2505.15134); `last_k` keeps only the
+  response's last k tokens (RENT's "last chunk" option); `unparsable_value` is the value of an unparsable answer
+  (RENT's fixed penalty; default -log|V|, the lowest mean the signal can take; None keeps its entropy).
+- `DeepConf` (arXiv 2508.15260): token confidence C_t = -(1/k) sum_{j<=k} log p_t(j) over the top-k tokens
+  (k = 20); group confidence = the mean of C over a sliding window of `window` tokens (the paper's 2048; a trace
+  shorter than the window is one group); trace score = the lowest group confidence (`reduce="lowest"`), the mean
+  of the last `window` tokens (`"tail"`) or the mean over the trace (`"mean"`). An empty response scores 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lightning_modules.losses.functional import entropy
+from lightning_modules.signals.base import Candidates, Signal, response_values
+
+
+def _mean(values: list[Tensor], empty: float = 0.0) -> Tensor:
+    return torch.tensor([v.mean().item() if len(v) else empty for v in values])
+
+
+class TokenNLL(Signal):
+    higher_is_better = False
+
+    def __init__(self, batch_size: int = 16) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def forward(self, candidates: Candidates, policy) -> Tensor:
+        if candidates.logprobs is not None:
+            return torch.tensor([-sum(lp) / len(lp) if len(lp) else 0.0 for lp in candidates.logprobs])
+        return _mean(response_values(candidates, policy, None, self.batch_size))
+
+
+class SelfCertainty(Signal):
+    def __init__(self, batch_size: int = 16) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def forward(self, candidates: Candidates, policy) -> Tensor:
+        return _mean(response_values(candidates, policy, kl_from_uniform, self.batch_size))
+
+
+def kl_from_uniform(logits: Tensor) -> Tensor:
+    """KL(U || softmax(logits)) over the last dimension, float32. (..., V) -> (...)."""
+    log_p = logits.float().log_softmax(-1)
+    return -log_p.mean(-1) - math.log(logits.shape[-1])
+
+
+class NegativeEntropy(Signal):
+    def __init__(self, reduction: Literal["mean", "sum"] = "mean", last_k: int | None = None,
+                 unparsable_value: float | None | Literal["lowest"] = "lowest", batch_size: int = 16) -> None:
+        super().__init__()
+        if last_k is not None and last_k < 1:
+            raise ValueError(f"NegativeEntropy: last_k must be at least 1, got {last_k}")
+        self.reduction, self.last_k, self.unparsable_value = reduction, last_k, unparsable_value
+        self.batch_size = batch_size
+
+    def forward(self, candidates: Candidates, policy) -> Tensor:
+        values = response_values(candidates, policy, entropy, self.batch_size)
+        if self.last_k is not None:
+            values = [v[-self.last_k :] for v in values]
+        out = -(_mean(values) if self.reduction == "mean" else torch.tensor([v.sum().item() for v in values]))
+        if self.unparsable_value is not None:
+            low = -math.log(len(policy.tokenizer)) if self.unparsable_value == "lowest" else self.unparsable_value
+            unparsable = torch.tensor([a is None for a in candidates.answers])
+            out[unparsable] = low
+        return out
+
+
+class DeepConf(Signal):
+    def __init__(self, top_k: int = 20, window: int = 2048, reduce: Literal["lowest", "tail", "mean"] = "lowest",
+                 batch_size: int = 16) -> None:
+        super().__init__()
+        if top_k < 1 or window < 1:
+            raise ValueError(f"DeepConf: top_k and window must be at least 1, got {top_k} and {window}")
+        self.top_k, self.window, self.reduce, self.batch_size = top_k, window, reduce, batch_size
+
+    def token_confidence(self, logits: Tensor) -> Tensor:
+        """C_t = -(1/k) sum of the top-k log-probs. (n, V) -> (n,)."""
+        return -logits.float().log_softmax(-1).topk(self.top_k, dim=-1).values.mean(-1)
+
+    def trace_score(self, confidence: Tensor) -> float:
+        """One trace's score from its token confidences (T,)."""
+        if len(confidence) == 0:
+            return 0.0
+        if self.reduce == "tail":
+            return confidence[-self.window :].mean().item()
+        if self.reduce == "mean" or len(confidence) <= self.window:
+            return confidence.mean().item()
+        windows = confidence.unfold(0, self.window, 1).mean(-1)  # (T - w + 1,) group confidences
+        return windows.min().item()
+
+    def forward(self, candidates: Candidates, policy) -> Tensor:
+        confidences = response_values(candidates, policy, self.token_confidence, self.batch_size)
+        return torch.tensor([self.trace_score(c) for c in confidences])
