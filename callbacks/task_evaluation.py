@@ -5,7 +5,10 @@
 - during `fit`: evaluates the policy at fit start (the base model) and at fit end with the generation engine,
   logging `eval/...` at the current step and printing a one-line summary.
 maj@k: the majority of the k sampled answers (unparsable answers get no vote, ties go to the first seen) equals
-the gold answer; pass@k: any of the k does. Each evaluation writes `predictions-<name>-<when>.jsonl` (question,
+the gold answer; pass@k: any of the k does. With `signals` (any label-free signal of `lightning_modules/signals/`),
+also per signal: `vote@k/<signal>`, the k answers' vote weighted by the signal's rank within the question
+(Borda weights (k - r + 1)^vote_power, arXiv 2502.18581), and `best@k/<signal>`, the answer of the candidate the
+signal ranks first. Each evaluation writes `predictions-<name>-<when>.jsonl` (question,
 completions, extracted answers, gold) to the run directory and a few rows as TensorBoard text.
 
 Names: each evaluation has a `name` (default from its task's prompt settings, e.g. `arithmetic-2shot`) used in its
@@ -24,14 +27,17 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from datamodules.generation import HFGenerator
+from datamodules.generation import HFGenerator, to_candidates
 from datamodules.tasks.base import Question, Task
 from lightning_modules.sampling import SamplingParams
+from lightning_modules.signals import Candidates, Signal, score, signal_names
+from lightning_modules.signals.quality import best_of_k, rank_weights
+from lightning_modules.signals.votes import weighted_vote
 
 log = logging.getLogger(__name__)
 
 
-def score(task: Task, question: Question, greedy: str, samples: list[str]) -> dict:
+def score_question(task: Task, question: Question, greedy: str, samples: list[str]) -> dict:
     """One question's evaluation row."""
     greedy_answer = task.extract(greedy)
     answers = [task.extract(s) for s in samples]
@@ -46,6 +52,28 @@ def score(task: Task, question: Question, greedy: str, samples: list[str]) -> di
     }
 
 
+def judge_samples(candidates: Candidates, policy, signals: list[Signal], vote_power: float = 0.5) -> dict[str, dict]:
+    """Per signal (by unique name): its values (N,), and for each question the signal-weighted vote's answer and
+    the best-of-k pick's answer."""
+    out = {}
+    for signal, name in zip(signals, signal_names(signals)):
+        values = score(signal, candidates, policy)
+        oriented = values if signal.higher_is_better else -values
+        picks = best_of_k(oriented, candidates.group, len(candidates.questions)).tolist()
+        out[name] = {"values": values,
+                     "vote": weighted_vote(candidates, rank_weights(oriented, candidates.group, vote_power)),
+                     "best": [candidates.answers[i] if i >= 0 else None for i in picks]}
+    return out
+
+
+def add_signal_columns(rows: list[dict], judged: dict[str, dict], task: Task) -> None:
+    """Each row (one per question, in the candidates' question order) gains `vote/<signal>` and `best/<signal>`."""
+    for name, j in judged.items():
+        for row, vote, best in zip(rows, j["vote"], j["best"]):
+            row[f"vote/{name}"] = task.same(vote, row["gold"])
+            row[f"best/{name}"] = task.same(best, row["gold"])
+
+
 class TaskEvaluation(L.Callback):
     """Args:
         task: the task for fit-time evaluation (in `labelfree test` the datamodule's task is used).
@@ -58,13 +86,14 @@ class TaskEvaluation(L.Callback):
         k_at_fit_end: k for the fit-end evaluation (default `k`; 0 = greedy accuracy only, the cheap after-training
             figure).
         num_text_rows: rows shown as TensorBoard text.
+        signals, vote_power: label-free signals reported as a weighted vote and a best-of-k pick over the k samples.
     """
 
     def __init__(
         self, task: Task | None = None, split: str = "test", num_questions: int = 100, k: int = 8,
         temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0, batch_size: int = 8,
         at_fit_start: bool = True, at_fit_end: bool = True, k_at_fit_end: int | None = None, num_text_rows: int = 5,
-        name: str | None = None,
+        name: str | None = None, signals: list[Signal] | None = None, vote_power: float = 0.5,
     ) -> None:
         self.task, self.split, self.num_questions, self.k, self._name = task, split, num_questions, k, name
         self.sampled = SamplingParams(max(k, 1), temperature, top_p, max_new_tokens, seed)  # n: set per evaluation
@@ -72,6 +101,7 @@ class TaskEvaluation(L.Callback):
         self.batch_size, self.at_fit_start, self.at_fit_end = batch_size, at_fit_start, at_fit_end
         self.k_at_fit_end = k if k_at_fit_end is None else k_at_fit_end
         self.num_text_rows = num_text_rows
+        self.signals, self.vote_power = list(signals or []), vote_power
         self.rows: list[dict] = []
         self.results: dict[str, dict[str, float]] = {}  # when -> metrics
         self.predictions: dict[str, list[dict]] = {}  # when -> one row per question (for paired statistics)
@@ -109,6 +139,10 @@ class TaskEvaluation(L.Callback):
         k = len(rows[0]["samples"]) if rows else 0  # in `labelfree test` the module decides k
         if k:
             columns |= {f"maj@{k}": "maj_correct", f"pass@{k}": "pass"}
+            for column in rows[0]:
+                if column.startswith(("vote/", "best/")):
+                    kind, name = column.split("/", 1)
+                    columns[f"{kind}@{k}/{name}"] = column
         out = {}
         for name, column in columns.items():
             metric = MeanMetric().to(device)  # syncs across ranks in compute()
@@ -153,8 +187,18 @@ class TaskEvaluation(L.Callback):
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         task = trainer.datamodule.task
-        for q, greedy, samples in zip(batch["questions"], outputs["greedy"], outputs["samples"]):
-            self.rows.append(score(task, q, greedy, samples))
+        rows = [score_question(task, q, greedy, samples)
+                for q, greedy, samples in zip(batch["questions"], outputs["greedy"], outputs["samples"])]
+        if self.signals and outputs["samples"] and outputs["samples"][0]:
+            k, p = len(outputs["samples"][0]), len(rows)
+            texts = [t for s in outputs["samples"] for t in s]
+            candidates = Candidates(
+                questions=batch["questions"], tasks=[task] * p, group=torch.arange(p).repeat_interleave(k),
+                texts=texts, answers=[task.extract(t) for t in texts], prompt_ids=batch["suffix_ids"],
+                response_ids=outputs["sample_tokens"], logprobs=outputs["sample_logprobs"],
+                prefix_ids=batch["prefix_ids"])
+            add_signal_columns(rows, judge_samples(candidates, pl_module.policy, self.signals, self.vote_power), task)
+        self.rows += rows
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         pl_module.log_dict(self._report(trainer, "test", self.rows, "test"))
@@ -166,8 +210,13 @@ class TaskEvaluation(L.Callback):
         greedy_engine = HFGenerator(batch_size=self.batch_size * max(self.k, 1), chunk_size=10**9, progress=False)
         greedy = greedy_engine.sample(policy, questions, task, self.greedy)["completion"]
         engine = HFGenerator(batch_size=self.batch_size, chunk_size=10**9, progress=False)
-        samples = engine.sample(policy, questions, task, replace(self.sampled, n=k))["completion"] if k else []
-        return [score(task, q, greedy[i], samples[i * k : (i + 1) * k]) for i, q in enumerate(questions)]
+        sampled = engine.sample(policy, questions, task, replace(self.sampled, n=k)) if k else None
+        samples = sampled["completion"] if k else []
+        rows = [score_question(task, q, greedy[i], samples[i * k : (i + 1) * k]) for i, q in enumerate(questions)]
+        if self.signals and k:
+            candidates = to_candidates(sampled, questions, task, policy.tokenizer)
+            add_signal_columns(rows, judge_samples(candidates, policy, self.signals, self.vote_power), task)
+        return rows
 
     def _fit_eval(self, trainer, pl_module, when: str) -> None:
         task = self._task(trainer)

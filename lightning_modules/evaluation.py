@@ -37,19 +37,23 @@ class AnswerSamplingModule(TrainableStateMixin, L.LightningModule):
             self._prefix = (tuple(prefix_ids), prefix_cache(self.policy.model, prefix_ids))
         return self._prefix[1]
 
-    def _texts(self, batch: dict, params: SamplingParams, generator: torch.Generator | None) -> list[list[str]]:
+    def _completions(self, batch: dict, params: SamplingParams, generator: torch.Generator | None) -> list:
         prefix = self._prefix_cache(batch["prefix_ids"])
         completions = generate_batch(self.policy.model, self.policy.tokenizer, prefix, len(batch["prefix_ids"]),
                                      batch["suffix_ids"], params, batch["stop"], generator)
-        texts = [finish_text(self.policy.tokenizer, c, batch["stop"])[0] for c in completions]
-        return [texts[i * params.n : (i + 1) * params.n] for i in range(len(batch["suffix_ids"]))]
+        return [finish_text(self.policy.tokenizer, c, batch["stop"]) for c in completions]
 
     def test_step(self, batch: dict, batch_idx: int) -> dict:
+        """Greedy texts (P,), sampled texts per prompt (P lists of k), and the samples' tokens and log-probs
+        (P x k, flat) for the signals that judge them."""
         generator = torch.Generator().manual_seed(self.sampled.seed * 1_000_003 + batch_idx)
+        n, k = len(batch["suffix_ids"]), self.k
         with self.policy.inference():
-            greedy = [t[0] for t in self._texts(batch, self.greedy, None)]
-            samples = self._texts(batch, self.sampled, generator) if self.k else [[] for _ in greedy]
-        return {"greedy": greedy, "samples": samples}
+            greedy = [t for t, _ in self._completions(batch, self.greedy, None)]
+            sampled = self._completions(batch, self.sampled, generator) if k else []
+        texts = [t for t, _ in sampled]
+        return {"greedy": greedy, "samples": [texts[i * k : (i + 1) * k] for i in range(n)] if k else [[]] * n,
+                "sample_tokens": [c.tokens for _, c in sampled], "sample_logprobs": [c.logprobs for _, c in sampled]}
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         return self.test_step(batch, batch_idx)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from callbacks.task_evaluation import score
+from callbacks.task_evaluation import score_question as score
 from datamodules.io import DataError
 from datamodules.tasks import ANLI, GSM8K, MATH, SVAMP, AQuA, Arithmetic, OpenBookQA, Sentiment, StrategyQA, Task
 from datamodules.tasks.extract import extract_choice, extract_math, extract_word, parse_gold, same_math
