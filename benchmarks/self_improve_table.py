@@ -38,10 +38,10 @@ def run(method: str, seed: int, args, with_base: bool) -> dict:
         f"--trainer.logger.init_args.save_dir={args.runs}", f"--data.init_args.cache_dir={args.runs}/candidates",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
     ]
-    if method == "rm_filter":
-        overrides.append(f"--data.init_args.reward_model={args.reward_model}")
     cli = build_cli(["-c", str(ROOT / "configs/self_improve/base.yaml"),
                      "-c", str(ROOT / f"configs/self_improve/{method}.yaml"), *overrides], run=False)
+    if method == "rm_filter":  # the recipe's placeholder path, replaced before setup reads it
+        cli.datamodule.selectors[-1].signal.model_dir = args.reward_model
     few_shot, zero_shot = [cb for cb in cli.trainer.callbacks if isinstance(cb, TaskEvaluation)]
     for evaluation in (few_shot, zero_shot):
         # held-out questions: the recipe's family with a fixed seed, the same for every method and seed

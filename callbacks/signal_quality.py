@@ -31,7 +31,7 @@ from torch import Tensor
 from callbacks.statistics import bootstrap_interval, paired_difference
 from callbacks.task_evaluation import judge_samples
 from datamodules.generation import HFGenerator, to_candidates
-from datamodules.selection import PercentileFilter
+from datamodules.selection import PercentileFilter, load_with_labeled
 from lightning_modules.sampling import SamplingParams
 from lightning_modules.signals import Candidates, Signal, signal_names
 from lightning_modules.signals.quality import auroc
@@ -63,11 +63,12 @@ class SignalQuality(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Each signal's labeled data (loaded disjoint from the held-out questions) and checks, before any work."""
         data = trainer.datamodule
-        wanted = [s for s in self.signals if s.labeled is not None]
-        if wanted:
-            loaded = data.task.load_splits([s.labeled for s in wanted] + [(data.split, data.num_questions)])
-            for signal, questions in zip(wanted, loaded):
-                signal.use_labeled(questions, data.task)
+        if any(s.labeled is not None for s in self.signals):
+            held_out = load_with_labeled(data.task, self.signals, [(data.split, data.num_questions)],
+                                         labeled_first=False)[0]
+            if [q.id for q in held_out] != [q.id for q in data.task.load(data.split, data.num_questions)]:
+                raise ValueError(f"the labeled sets of {', '.join(s.name for s in self.signals if s.labeled)} share "
+                                 f"a source with split {data.split!r}; give them another split")
         for signal in self.signals:
             signal.check()
 

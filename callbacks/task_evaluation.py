@@ -22,6 +22,7 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -52,16 +53,24 @@ def score_question(task: Task, question: Question, greedy: str, samples: list[st
     }
 
 
-def judge_samples(candidates: Candidates, policy, signals: list[Signal], vote_power: float = 0.5) -> dict[str, dict]:
+def judge_samples(candidates: Candidates, policy, signals: list[Signal], vote_power: float = 0.5,
+                  vote_weighting: Literal["rank", "value"] = "rank") -> dict[str, dict]:
     """Per signal (by unique name): its values (N,), and for each question the signal-weighted vote's answer and
-    the best-of-k pick's answer."""
+    the best-of-k pick's answer. `vote_weighting="value"` weighs each vote by the signal's value itself (DeepConf's
+    confidence-weighted vote; higher-is-better signals with non-negative values only)."""
     out = {}
     for signal, name in zip(signals, signal_names(signals)):
         values = score(signal, candidates, policy)
         oriented = values if signal.higher_is_better else -values
+        if vote_weighting == "value":
+            if not signal.higher_is_better or (values < 0).any():
+                raise ValueError(f"vote_weighting 'value' needs a higher-is-better signal with non-negative values; "
+                                 f"{name} is not")
+            weights = values
+        else:
+            weights = rank_weights(oriented, candidates.group, vote_power)
         picks = best_of_k(oriented, candidates.group, len(candidates.questions)).tolist()
-        out[name] = {"values": values,
-                     "vote": weighted_vote(candidates, rank_weights(oriented, candidates.group, vote_power)),
+        out[name] = {"values": values, "vote": weighted_vote(candidates, weights),
                      "best": [candidates.answers[i] if i >= 0 else None for i in picks]}
     return out
 
@@ -86,7 +95,8 @@ class TaskEvaluation(L.Callback):
         k_at_fit_end: k for the fit-end evaluation (default `k`; 0 = greedy accuracy only, the cheap after-training
             figure).
         num_text_rows: rows shown as TensorBoard text.
-        signals, vote_power: label-free signals reported as a weighted vote and a best-of-k pick over the k samples.
+        signals, vote_power, vote_weighting: label-free signals reported as a weighted vote (Borda rank weights, or
+            the values themselves) and a best-of-k pick over the k samples.
     """
 
     def __init__(
@@ -94,6 +104,7 @@ class TaskEvaluation(L.Callback):
         temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0, batch_size: int = 8,
         at_fit_start: bool = True, at_fit_end: bool = True, k_at_fit_end: int | None = None, num_text_rows: int = 5,
         name: str | None = None, signals: list[Signal] | None = None, vote_power: float = 0.5,
+        vote_weighting: Literal["rank", "value"] = "rank",
     ) -> None:
         self.task, self.split, self.num_questions, self.k, self._name = task, split, num_questions, k, name
         self.sampled = SamplingParams(max(k, 1), temperature, top_p, max_new_tokens, seed)  # n: set per evaluation
@@ -101,7 +112,7 @@ class TaskEvaluation(L.Callback):
         self.batch_size, self.at_fit_start, self.at_fit_end = batch_size, at_fit_start, at_fit_end
         self.k_at_fit_end = k if k_at_fit_end is None else k_at_fit_end
         self.num_text_rows = num_text_rows
-        self.signals, self.vote_power = list(signals or []), vote_power
+        self.signals, self.vote_power, self.vote_weighting = list(signals or []), vote_power, vote_weighting
         self.rows: list[dict] = []
         self.results: dict[str, dict[str, float]] = {}  # when -> metrics
         self.predictions: dict[str, list[dict]] = {}  # when -> one row per question (for paired statistics)
@@ -197,7 +208,8 @@ class TaskEvaluation(L.Callback):
                 texts=texts, answers=[task.extract(t) for t in texts], prompt_ids=batch["suffix_ids"],
                 response_ids=outputs["sample_tokens"], logprobs=outputs["sample_logprobs"],
                 prefix_ids=batch["prefix_ids"])
-            add_signal_columns(rows, judge_samples(candidates, pl_module.policy, self.signals, self.vote_power), task)
+            add_signal_columns(rows, judge_samples(candidates, pl_module.policy, self.signals, self.vote_power,
+                                                         self.vote_weighting), task)
         self.rows += rows
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
@@ -215,7 +227,8 @@ class TaskEvaluation(L.Callback):
         rows = [score_question(task, q, greedy[i], samples[i * k : (i + 1) * k]) for i, q in enumerate(questions)]
         if self.signals and k:
             candidates = to_candidates(sampled, questions, task, policy.tokenizer)
-            add_signal_columns(rows, judge_samples(candidates, policy, self.signals, self.vote_power), task)
+            judged = judge_samples(candidates, policy, self.signals, self.vote_power, self.vote_weighting)
+            add_signal_columns(rows, judged, task)
         return rows
 
     def _fit_eval(self, trainer, pl_module, when: str) -> None:

@@ -11,6 +11,7 @@ signal's range, on every rank.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -238,6 +239,22 @@ class ImportanceWeights(Selector):
 
     def select(self, values, keep, weight, group):
         return keep, weight * values["value"].clamp(max=self.max_weight)
+
+
+def load_with_labeled(task, signals: Sequence[Signal], requests: list[tuple[str, int | None]],
+                      labeled_first: bool = True) -> list[list]:
+    """The questions of `requests` (split, count), and each signal's labeled set (`signal.labeled`) handed to it,
+    all loaded together so that splits reading one source are carved disjoint (`Task.load_splits`; the signals'
+    sets come first, or last with `labeled_first=False`, so that `requests` read as `task.load` reads them).
+    Signals asking alike share one set."""
+    wanted = [s for s in signals if s.labeled is not None]
+    labeled = list(dict.fromkeys(s.labeled for s in wanted))
+    loaded = task.load_splits(labeled + list(requests) if labeled_first else list(requests) + labeled)
+    sets, asked = (loaded[: len(labeled)], loaded[len(labeled) :]) if labeled_first else \
+        (loaded[len(requests) :], loaded[: len(requests)])
+    for signal in wanted:
+        signal.use_labeled(sets[labeled.index(signal.labeled)], task)
+    return asked
 
 
 def _local_percentile(values: Tensor, q: float) -> float:

@@ -37,7 +37,7 @@ from datamodules.collate import LengthBucketSampler, SFTExample, collate, tokeni
 from datamodules.generation import HFGenerator, dist_info, gather_objects, to_candidates
 from datamodules.io import check_at_least
 from datamodules.labeled import TokenizedDataset
-from datamodules.selection import Selector
+from datamodules.selection import Selector, load_with_labeled
 from datamodules.tasks.base import Question, Task
 from lightning_modules.model_store import DEFAULT_MODEL
 from lightning_modules.policy import format_prompt, load_tokenizer
@@ -107,13 +107,9 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         unlabeled; see `Task.load_splits`), and a question in two of them is refused. Returns (unlabeled,
         labeled); each signal receives its own set."""
         hp = self.hparams
-        wanted = [s for s in self._signals() if s.labeled is not None]
-        requests = [s.labeled for s in wanted]
-        requests += [(hp.labeled_split, hp.labeled_questions)] * bool(hp.labeled_questions)
-        loaded = self.task.load_splits(requests + [(hp.split, hp.num_questions)])
-        for signal, questions in zip(wanted, loaded):
-            signal.use_labeled(questions, self.task)
-        return loaded[-1], loaded[len(wanted)] if hp.labeled_questions else []
+        requests = [(hp.labeled_split, hp.labeled_questions)] * bool(hp.labeled_questions)
+        loaded = load_with_labeled(self.task, self._signals(), requests + [(hp.split, hp.num_questions)])
+        return loaded[-1], loaded[0] if hp.labeled_questions else []
 
     # ------------------------------------------------------------------ data of a round
     def _example(self, question: Question, completion: str, weight: float = 1.0, where: str = "") -> SFTExample:

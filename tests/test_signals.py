@@ -293,6 +293,24 @@ def test_a_new_signal_is_a_filter_a_reward_and_a_vote_weight(tiny_model_dir, tmp
     assert {"vote@4/length", "best@4/length"} <= set(evaluation._metrics(rows, torch.device("cpu")))
 
 
+def test_a_vote_weighted_by_the_values_themselves(rollout):
+    from callbacks.task_evaluation import judge_samples
+
+    policy, r = rollout
+
+    class Confidence(Signal):
+        judge = "none"
+
+        def forward(self, candidates, policy):
+            return torch.tensor([5.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 3.0])
+
+    judged = judge_samples(r, policy, [Confidence()], vote_weighting="value")["confidence"]
+    assert judged["vote"] == [r.answers[0], r.answers[7]]  # 5 vs 0 for "3"; gold's 3 beats 7's 1 + 1
+    assert judge_samples(r, policy, [Confidence()])["confidence"]["vote"][1] == "7"  # Borda ranks: 7 wins
+    with pytest.raises(ValueError, match="needs a higher-is-better signal with non-negative values; length"):
+        judge_samples(r, policy, [Length()], vote_weighting="value")
+
+
 def test_the_signal_quality_report_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
     from lightning_modules.cli import build_cli
 
