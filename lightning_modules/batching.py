@@ -46,17 +46,29 @@ def tokenize_example(tokenizer, example: SFTExample, max_length: int) -> Tokeniz
     return TokenizedExample(prompt + response, len(prompt), example.weight, truncated)
 
 
+def pad(sequences: list[list[int]], pad_token_id: int, left: bool = False,
+        targets_from: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The one padding helper of every pipeline: token lists -> ids (B, T), attention mask (B, T) and labels (B, T),
+    right-padded (training, scoring) or `left`-padded (prompts that end where the model answers). Labels hold
+    row i's tokens from position `targets_from[i]` on (the response), IGNORE_INDEX elsewhere; all IGNORE_INDEX
+    without `targets_from`."""
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for i, seq in enumerate(sequences):
+        start = width - len(seq) if left else 0
+        ids[i, start : start + len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, start : start + len(seq)] = 1
+        if targets_from is not None:
+            labels[i, start + targets_from[i] : start + len(seq)] = ids[i, start + targets_from[i] : start + len(seq)]
+    return ids, mask, labels
+
+
 def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, Tensor]:
     """Right-padded batch: input_ids, attention_mask, labels (prompt and padding = IGNORE_INDEX), weight."""
-    length = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)  # (B, T)
-    labels = torch.full_like(input_ids, IGNORE_INDEX)  # (B, T)
-    attention_mask = torch.zeros_like(input_ids)  # (B, T)
-    for i, e in enumerate(examples):
-        ids = torch.tensor(e.input_ids)
-        input_ids[i, : len(ids)] = ids
-        attention_mask[i, : len(ids)] = 1
-        labels[i, e.n_prompt : len(ids)] = ids[e.n_prompt :]
+    input_ids, attention_mask, labels = pad([e.input_ids for e in examples], pad_token_id,
+                                            targets_from=[e.n_prompt for e in examples])  # (B, T) each
     weight = torch.tensor([e.weight for e in examples], dtype=torch.float32)  # (B,)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weight": weight}
 

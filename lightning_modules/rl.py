@@ -36,9 +36,9 @@ from lightning_modules.guard import FiniteGuard
 from lightning_modules.losses.functional import IGNORE_INDEX
 from lightning_modules.losses.policy_gradient import PPOClipLoss, group_advantages
 from lightning_modules.policy import Policy
-from lightning_modules.sampling import SamplingParams, finish_text, generate_batch, prefix_cache
+from lightning_modules.sampling import SamplingParams
 from lightning_modules.sft import TrainableStateMixin, save_config_hyperparameters
-from lightning_modules.signals import Candidates, Signal, candidate_tensors, score, signal_names
+from lightning_modules.signals import Candidates, Signal, candidate_tensors, sample_candidates, score, signal_names
 from lightning_modules.signals.quality import ranking_auc
 
 PROGRESS_BAR = ("rl/loss", "rl/reward", "rl/sample_accuracy")
@@ -90,21 +90,9 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
 
     def rollout(self, batch: dict) -> Candidates:
         """G responses per prompt from the current policy, with their tokens' log-probs at temperature 1."""
-        policy, tok = self.policy, self.policy.tokenizer
-        prefix = batch["prefix_ids"]
-        with policy.inference():
-            cache = prefix_cache(policy.model, prefix)
-            completions = generate_batch(policy.model, tok, cache, len(prefix), batch["suffix_ids"], self.params,
-                                         batch["stop"], self.generator)
-        finished = [finish_text(tok, c, batch["stop"]) for c in completions]
-        p, g = len(batch["suffix_ids"]), self.params.n
-        task = batch["task"]
-        return Candidates(
-            questions=batch["questions"], tasks=[task] * p, group=torch.arange(p).repeat_interleave(g),
-            texts=[t for t, _ in finished], answers=[task.extract(t) for t, _ in finished],
-            prompt_ids=batch["suffix_ids"], response_ids=[c.tokens for _, c in finished],
-            logprobs=[c.logprobs for _, c in finished], prefix_ids=prefix,
-        )
+        p = len(batch["suffix_ids"])
+        return sample_candidates(self.policy, batch["questions"], [batch["task"]] * p, batch["suffix_ids"],
+                                 self.params, batch["prefix_ids"], self.generator)
 
     def _aligned(self, values: list[list[float]], labels: Tensor) -> Tensor:
         """Per-response token values placed at the response's label positions. (N, T)."""

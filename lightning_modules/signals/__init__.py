@@ -1,6 +1,13 @@
 """Label-free signals: one interface (`base.Signal`) used for selection, RL rewards and evaluation."""
 
-from lightning_modules.signals.base import Candidates, Signal, candidate_tensors, score, signal_names
+from lightning_modules.signals.base import (
+    Candidates,
+    Signal,
+    candidate_tensors,
+    sample_candidates,
+    score,
+    signal_names,
+)
 from lightning_modules.signals.confidence import DeepConf, NegativeEntropy, SelfCertainty, TokenNLL
 from lightning_modules.signals.ds_weight import DSWeight
 from lightning_modules.signals.gold import GoldAnswer
@@ -10,4 +17,4 @@ from lightning_modules.signals.votes import AnswerEntropy, ClusterShare, Majorit
 
 __all__ = ["AnswerEntropy", "Candidates", "ClusterShare", "DSWeight", "DeepConf", "GoldAnswer", "MajorityAnswer",
            "NegativeEntropy", "RewardModelScore", "SelfCertainty", "SelfEvaluation", "SelfRating", "Signal",
-           "TokenNLL", "VoteShare", "candidate_tensors", "score", "signal_names"]
+           "TokenNLL", "VoteShare", "candidate_tensors", "sample_candidates", "score", "signal_names"]

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_modules.batching import pad
 from lightning_modules.losses.functional import IGNORE_INDEX, predicting_labels
 
 
@@ -140,20 +141,35 @@ def signal_names(signals: Sequence[Signal]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- teacher forcing
+def sample_candidates(policy, questions: Sequence[Any], tasks: Sequence[Any], suffix_ids: Sequence[Sequence[int]],
+                      params, prefix_ids: Sequence[int] = (), generator: torch.Generator | None = None) -> Candidates:
+    """`params.n` answers to each question from the policy as it is now (in `policy.inference()`), with their
+    tokens' log-probs at temperature 1: the prompts are `prefix_ids + suffix_ids[p]`; each task's stop strings end
+    its answers (the union of the tasks' stops cuts every answer: tasks mixed in one batch share a template)."""
+    from lightning_modules.sampling import finish_text, generate_batch, prefix_cache
+
+    tok = policy.tokenizer
+    stop = tuple(dict.fromkeys(s for task in tasks for s in task.stop))
+    with policy.inference():
+        cache = prefix_cache(policy.model, prefix_ids)
+        completions = generate_batch(policy.model, tok, cache, len(prefix_ids), suffix_ids, params, stop, generator)
+    finished = [finish_text(tok, c, stop) for c in completions]
+    group = torch.arange(len(suffix_ids)).repeat_interleave(params.n)
+    return Candidates(
+        questions=list(questions), tasks=list(tasks), group=group, texts=[t for t, _ in finished],
+        answers=[tasks[int(g)].extract(t) for g, (t, _) in zip(group, finished)], prompt_ids=list(suffix_ids),
+        response_ids=[c.tokens for _, c in finished], logprobs=[c.logprobs for _, c in finished],
+        prefix_ids=list(prefix_ids),
+    )
+
+
 def candidate_tensors(candidates: Candidates, pad_token_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
     """Right-padded prompt + response ids (N, T), their attention mask, and `labels` holding the response tokens
     (IGNORE_INDEX elsewhere), so that `policy.token_nll(ids, mask, labels, candidates.prefix_ids)` scores the
     responses. The rows continue `candidates.prefix_ids`, which they leave out."""
-    seqs = [candidates.prompt_ids[int(g)] + r for g, r in zip(candidates.group, candidates.response_ids)]
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    for i, (g, r) in enumerate(zip(candidates.group, candidates.response_ids)):
-        n_prompt = len(candidates.prompt_ids[int(g)])
-        ids[i, : len(seqs[i])] = torch.tensor(seqs[i])
-        mask[i, : len(seqs[i])] = 1
-        labels[i, n_prompt : len(seqs[i])] = torch.tensor(r, dtype=torch.long)
+    prompts = [candidates.prompt_ids[int(g)] for g in candidates.group]
+    ids, mask, labels = pad([p + r for p, r in zip(prompts, candidates.response_ids)], pad_token_id,
+                            targets_from=[len(p) for p in prompts])
     return ids.to(device), mask.to(device), labels.to(device)
 
 
