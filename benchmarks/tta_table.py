@@ -1,64 +1,152 @@
-"""Online accuracy of test-time adaptation on the default stream: no adaptation, Tent, SAR, ROID, several seeds.
+"""Test-time adaptation on shifted streams: every method against no adaptation, paired, 3 seeds (SPEC §9).
 
-Each run is `labelfree fit -c configs/tta/<method>.yaml` (label level, default model) on a stream of
-`--questions` one-sentence reviews (`Sentiment`; `--few-shot` exemplars, 0 by default) in the same `--order`
-for every method; the seed changes the reviews and their order. Beside each method's online accuracy: the
-non-adapted model on the same batches with the same prediction rule (`tta/source_accuracy`). Prints mean ± std
-over seeds, with resets.
+Streams (the same items for every method of a seed; the seed changes the items and their order):
+- `label_bias`: Sentiment zero-shot, shuffled, label level: the model answers " positive" to nearly every review
+  while its verbalizer margin separates the classes.
+- `one_class`: the same reviews one class at a time (SAR's online imbalanced label shift).
+- `mixed`: Sentiment zero-shot and Comparison 2-shot interleaved (mixed domains), label level.
+- `format_shift`: Arithmetic, 2-shot for the first half of the stream, zero-shot after (a prompt-format shift),
+  token level: the model answers, the task extracts the answer.
+Each method's learning rate is chosen among 0.1x, 1x and 10x its recipe's (`configs/tta/<recipe>.yaml`) by online
+accuracy on a validation stream of the same kind built from the `train` split (seed 0), never on the reported
+`test` stream. Reported: online accuracy pooled over seeds, the paired difference against no adaptation with a
+95% bootstrap interval over items and McNemar's p, and the collapse signals: the share of the most frequent
+prediction, the last batch's entropy, the resets. Every method of a seed runs in this one process.
 
-    python benchmarks/tta_table.py --seeds 0 1 2 --questions 96
-    python benchmarks/tta_table.py --seeds 0 1 2 --questions 96 --order by_label
+    python benchmarks/tta_table.py --streams label_bias one_class mixed format_shift --seeds 0 1 2
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import time
+from collections import Counter
 from pathlib import Path
 
-from tables import mean_std, run_grid  # benchmarks/tables.py, beside this script
+import torch
 
+from callbacks.statistics import cell, paired_difference, pool
 from lightning_modules.cli import build_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("tent", "sar", "roid")
+LABEL = {"none": "tent", "tent": "tent", "infomax": "infomax", "batch_calibration": "batch_calibration",
+         "roid": "roid", "sar": "sar", "tlm": "tlm"}  # method -> recipe (label-level "none" reuses Tent's policy)
+TOKEN = {"none": "tent_token", "tent": "tent_token", "em_ft": "em_ft", "sar": "sar_token", "tlm": "tlm",
+         "pseudo_label": "pseudo_label"}
+NO_LR = {"none", "batch_calibration"}
+SENTIMENT = '{"class_path": "datamodules.tasks.Sentiment", "init_args": {"seed": %d}}'
+COMPARISON = '{"class_path": "datamodules.tasks.Comparison", "init_args": {"seed": %d, "few_shot": 2}}'
+ARITHMETIC = '{"class_path": "datamodules.tasks.Arithmetic", "init_args": {"seed": %d, "few_shot": 2}}'
 
 
-def run(method: str, seed: int, args) -> dict:
-    extra = [f"--data.init_args.tasks.init_args.seed={seed}", f"--seed_everything={seed}",
-             f"--data.init_args.seed={seed}", f"--data.init_args.order={args.order}"]
-    cli = build_cli([
-        "fit", "-c", str(ROOT / "configs" / "tta" / f"{method}.yaml"),
-        f"--data.init_args.num_questions={args.questions}",
-        f"--data.init_args.tasks.init_args.few_shot={args.few_shot}", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false", f"--trainer.logger.init_args.save_dir={args.runs}", *extra,
-    ])
-    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-    resets = next((len(cb.reset_steps) for cb in cli.trainer.callbacks if hasattr(cb, "reset_steps")), 0)
-    return {"online": metrics["tta/online_accuracy"], "source": metrics["tta/source_accuracy"], "resets": resets}
+def stream_args(stream: str, seed: int, split: str, questions: int) -> tuple[str, list[str]]:
+    """(level, data overrides) of a stream."""
+    common = [f"--data.init_args.split={split}", f"--data.init_args.seed={seed}",
+              f"--data.init_args.num_questions={questions}"]
+    if stream == "label_bias":
+        return "label", common + [f"--data.init_args.tasks={SENTIMENT % seed}", "--data.init_args.order=random"]
+    if stream == "one_class":
+        return "label", common + [f"--data.init_args.tasks={SENTIMENT % seed}", "--data.init_args.order=by_label"]
+    if stream == "mixed":
+        return "label", common + [f"--data.init_args.tasks=[{SENTIMENT % seed}, {COMPARISON % seed}]",
+                                  "--data.init_args.order=random", f"--data.init_args.num_questions={questions // 2}"]
+    return "token", common + [f"--data.init_args.tasks={ARITHMETIC % seed}", "--data.init_args.format_shift_at=0.5",
+                              "--data.init_args.shifted_few_shot=0", "--data.init_args.batch_size=8",
+                              "--model.init_args.max_new_tokens=32"]
+
+
+def recipe_lr(recipe: str) -> float:
+    import yaml
+
+    optimizer = yaml.safe_load((ROOT / "configs" / "tta" / f"{recipe}.yaml").read_text())["model"]["init_args"].get(
+        "optimizer", {})
+    return (optimizer.get("init_args", {}) | optimizer.get("dict_kwargs", {})).get("lr", 1e-3)
+
+
+def run(method: str, stream: str, seed: int, split: str, questions: int, lr: float | None, runs: str) -> dict:
+    level, data = stream_args(stream, seed, split, questions)
+    recipe = (LABEL if level == "label" else TOKEN)[method]
+    args = ["-c", str(ROOT / "configs" / "tta" / f"{recipe}.yaml"), f"--seed_everything={seed}", *data,
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.logger.init_args.name={stream}_{method}"]
+    if lr is not None:
+        key = "dict_kwargs" if recipe.startswith("sar") else "init_args"
+        args.append(f"--model.init_args.optimizer.{key}.lr={lr}")
+    if method == "none":
+        args.append("--model.init_args.method=lightning_modules.tta.NoAdaptation")
+    cli = build_cli(args, run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    model, metrics = cli.model, cli.trainer.callback_metrics
+    top = Counter(model.predicted).most_common(1)[0][1] / len(model.predicted)
+    return {"outcomes": model.outcomes, "accuracy": sum(model.outcomes) / len(model.outcomes), "top_share": top,
+            "entropy": float(metrics.get("tta/entropy", float("nan"))), "resets": len(model.reset_steps),
+            "skipped": model.method.skipped_steps}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", nargs="+", default=["label_bias", "one_class", "mixed", "format_shift"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--questions", type=int, default=96)
-    parser.add_argument("--few-shot", type=int, default=0)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--order", default="random", choices=["random", "by_label"], help="the same for every method")
+    parser.add_argument("--questions", type=int, default=96, help="items per reported label-level stream")
+    parser.add_argument("--token-questions", type=int, default=48, help="items per reported token-level stream")
+    parser.add_argument("--validation-questions", type=int, default=48)
+    parser.add_argument("--methods", nargs="+", default=None, help="default: every method of the stream's level")
     parser.add_argument("--runs", default="runs/tta_table")
+    parser.add_argument("--out", default="runs/tta_table/results.json")
     args = parser.parse_args()
 
-    start = time.perf_counter()
-    results, _ = run_grid(args.methods, args.seeds, lambda method, seed, first: run(method, seed, args))
+    start, results = time.perf_counter(), {}
+    for stream in args.streams:
+        level = stream_args(stream, 0, "test", 1)[0]
+        methods = args.methods or list(LABEL if level == "label" else TOKEN)
+        questions = args.questions if level == "label" else args.token_questions
+        chosen = {}
+        for method in methods:  # the learning rate, on the validation stream (train split, seed 0)
+            if method in NO_LR:
+                chosen[method] = None
+                continue
+            base = recipe_lr((LABEL if level == "label" else TOKEN)[method])
+            scores = {lr: run(method, stream, 0, "train", args.validation_questions, lr, args.runs)["accuracy"]
+                      for lr in (base / 10, base, base * 10)}
+            chosen[method] = max(scores, key=lambda lr: (scores[lr], -abs(lr / base - 1)))  # ties: the recipe's
+            print(f"{stream} {method}: validation {json.dumps(scores)} -> lr {chosen[method]:g}", flush=True)
+        rows = {m: [] for m in methods}
+        for seed in args.seeds:
+            for method in methods:
+                rows[method].append(run(method, stream, seed, "test", questions, chosen[method], args.runs))
+                r = rows[method][-1]
+                print(f"{stream} seed {seed} {method}: accuracy {r['accuracy']:.3f} top {r['top_share']:.2f} "
+                      f"entropy {r['entropy']:.3f} resets {r['resets']}", flush=True)
+        results[stream] = {"lr": chosen, "rows": rows}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results))
+        print(table(stream, results[stream], args.seeds), flush=True)
+    print(f"{time.perf_counter() - start:.0f} s on this machine ({platform.machine()}, {torch.get_num_threads()} "
+          f"threads, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'})")
+    ratios = []
+    for stream, result in results.items():
+        accuracy = {m: sum(sum(r["outcomes"]) for r in runs) / sum(len(r["outcomes"]) for r in runs)
+                    for m, runs in result["rows"].items()}
+        best = max((m for m in accuracy if m != "none"), key=accuracy.get)
+        ratios.append(f"{stream} {accuracy[best] / max(accuracy['none'], 1e-9):.3f} ({best})")
+    print("online accuracy ratio, best method / no adaptation: " + ", ".join(ratios))
 
-    print(f"\nstream: Sentiment, {args.questions} questions, {args.order} order, {args.few_shot}-shot, "
-          f"seeds {args.seeds}, {time.perf_counter() - start:.0f} s")
-    # each method's baseline is the same model without adaptation under the same prediction rule (ROID's
-    # recipe reports prior-corrected predictions, so its baseline is prior correction alone)
-    print("| method | online accuracy | same predictions without adaptation | resets |\n|---|---|---|---|")
-    for method, rows in results.items():
-        print(f"| {method} | {mean_std([r['online'] for r in rows])} | {mean_std([r['source'] for r in rows])} | "
-              f"{sum(r['resets'] for r in rows)} |")
+
+def table(stream: str, result: dict, seeds) -> str:
+    rows, none = result["rows"], result["rows"]["none"]
+    lines = [f"\n{stream} (seeds {seeds}): accuracy pooled over seeds; difference vs no adaptation [95% CI], "
+             "McNemar p; collapse signals", "| method | lr | accuracy | vs none | top prediction share | "
+             "last entropy | resets |", "|---|---|---|---|---|---|---|"]
+    for method, runs in rows.items():
+        a, b = pool([(r["outcomes"], n["outcomes"]) for r, n in zip(runs, none)])
+        diff = "-" if method == "none" else cell(paired_difference(a, b))
+        lr = result["lr"][method]
+        lines.append(f"| {method} | {'-' if lr is None else f'{lr:g}'} | {sum(a) / len(a):.3f} | {diff} | "
+                     f"{sum(r['top_share'] for r in runs) / len(runs):.2f} | "
+                     f"{sum(r['entropy'] for r in runs) / len(runs):.3f} | {sum(r['resets'] for r in runs)} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

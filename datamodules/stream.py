@@ -3,10 +3,12 @@
 - `order="by_label"`: one class after another (SAR's online imbalanced label shift); `"random"`: shuffled once.
 - `format_shift_at=f`: from fraction f of the stream on, prompts switch to `shifted_few_shot` exemplars and the
   `shifted_template` (a change of prompt format mid-stream).
-- several `tasks`: interleaved one question at a time (mixed domains); they must share their verbalizer count.
-Batches: `input_ids`/`attention_mask` (left-padded label prompts ending at the answer slot), `labels` (gold
-index, for evaluation only), `verbalizer_ids` (B, C), `questions`, `tasks` (the Task objects, for the
-token level's answer extraction). The stream is served in order, never shuffled by the loader.
+- several `tasks`: interleaved one question at a time (mixed domains).
+Batches: `questions`, `tasks` (the Task objects: the answer extraction of the token level), `prompt_ids` (each
+item's generation prompt, for the token level: any task, open-ended ones included). Classification streams (every
+task has verbalizers, all as many) add `input_ids`/`attention_mask` (left-padded label prompts ending at the answer
+slot), `labels` (gold index, for evaluation only) and `verbalizer_ids` (B, C); otherwise `label_problem` says why
+not, and the label level refuses the stream at setup with it. The stream is served in order, never shuffled.
 """
 
 from __future__ import annotations
@@ -21,24 +23,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.tasks.base import Question, Task
+from lightning_modules.batching import pad
 from lightning_modules.model_store import DEFAULT_MODEL
 from lightning_modules.policy import load_tokenizer
 
 
 def collate_stream(items: list[dict], pad_token_id: int) -> dict:
-    width = max(len(it["ids"]) for it in items)
-    input_ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)  # (B, T) left-padded
-    attention_mask = torch.zeros_like(input_ids)
-    for i, it in enumerate(items):
-        input_ids[i, width - len(it["ids"]) :] = torch.tensor(it["ids"])
-        attention_mask[i, width - len(it["ids"]) :] = 1
-    return {
-        "input_ids": input_ids, "attention_mask": attention_mask,
-        "labels": torch.tensor([it["label"] for it in items]),
-        "verbalizer_ids": torch.tensor([it["verbalizer_ids"] for it in items]),  # (B, C)
-        "questions": [it["question"] for it in items], "tasks": [it["task"] for it in items],
-        "prompt_lengths": [len(it["ids"]) for it in items],
-    }
+    batch = {"questions": [it["question"] for it in items], "tasks": [it["task"] for it in items],
+             "prompt_ids": [it["prompt_ids"] for it in items]}
+    if "label" in items[0]:  # a classification stream: the label prompts, left-padded to end at the answer slot
+        batch["input_ids"], batch["attention_mask"], _ = pad([it["ids"] for it in items], pad_token_id, left=True)
+        batch["labels"] = torch.tensor([it["label"] for it in items])
+        batch["verbalizer_ids"] = torch.tensor([it["verbalizer_ids"] for it in items])  # (B, C)
+    return batch
 
 
 class StreamDataModule(L.LightningDataModule):
@@ -63,6 +60,7 @@ class StreamDataModule(L.LightningDataModule):
         self.tasks = tasks if isinstance(tasks, list) else [tasks]
         self.task = self.tasks[0]  # for callbacks that read a datamodule's task
         self.items: list[dict] = []
+        self.label_problem: str | None = None  # why label-level adaptation cannot run on this stream (None: it can)
 
     def setup(self, stage: str | None = None) -> None:
         if self.items:
@@ -71,8 +69,13 @@ class StreamDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(hp.tokenizer)
         per_task = [[(task, q) for q in task.load(hp.split, hp.num_questions)] for task in self.tasks]
         n_classes = {len(task.verbalizers or ()) for task in self.tasks}
-        if len(n_classes) != 1 or 0 in n_classes:
-            raise ValueError("stream tasks must all be classification tasks with the same number of verbalizers")
+        unlabeled = [task.name for task in self.tasks if not task.verbalizers]
+        if unlabeled:
+            self.label_problem = f"task {unlabeled[0]!r} has no verbalizers (an open-ended task)"
+        elif len(n_classes) != 1:
+            self.label_problem = f"the stream's tasks have different numbers of verbalizers {sorted(n_classes)}"
+        if hp.order == "by_label" and self.label_problem:
+            raise ValueError(f"order: by_label serves one class at a time, but {self.label_problem}")
         stream = [pair for group in zip(*per_task) for pair in group]  # interleaved, as long as the shortest
         if hp.order == "random":
             random.Random(hp.seed).shuffle(stream)
@@ -90,8 +93,11 @@ class StreamDataModule(L.LightningDataModule):
         return other
 
     def _item(self, task: Task, q: Question) -> dict:
-        return {"ids": task.label_prompt_ids(self.tokenizer, q), "label": task.label_index(q),
-                "verbalizer_ids": task.verbalizer_ids(self.tokenizer), "question": q, "task": task}
+        item = {"prompt_ids": task.prompt_parts(self.tokenizer, q).ids, "question": q, "task": task}
+        if self.label_problem is None:
+            item |= {"ids": task.label_prompt_ids(self.tokenizer, q), "label": task.label_index(q),
+                     "verbalizer_ids": task.verbalizer_ids(self.tokenizer)}
+        return item
 
     def train_dataloader(self) -> DataLoader:
         collate = functools.partial(collate_stream, pad_token_id=self.tokenizer.pad_token_id)

@@ -1,0 +1,256 @@
+"""The TTA methods as objects: their maths against hand values and naive loops, predictions made before the
+update, the level and optimizer checks, and resets inside a real fit."""
+
+import contextlib
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_modules.losses.functional import entropy
+from lightning_modules.optim.sam import SAM
+from lightning_modules.tta import (
+    ROID,
+    SAR,
+    TLM,
+    BatchCalibration,
+    InfoMax,
+    LabelView,
+    NoAdaptation,
+    PseudoLabel,
+    Tent,
+    TestTimeAdaptationModule,
+)
+from lightning_modules.tta.infomax import information_maximisation
+from lightning_modules.tta.tlm import tlm_loss
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_information_maximisation_hand_value_and_naive_loop():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3), 0.0]])  # p = (.5, .5), (.75, .25)
+    loss, per_sample, diversity = information_maximisation(logits, eps=0.0)
+    h = lambda p: -sum(x * math.log(x) for x in p)  # noqa: E731
+    assert per_sample.item() == pytest.approx((h([0.5, 0.5]) + h([0.75, 0.25])) / 2)
+    assert diversity.item() == pytest.approx(h([0.625, 0.375]))
+    assert loss.item() == pytest.approx(0.627741 - 0.661563, abs=1e-5)
+    logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)) * 2
+    probs = logits.softmax(-1).tolist()
+    naive_ent = sum(-sum(p * math.log(p + 1e-5) for p in row) for row in probs) / 6
+    mean = [sum(row[c] for row in probs) / 6 for c in range(3)]
+    naive = naive_ent + sum(m * math.log(m + 1e-5) for m in mean)  # SHOT's code: eps inside both logs
+    assert information_maximisation(logits)[0].item() == pytest.approx(naive, abs=1e-6)
+
+
+@pytest.mark.parametrize("average", ["log_probs", "probs"])
+def test_batch_calibration_hand_case_and_naive_loop(average):
+    # both reviews lean to class 0, but the second less than the batch does: calibration flips it
+    log_q = torch.tensor([[math.log(0.9), math.log(0.1)], [math.log(0.6), math.log(0.4)]])
+    assert log_q.argmax(-1).tolist() == [0, 0]
+    assert BatchCalibration(average).decide(log_q).tolist() == [0, 1]
+    logits = torch.randn(8, 3, generator=torch.Generator().manual_seed(1)) * 2
+    q = logits.softmax(-1).tolist()
+    if average == "log_probs":
+        prior = [sum(math.log(row[c]) for row in q) / 8 for c in range(3)]
+    else:
+        prior = [math.log(sum(row[c] for row in q) / 8) for c in range(3)]
+    naive = [max(range(3), key=lambda c, row=row: math.log(row[c]) - prior[c]) for row in q]
+    assert BatchCalibration(average).decide(logits).tolist() == naive
+
+
+def test_tlm_loss_hand_values_and_naive_loop():
+    ce = torch.tensor([2.0, 4.0, 5.0], requires_grad=True)
+    loss, mask = tlm_loss(ce, ce.detach())
+    assert mask.tolist() == [False, True, True]
+    assert loss.item() == pytest.approx((0.1 * math.e * 4 + 0.1 * math.e ** 2 * 5) / 2)
+    loss.backward()
+    assert ce.grad.tolist() == pytest.approx([0.0, 0.1 * math.e / 2, 0.1 * math.e ** 2 / 2])
+    nothing, mask = tlm_loss(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0]))
+    assert nothing.item() == 1.5 and not mask.any()  # no item passes P0: the plain mean (SPEC §7b)
+    gen = torch.Generator().manual_seed(2)
+    ce, select = torch.rand(7, generator=gen) * 6, torch.rand(7, generator=gen) * 6
+    kept = [i for i in range(7) if select[i] > 3]
+    naive = sum(0.1 * math.exp(select[i] - 3) * ce[i] for i in kept) / len(kept)
+    assert tlm_loss(ce, select)[0].item() == pytest.approx(float(naive), rel=1e-6)
+
+
+class _StubPolicy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.in_reference = False
+
+    @contextlib.contextmanager
+    def reference(self):
+        self.in_reference = True
+        yield self
+        self.in_reference = False
+
+
+def test_tlm_selects_with_the_frozen_model_offline_and_the_current_one_online():
+    policy = _StubPolicy()
+
+    class View:
+        level, policy_ = "token", policy
+
+        def __init__(self):
+            self.policy = policy
+
+        def predictions(self):
+            return None
+
+        def input_nll(self):  # the frozen model finds item 0 hard, the adapted one item 1
+            return policy.w * (torch.tensor([4.0, 1.0, 1.0]) if policy.in_reference else torch.tensor([1.0, 4.0, 1.0]))
+
+    for reference, kept in (("offline", 0), ("online", 1)):
+        policy.w.data.fill_(1.0)
+        opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+        _, metrics = TLM(reference=reference).adapt(View(), opt)
+        assert metrics["kept_fraction"].item() == pytest.approx(1 / 3)
+        assert policy.w.grad.nonzero().flatten().tolist() == [kept]
+
+
+def test_tent_token_loss_is_the_mean_over_response_tokens():
+    w = torch.nn.Parameter(torch.ones(()))
+    ent = torch.tensor([[0.0, 1.0, 2.0, 0.0], [0.0, 3.0, 0.0, 0.0]])
+    at = torch.tensor([[False, True, True, False], [False, True, False, False]])
+
+    class View:
+        level, answers = "token", "greedy answers"
+
+        def token_entropy(self, candidates):
+            assert candidates == "greedy answers"
+            return ent * w, at
+
+    _, metrics = Tent().adapt(View(), torch.optim.SGD([w], lr=0.0))
+    assert metrics["loss"].item() == pytest.approx((1 + 2 + 3) / 3)  # token-weighted, not a mean of means
+
+
+def test_pseudo_label_trains_on_one_majority_answer_per_question(rollout):
+    policy, candidates = rollout  # question 0: gold, 3, gold, unparsable -> majority gold; question 1: 7, 7, 8, gold
+    w = torch.nn.Parameter(torch.ones(()))
+    seen = {}
+
+    class View:
+        level = "token"
+
+        def __init__(self):
+            self.policy = policy
+
+        def sample(self, n, temperature, generator):
+            assert (n, temperature) == (4, 0.7)
+            return candidates
+
+        def response_nll(self, targets):
+            seen["texts"] = targets.texts
+            nll = torch.tensor([[1.0, 3.0], [2.0, 0.0]]) * w
+            return nll, torch.tensor([[True, True], [True, False]])
+
+    _, metrics = PseudoLabel().adapt(View(), torch.optim.SGD([w], lr=0.0))
+    assert seen["texts"] == [candidates.texts[0], "The answer is 7."]  # the first answer agreeing with each majority
+    assert metrics["kept_fraction"].item() == 1.0
+    assert metrics["loss"].item() == pytest.approx((2.0 + 2.0) / 2)  # each target's mean token NLL, then the mean
+
+
+@pytest.fixture(scope="module")
+def label_batch(tiny_model_dir):
+    from datamodules.stream import StreamDataModule
+    from datamodules.tasks import Comparison
+
+    dm = StreamDataModule(Comparison(), num_questions=8, batch_size=8, tokenizer=tiny_model_dir)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+@pytest.mark.parametrize("method", [Tent(), InfoMax(), ROID(), SAR(margin_factor=1.0), TLM(threshold=0.0),
+                                    BatchCalibration(), NoAdaptation()], ids=lambda m: type(m).__name__)
+def test_predictions_reported_are_those_made_before_the_update(method, tiny_model_dir, label_batch):
+    from lightning_modules.policy import Policy
+
+    policy = Policy(tiny_model_dir, adapt="norm")
+    method.attach({n: p for n, p in policy.model.named_parameters() if p.requires_grad})
+    with torch.no_grad():
+        before = LabelView(policy, label_batch).logits()
+    params = policy.trainable_parameters()
+    start = [p.detach().clone() for p in params]
+    opt = SAM(params, lr=10.0) if isinstance(method, SAR) else torch.optim.SGD(params, lr=10.0)
+    predictions, _ = method.adapt(LabelView(policy, label_batch), opt)
+    torch.testing.assert_close(predictions, before, rtol=0, atol=0)
+    moved = any(not torch.equal(a, p) for a, p in zip(start, params))
+    assert moved == (not isinstance(method, BatchCalibration | NoAdaptation))
+    with torch.no_grad():
+        after = LabelView(policy, label_batch).logits()
+    assert moved == (not torch.equal(after, before))
+
+
+def test_a_method_is_refused_at_a_level_it_does_not_support(tiny_model_dir):
+    from lightning_modules.policy import Policy
+
+    policy = Policy(tiny_model_dir, adapt="norm")
+    with pytest.raises(ValueError, match="ROID adapts at the label level, not level='token'"):
+        TestTimeAdaptationModule(policy, ROID(), level="token")
+    with pytest.raises(ValueError, match="PseudoLabel adapts at the token level"):
+        TestTimeAdaptationModule(policy, PseudoLabel())
+    with pytest.raises(TypeError, match="SAR's update is two-pass"):
+        SAR().check(torch.optim.SGD(policy.trainable_parameters(), lr=1.0))
+    with pytest.raises(TypeError, match="Tent makes plain steps"):
+        Tent().check(SAM(policy.trainable_parameters(), lr=1.0))
+    for level, expected in (("label", SAR(margin_factor=0.4)), ("token", SAR(percentile=50))):
+        class View:
+            num_classes = 4
+        View.level = level
+        e0 = expected.margin(View(), torch.tensor([1.0, 2.0, 3.0, 4.0, float("nan")]))
+        assert e0 == pytest.approx(0.4 * math.log(4) if level == "label" else 2.5)  # token: the batch's median
+
+
+def _cli(config, tiny_model_dir, tmp_path, monkeypatch, *extra, task="Comparison"):
+    from lightning_modules.cli import build_cli
+
+    monkeypatch.chdir(ROOT)
+    return build_cli(["-c", str(ROOT / "configs" / "tta" / config), f"--model.init_args.policy.init_args.model="
+                      f"{tiny_model_dir}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                      "--trainer.enable_progress_bar=false", "--data.init_args.num_questions=12",
+                      "--data.init_args.batch_size=4", f"--data.init_args.tasks=datamodules.tasks.{task}", *extra],
+                     run=False)
+
+
+def test_a_stream_without_verbalizers_is_refused_at_the_label_level_naming_the_task(
+        tiny_model_dir, tmp_path, monkeypatch):
+    cli = _cli("tent.yaml", tiny_model_dir, tmp_path, monkeypatch, task="Arithmetic")
+    with pytest.raises(ValueError, match="level: label adapts on a classification stream, but task 'arithmetic' has "
+                                         "no verbalizers"):
+        cli.trainer.fit(cli.model, cli.datamodule)
+
+
+@pytest.mark.parametrize("like_reference", [False, True])
+def test_sar_resets_inside_a_real_fit(like_reference, tiny_model_dir, tmp_path, monkeypatch):
+    cli = _cli("sar.yaml", tiny_model_dir, tmp_path, monkeypatch,
+               "--model.init_args.method.init_args.margin_factor=1.0",
+               "--model.init_args.method.init_args.reset_below=100.0",  # any EMA is below it: reset after each step
+               f"--model.init_args.method.init_args.like_reference={like_reference}")
+    source = {n: p.detach().clone() for n, p in cli.model.policy.model.named_parameters() if p.requires_grad}
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.model.reset_steps == [1, 2, 3]  # three steps, each followed by a reset
+    assert cli.trainer.callback_metrics["tta/resets"] == 3
+    for n, p in cli.model.policy.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.detach(), source[n])  # the reset target is the source model
+    assert (cli.model.method.ema is None) != like_reference  # the reference's reset keeps the EMA
+
+
+def test_episodic_reset_every_batch_inside_a_real_fit(tiny_model_dir, tmp_path, monkeypatch):
+    cli = _cli("tent.yaml", tiny_model_dir, tmp_path, monkeypatch,
+               "--model.init_args.reset_every=2")
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.model.reset_steps == [2]  # after the second of three batches
+
+
+def test_online_accuracy_counts_every_item_of_the_stream(tiny_model_dir, tmp_path, monkeypatch):
+    cli = _cli("batch_calibration.yaml", tiny_model_dir, tmp_path, monkeypatch,
+               "--data.init_args.num_questions=10")
+    cli.trainer.fit(cli.model, cli.datamodule)  # batches of 4, 4, 2
+    assert cli.model.online_accuracy.weight.item() == 10  # every item once, the partial batch included
+    metrics = cli.trainer.callback_metrics
+    assert metrics["tta/online_accuracy"] == metrics["tta/source_accuracy"]  # no update: the same predictions
+    assert 0 <= metrics["tta/online_accuracy"] <= 1 and torch.isfinite(entropy(torch.zeros(2)))
