@@ -5,8 +5,8 @@ Streams (the same items for every method of a seed; the seed changes the items a
   while its verbalizer margin separates the classes.
 - `one_class`: the same reviews one class at a time (SAR's online imbalanced label shift).
 - `mixed`: Sentiment zero-shot and Comparison 2-shot interleaved (mixed domains), label level.
-- `format_shift`: Arithmetic, 2-shot for the first half of the stream, zero-shot after (a prompt-format shift),
-  token level: the model answers, the task extracts the answer.
+- `format_shift`: Arithmetic, 2-shot for the first half of the stream, zero-shot after (a prompt-format shift; the
+  chat template throughout), token level: the model answers (64 new tokens at most), the task extracts the answer.
 Each method's learning rate is chosen among 0.1x, 1x and 10x its recipe's (`configs/tta/<recipe>.yaml`) by online
 accuracy on a validation stream of the same kind built from the `train` split (seed 0), never on the reported
 `test` stream. Reported: online accuracy pooled over seeds, the paired difference against no adaptation with a
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -53,8 +54,8 @@ def stream_args(stream: str, seed: int, split: str, questions: int) -> tuple[str
         return "label", common + [f"--data.init_args.tasks=[{SENTIMENT % seed}, {COMPARISON % seed}]",
                                   "--data.init_args.order=random", f"--data.init_args.num_questions={questions // 2}"]
     return "token", common + [f"--data.init_args.tasks={ARITHMETIC % seed}", "--data.init_args.format_shift_at=0.5",
-                              "--data.init_args.shifted_few_shot=0", "--data.init_args.batch_size=8",
-                              "--model.init_args.max_new_tokens=32"]
+                              "--data.init_args.shifted_few_shot=0", "--data.init_args.shifted_template=chat",
+                              "--data.init_args.batch_size=8", "--model.init_args.max_new_tokens=64"]
 
 
 def recipe_lr(recipe: str) -> float:
@@ -69,6 +70,7 @@ def run(method: str, stream: str, seed: int, split: str, questions: int, lr: flo
     level, data = stream_args(stream, seed, split, questions)
     recipe = (LABEL if level == "label" else TOKEN)[method]
     args = ["-c", str(ROOT / "configs" / "tta" / f"{recipe}.yaml"), f"--seed_everything={seed}", *data,
+            f"--model.init_args.level={level}",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
             f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.logger.init_args.name={stream}_{method}"]
     if lr is not None:
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/tta_table")
     parser.add_argument("--out", default="runs/tta_table/results.json")
     args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # build_cli gets its own arguments
 
     start, results = time.perf_counter(), {}
     for stream in args.streams:

@@ -198,16 +198,14 @@ def test_two_step_fit_changes_only_adapted_parameters(config, tiny_model_dir, tm
         cli.model.optimizer_factory.keywords["lr"] = 10.0
     modes = []
 
-    class Modes(L.Callback):  # the mode rule: a step leaves the policy in the mode it found (here: eval)
+    class Modes(L.Callback):  # the mode rule: every forward of a step runs without dropout, whatever the trainer set
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            pl_module.policy.eval()
+            pl_module.policy.train()
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            modes.append(pl_module.policy.model.training)
-
+    cli.model.policy.causal_lm.get_decoder().register_forward_pre_hook(lambda module, args: modes.append(module.training))
     cli.trainer.callbacks.append(Modes())
     cli.trainer.fit(cli.model, cli.datamodule)
-    assert modes and not any(modes)  # the token step used to force train mode after answering
+    assert modes and not any(modes)
     after = dict(cli.model.named_parameters())
     changed = {n for n, p in after.items() if not torch.equal(before[n], p.detach())}
     trainable = {n for n, p in after.items() if p.requires_grad}

@@ -254,3 +254,16 @@ def test_online_accuracy_counts_every_item_of_the_stream(tiny_model_dir, tmp_pat
     metrics = cli.trainer.callback_metrics
     assert metrics["tta/online_accuracy"] == metrics["tta/source_accuracy"]  # no update: the same predictions
     assert 0 <= metrics["tta/online_accuracy"] <= 1 and torch.isfinite(entropy(torch.zeros(2)))
+
+
+def test_the_one_padding_helper_pads_right_or_left_and_places_the_targets():
+    from lightning_modules.batching import pad
+    from lightning_modules.losses.functional import IGNORE_INDEX as X
+
+    ids, mask, labels = pad([[5, 6, 7], [8]], pad_token_id=0, targets_from=[1, 0])
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert labels.tolist() == [[X, 6, 7], [8, X, X]]
+    ids, mask, labels = pad([[5, 6, 7], [8]], pad_token_id=0, left=True, targets_from=[2, 0])
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert labels.tolist() == [[X, X, 7], [X, X, 8]]
+    assert (pad([[1], [2, 3]], 0)[2] == X).all()  # no targets: every label ignored

@@ -14,6 +14,7 @@ Levels:
 A method that does not support the level is refused when the module is built; a stream without what the level
 needs (no verbalizers at the label level) is refused at setup, naming the task.
 Manual optimisation: the method steps; a non-finite loss skips the step and is counted (`tta/skipped_steps`).
+The mode rule: every pass (predicting, adapting, sampling) runs with dropout off (eval mode), as in RL.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class TestTimeAdaptationModule(TrainableStateMixin, L.LightningModule):
         self.method.check(self.optimizers())
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        self.policy.eval()  # the mode rule: every pass without dropout, so predictions carry no dropout noise
         optimizer = self.optimizers()  # Lightning's wrapper: its step() advances global_step
         b = len(batch["questions"])
         if self.level == "label":
