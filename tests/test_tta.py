@@ -202,7 +202,8 @@ def test_two_step_fit_changes_only_adapted_parameters(config, tiny_model_dir, tm
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             pl_module.policy.train()
 
-    cli.model.policy.causal_lm.get_decoder().register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    decoder = cli.model.policy.causal_lm.get_decoder()
+    decoder.register_forward_pre_hook(lambda module, args: modes.append(module.training))
     cli.trainer.callbacks.append(Modes())
     cli.trainer.fit(cli.model, cli.datamodule)
     assert modes and not any(modes)
