@@ -8,7 +8,9 @@ Batches: `questions`, `tasks` (the Task objects: the answer extraction of the to
 item's generation prompt, for the token level: any task, open-ended ones included). Classification streams (every
 task has verbalizers, all as many) add `input_ids`/`attention_mask` (left-padded label prompts ending at the answer
 slot), `labels` (gold index, for evaluation only) and `verbalizer_ids` (B, C); otherwise `label_problem` says why
-not, and the label level refuses the stream at setup with it. The stream is served in order, never shuffled.
+not, and the label level refuses the stream at setup with it. Where every item has a text view (options rotated,
+or the exemplars reversed: `_view`), `view_input_ids`/`view_attention_mask`/`view_perm` (B, C) give it.
+The stream is served in order, never shuffled.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import random
+from dataclasses import replace
 from typing import Literal
 
 import lightning as L
@@ -35,6 +38,10 @@ def collate_stream(items: list[dict], pad_token_id: int) -> dict:
         batch["input_ids"], batch["attention_mask"], _ = pad([it["ids"] for it in items], pad_token_id, left=True)
         batch["labels"] = torch.tensor([it["label"] for it in items])
         batch["verbalizer_ids"] = torch.tensor([it["verbalizer_ids"] for it in items])  # (B, C)
+    if "view_ids" in items[0]:  # the same items under a text view (ROID's consistency term)
+        batch["view_input_ids"], batch["view_attention_mask"], _ = pad([it["view_ids"] for it in items], pad_token_id,
+                                                                       left=True)
+        batch["view_perm"] = torch.tensor([it["view_perm"] for it in items])  # (B, C)
     return batch
 
 
@@ -61,6 +68,7 @@ class StreamDataModule(L.LightningDataModule):
         self.task = self.tasks[0]  # for callbacks that read a datamodule's task
         self.items: list[dict] = []
         self.label_problem: str | None = None  # why label-level adaptation cannot run on this stream (None: it can)
+        self.view_problem: str | None = None  # why the items have no text view (None: they have)
 
     def setup(self, stage: str | None = None) -> None:
         if self.items:
@@ -86,6 +94,9 @@ class StreamDataModule(L.LightningDataModule):
         self.items = [
             self._item(shifted[id(task)] if i >= shift_from else task, q) for i, (task, q) in enumerate(stream)
         ]
+        if self.view_problem:  # views for every item or for none
+            for item in self.items:
+                item.pop("view_ids", None), item.pop("view_perm", None)
 
     def _shifted(self, task: Task) -> Task:
         other = copy.copy(task)
@@ -97,7 +108,27 @@ class StreamDataModule(L.LightningDataModule):
         if self.label_problem is None:
             item |= {"ids": task.label_prompt_ids(self.tokenizer, q), "label": task.label_index(q),
                      "verbalizer_ids": task.verbalizer_ids(self.tokenizer)}
+            view = self._view(task, q)
+            if view is None:
+                self.view_problem = (f"task {task.name!r} has neither options to permute nor two exemplars to "
+                                     "reorder, so its items have no text view")
+            else:
+                item["view_ids"], item["view_perm"] = view
         return item
+
+    def _view(self, task: Task, q: Question) -> tuple[list[int], list[int]] | None:
+        """The item's label prompt under a text view, and `perm`: the view's class j is the item's class perm[j].
+        Options are rotated by one (A B C -> B C A, mapped back through `perm`); without options, two or more
+        exemplars are shown in reverse order (the classes unchanged)."""
+        n = len(task.verbalizers)
+        if q.options and len(q.options) == n > 1:
+            perm = list(range(1, n)) + [0]
+            return task.label_prompt_ids(self.tokenizer, replace(q, options=[q.options[j] for j in perm])), perm
+        if task.few_shot >= 2:
+            other = copy.copy(task)
+            other.exemplars = lambda: list(reversed(task.exemplars()))
+            return other.label_prompt_ids(self.tokenizer, q), list(range(n))
+        return None
 
     def train_dataloader(self) -> DataLoader:
         collate = functools.partial(collate_stream, pad_token_id=self.tokenizer.pad_token_id)

@@ -3,11 +3,13 @@ update, the level and optimizer checks, and resets inside a real fit."""
 
 import contextlib
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from datamodules.tasks import Comparison
 from lightning_modules.losses.functional import entropy
 from lightning_modules.optim.sam import SAM
 from lightning_modules.tta import (
@@ -26,6 +28,14 @@ from lightning_modules.tta.infomax import information_maximisation
 from lightning_modules.tta.tlm import tlm_loss
 
 ROOT = Path(__file__).parents[1]
+
+
+class NoOptions(Comparison):
+    """Comparison with the two numbers in the question text: no options to rotate (exemplars only)."""
+
+    def make(self, split, n):
+        return [replace(q, question=f"Which is larger, {q.options[0]} or {q.options[1]}?", options=None)
+                for q in super().make(split, n)]
 
 
 def test_information_maximisation_hand_value_and_naive_loop():
@@ -267,3 +277,74 @@ def test_the_one_padding_helper_pads_right_or_left_and_places_the_targets():
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert labels.tolist() == [[X, X, 7], [X, X, 8]]
     assert (pad([[1], [2, 3]], 0)[2] == X).all()  # no targets: every label ignored
+
+
+def test_symmetric_cross_entropy_hand_value_and_naive_loop():
+    from lightning_modules.losses.functional import symmetric_cross_entropy
+
+    x, ref = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3), 0.0]])  # p = (.5, .5), p_ref = (.75, .25)
+    hand = -0.5 * math.log(0.5) - 0.25 * (math.log(0.75) + math.log(0.25))
+    assert symmetric_cross_entropy(x, ref).item() == pytest.approx(hand, abs=1e-6)
+    gen = torch.Generator().manual_seed(3)
+    x, ref = torch.randn(5, 3, generator=gen), torch.randn(5, 3, generator=gen)
+    p, q = x.softmax(-1).tolist(), ref.softmax(-1).tolist()
+    naive = [-(0.7 * sum(q[i][c] * math.log(p[i][c]) for c in range(3))
+               + 0.3 * sum(p[i][c] * math.log(q[i][c]) for c in range(3))) for i in range(5)]
+    assert symmetric_cross_entropy(x, ref, alpha=0.3).tolist() == pytest.approx(naive, abs=1e-5)
+
+
+def test_text_views_rotate_options_or_reverse_exemplars_and_map_back(tiny_model_dir, label_batch):
+    from datamodules.stream import StreamDataModule
+    from lightning_modules.policy import Policy
+
+    tok = Policy(tiny_model_dir).tokenizer
+    original = tok.decode(label_batch["input_ids"][0][label_batch["attention_mask"][0] == 1])
+    view = tok.decode(label_batch["view_input_ids"][0][label_batch["view_attention_mask"][0] == 1])
+    q = label_batch["questions"][0]
+    assert f"(A) {q.options[0]} (B) {q.options[1]}" in original and f"(A) {q.options[1]} (B) {q.options[0]}" in view
+    assert label_batch["view_perm"][0].tolist() == [1, 0]  # the view's A is the item's B
+    policy = Policy(tiny_model_dir, adapt="norm")
+    with torch.no_grad():
+        mapped = LabelView(policy, label_batch).view_logits()
+        raw = LabelView(policy, {**label_batch, "input_ids": label_batch["view_input_ids"],
+                                 "attention_mask": label_batch["view_attention_mask"]}).logits()
+    torch.testing.assert_close(mapped, raw.flip(-1))
+    shots = StreamDataModule(NoOptions(few_shot=2), num_questions=4, tokenizer=tiny_model_dir)
+    shots.setup("fit")
+    item = shots.items[0]
+    assert item["view_perm"] == [0, 1] and item["view_ids"] != item["ids"] and shots.view_problem is None
+    zero = StreamDataModule(NoOptions(few_shot=0), num_questions=4, tokenizer=tiny_model_dir)
+    zero.setup("fit")
+    assert "'comparison' has neither options" in zero.view_problem and "view_input_ids" not in next(
+        iter(zero.train_dataloader()))
+
+
+def test_roid_consistency_adds_the_weighted_symmetric_cross_entropy(tiny_model_dir, label_batch):
+    from lightning_modules.losses.functional import symmetric_cross_entropy
+    from lightning_modules.policy import Policy
+
+    policy = Policy(tiny_model_dir, adapt="norm")
+    with torch.no_grad():
+        view = LabelView(policy, label_batch)
+        logits, view_logits = view.logits(), view.view_logits()
+        plain, metrics = ROID().loss(logits)
+        both, _ = ROID(consistency=True).loss(logits, view_logits)
+    weights = metrics["weights"]
+    keep = weights > 0
+    extra = (symmetric_cross_entropy(view_logits, logits) * weights)[keep].sum() / len(logits)
+    torch.testing.assert_close(both, plain + extra)
+    assert extra > 0 and ROID(consistency=True).needs_views and not ROID().needs_views
+
+
+def test_roid_consistency_refuses_a_stream_without_text_views(tiny_model_dir):
+    import lightning as L
+
+    from datamodules.stream import StreamDataModule
+    from lightning_modules.policy import Policy
+
+    module = TestTimeAdaptationModule(Policy(tiny_model_dir, adapt="norm"), ROID(consistency=True))
+    stream = StreamDataModule(NoOptions(few_shot=0), num_questions=4, tokenizer=tiny_model_dir)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="ROID compares each item with a text view of it, but task 'comparison' has "
+                                         "neither options"):
+        trainer.fit(module, stream)

@@ -149,6 +149,14 @@ def update_class_probs_ema(class_probs_ema: Tensor, logits: Tensor, momentum: fl
     return momentum * class_probs_ema + (1 - momentum) * logits.float().softmax(-1).mean(0)
 
 
+def symmetric_cross_entropy(x: Tensor, x_ref: Tensor, alpha: float = 0.5) -> Tensor:
+    """ROID's consistency loss between a view's logits `x` and the item's `x_ref`, per sample:
+    -(1 - alpha) sum_c softmax(x_ref) log_softmax(x) - alpha sum_c softmax(x) log_softmax(x_ref). (B, C) -> (B,)."""
+    x, x_ref = x.float(), x_ref.float()
+    return (-(1 - alpha) * (x_ref.softmax(-1) * x.log_softmax(-1)).sum(-1)
+            - alpha * (x.softmax(-1) * x_ref.log_softmax(-1)).sum(-1))
+
+
 def prior_correction(x: Tensor, on_logits: bool = False) -> Tensor:
     """ROID's prior correction at prediction time. x (B, C): probabilities (default) or logits (`on_logits`).
 

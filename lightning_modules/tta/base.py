@@ -7,7 +7,8 @@ before `adapt` was called) and its metrics (scalars are logged as `tta/<name>`, 
 The LightningModule (`module.py`) keeps only the stream loop, the accuracy metrics and the reset schedule.
 
 Views (the batch's prediction functions, under the model as it is now, with gradient):
-- `LabelView.logits()`: (B, C) float32 over the task's verbalizers at the answer slot; `entropy()`: (B,).
+- `LabelView.logits()`: (B, C) float32 over the task's verbalizers at the answer slot; `entropy()`: (B,);
+  `view_logits()`: the same under the stream's text view, mapped back (methods with `needs_views`).
 - `TokenView`: `answers` (greedy, generated before any update: the reported predictions); `token_entropy(c)`
   (N, T) and its mask for candidates `c`; `entropy()`: each answer's mean token entropy (B,); `sample(n, T)`;
   `response_nll(c)`: (N, T) token NLL of candidates' responses.
@@ -45,15 +46,22 @@ class LabelView:
 
     def logits(self) -> Tensor:
         """(B, C) float32, with gradient when enabled."""
-        batch = self.batch
-        mask = batch["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: count real tokens only
-        out = self.policy.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
-                                logits_to_keep=1).logits[:, -1]  # (B, V)
-        out = out.gather(-1, batch["verbalizer_ids"]).float()  # (B, C)
+        out = self._logits(self.batch["input_ids"], self.batch["attention_mask"])
         if self.first is None:
             self.first = out.detach()
         return out
+
+    def view_logits(self) -> Tensor:
+        """The same items under the stream's text view (options rotated, or exemplars reordered), mapped back to
+        the items' class order. (B, C) float32."""
+        out = self._logits(self.batch["view_input_ids"], self.batch["view_attention_mask"])
+        return out.new_empty(out.shape).scatter(1, self.batch["view_perm"].to(out.device), out)
+
+    def _logits(self, input_ids: Tensor, mask: Tensor) -> Tensor:
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: count real tokens only
+        out = self.policy.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                logits_to_keep=1).logits[:, -1]  # (B, V)
+        return out.gather(-1, self.batch["verbalizer_ids"]).float()  # (B, C)
 
     def entropy(self) -> Tensor:
         return entropy(self.logits())
@@ -125,6 +133,7 @@ class TTAMethod(nn.Module):
     optional. `step(loss, optimizer)` is the plain update (a non-finite loss skips it and is counted)."""
 
     levels: ClassVar[tuple[str, ...]] = ("label",)
+    needs_views = False  # reads `LabelView.view_logits()`: a stream without text views is refused at setup
 
     def __init__(self) -> None:
         super().__init__()

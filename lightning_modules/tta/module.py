@@ -72,6 +72,10 @@ class TestTimeAdaptationModule(TrainableStateMixin, L.LightningModule):
         problem = getattr(datamodule, "label_problem", None)
         if self.level == "label" and problem:
             raise ValueError(f"level: label adapts on a classification stream, but {problem}; use level: token")
+        view_problem = getattr(datamodule, "view_problem", None)
+        if self.method.needs_views and view_problem:
+            raise ValueError(f"{type(self.method).__name__} compares each item with a text view of it, but "
+                             f"{view_problem}")
         self.method.attach({n: p for n, p in self.policy.model.named_parameters() if p.requires_grad})
 
     def configure_optimizers(self):

@@ -12,8 +12,11 @@ Predictions: `prior_correction` (default on, as the reference) with prior = mean
 pi~ = (prior + s) / (1 + s C), applied to the logits (`prior_correction_on: logits`, the reference) or to the
 probabilities (`probabilities`: p x pi~ renormalised; the two differed in 196 of 3,200 predictions in one check).
 Options: `weighting: false` gives the plain SLR mean; `batch_size`: divide by the configured batch size instead of
-the batch's own (the reference's reading; the two differ only on a partial last batch).
-Not implemented: the consistency term on augmented views (SPEC §5.2, optional in the reference).
+the batch's own (the reference's reading; the two differ only on a partial last batch); `consistency: true` adds
+the reference's consistency term, sum_i w_i SCE(view_i, p_i) / B over the kept items, SCE the symmetric
+cross-entropy (alpha 0.5) with the item under a text view instead of an image augmentation: its options rotated
+and mapped back, or its exemplars reversed (`StreamDataModule._view`). Off by default: the reference's
+augmentations are image transforms, and a text view is our choice.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from lightning_modules.losses.functional import (
     prior_correction,
     roid_weights,
     soft_likelihood_ratio,
+    symmetric_cross_entropy,
     update_class_probs_ema,
 )
 from lightning_modules.tta.base import TTAMethod
@@ -38,15 +42,17 @@ class ROID(TTAMethod):
     def __init__(self, weighting: bool = True, temperature: float = 1 / 3, momentum_probs: float = 0.9,
                  clip: float = 0.99, eps: float = 1e-5, batch_size: int | None = None, momentum_src: float = 0.99,
                  prior_correction: bool = True,
-                 prior_correction_on: Literal["logits", "probabilities"] = "logits") -> None:
+                 prior_correction_on: Literal["logits", "probabilities"] = "logits", consistency: bool = False,
+                 alpha: float = 0.5) -> None:
         super().__init__()
+        self.consistency, self.alpha, self.needs_views = consistency, alpha, consistency
         self.weighting, self.temperature, self.momentum_probs = weighting, temperature, momentum_probs
         self.clip, self.eps, self.batch_size, self.momentum_src = clip, eps, batch_size, momentum_src
         self.prior_correction, self.prior_correction_on = prior_correction, prior_correction_on
         self.register_buffer("class_probs_ema", torch.empty(0))  # pi_bar; empty = uniform at the next batch
 
-    def loss(self, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The weighted SLR of a batch (B, C); updates pi_bar."""
+    def loss(self, logits: Tensor, view_logits: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted SLR of a batch (B, C), plus the consistency term with `view_logits` (B, C); updates pi_bar."""
         b, c = logits.shape
         if self.class_probs_ema.numel() != c:
             self.class_probs_ema = torch.full((c,), 1 / c, device=logits.device)
@@ -57,11 +63,16 @@ class ROID(TTAMethod):
             weights, keep = torch.ones_like(slr), torch.ones_like(slr, dtype=torch.bool)
         self.class_probs_ema = update_class_probs_ema(self.class_probs_ema, logits, self.momentum_probs)
         loss = (weights * slr).sum() / (self.batch_size or b)
-        return loss, {"kept_fraction": keep.float().mean(), "slr": slr.detach().mean(), "weights": weights.detach()}
+        metrics = {"kept_fraction": keep.float().mean(), "slr": slr.detach().mean(), "weights": weights.detach()}
+        if view_logits is not None:
+            sce = symmetric_cross_entropy(view_logits, logits, self.alpha)  # (B,)
+            loss = loss + (sce * weights)[keep].sum() / (self.batch_size or b)
+            metrics["consistency"] = sce.detach().mean()
+        return loss, metrics
 
     def adapt(self, view, optimizer) -> tuple[Tensor, dict[str, Tensor]]:
         logits = view.logits()
-        loss, metrics = self.loss(logits)
+        loss, metrics = self.loss(logits, view.view_logits() if self.consistency else None)
         if self.step(loss, optimizer):
             self.ensemble()
         return logits.detach(), {"loss": loss.detach(), **metrics}
