@@ -34,7 +34,7 @@ def save_config_hyperparameters(module: L.LightningModule) -> None:
     rebuild the policy; built from Python, the policy and loss objects are not pickled into checkpoints."""
     from_cli = _given_hyperparameters.get() is not None
     caller = inspect.currentframe().f_back  # the module's __init__
-    module.save_hyperparameters(ignore=[] if from_cli else ["policy", "loss"], frame=caller)
+    module.save_hyperparameters(ignore=[] if from_cli else ["policy", "loss", "method"], frame=caller)
 
 
 class TrainableStateMixin:
