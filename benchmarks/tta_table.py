@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--token-questions", type=int, default=48, help="items per reported token-level stream")
     parser.add_argument("--validation-questions", type=int, default=48)
     parser.add_argument("--methods", nargs="+", default=None, help="default: every method of the stream's level")
+    parser.add_argument("--no-sweep", action="store_true", help="keep each recipe's learning rate (say so)")
     parser.add_argument("--runs", default="runs/tta_table")
     parser.add_argument("--out", default="runs/tta_table/results.json")
     args = parser.parse_args()
@@ -107,10 +108,10 @@ def main() -> None:
         questions = args.questions if level == "label" else args.token_questions
         chosen = {}
         for method in methods:  # the learning rate, on the validation stream (train split, seed 0)
-            if method in NO_LR:
-                chosen[method] = None
-                continue
             base = recipe_lr((LABEL if level == "label" else TOKEN)[method])
+            if method in NO_LR or args.no_sweep:
+                chosen[method] = None if method in NO_LR else base
+                continue
             scores = {lr: run(method, stream, 0, "train", args.validation_questions, lr, args.runs)["accuracy"]
                       for lr in (base / 10, base, base * 10)}
             chosen[method] = max(scores, key=lambda lr: (scores[lr], -abs(lr / base - 1)))  # ties: the recipe's
