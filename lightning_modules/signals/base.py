@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from lightning_modules.batching import pad
 from lightning_modules.losses.functional import IGNORE_INDEX, predicting_labels
+from lightning_modules.sampling import finish_text, generate_batch, prefix_cache
 
 
 @dataclass
@@ -146,8 +147,6 @@ def sample_candidates(policy, questions: Sequence[Any], tasks: Sequence[Any], su
     """`params.n` answers to each question from the policy as it is now (in `policy.inference()`), with their
     tokens' log-probs at temperature 1: the prompts are `prefix_ids + suffix_ids[p]`; each task's stop strings end
     its answers (the union of the tasks' stops cuts every answer: tasks mixed in one batch share a template)."""
-    from lightning_modules.sampling import finish_text, generate_batch, prefix_cache
-
     tok = policy.tokenizer
     stop = tuple(dict.fromkeys(s for task in tasks for s in task.stop))
     with policy.inference():

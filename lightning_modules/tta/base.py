@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from lightning_modules.batching import pad
 from lightning_modules.losses.functional import IGNORE_INDEX, entropy, predicting_labels
+from lightning_modules.optim.sam import SAM
 from lightning_modules.sampling import SamplingParams
 from lightning_modules.signals import Candidates, candidate_tensors, sample_candidates
 
@@ -124,8 +125,8 @@ def input_nll(policy, prompts: list[list[int]]) -> Tensor:
     """Mean NLL of each prompt's tokens (every token but the first, which nothing predicts). (B,) float32."""
     device = next(policy.parameters()).device
     ids, mask, labels = pad(prompts, policy.tokenizer.pad_token_id, targets_from=[1] * len(prompts))
-    nll = policy.token_nll(ids.to(device), mask.to(device), labels.to(device))  # (B, T)
-    return nll.sum(-1) / (labels != IGNORE_INDEX).sum(-1).clamp_min(1).to(device)
+    return policy.sequence_nll({"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                                "labels": labels.to(device)})
 
 
 class TTAMethod(nn.Module):
@@ -148,7 +149,7 @@ class TTAMethod(nn.Module):
 
     def check(self, optimizer) -> None:
         """Refuse an optimizer the method cannot use (before the first batch)."""
-        if _base(optimizer).__class__.__name__ == "SAM":
+        if isinstance(_base(optimizer), SAM):
             raise TypeError(f"{type(self).__name__} makes plain steps; the SAM optimizer is for SAR's two-pass update")
 
     def adapt(self, view, optimizer) -> tuple[Tensor | None, dict[str, Tensor]]:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lightning_modules.optim.sam import SAM
 from lightning_modules.tta.base import LEVELS, TTAMethod, _base
 
 
@@ -71,7 +72,7 @@ class SAR(TTAMethod):
         self.first_ema: float | None = None  # for the relative reset rule
 
     def check(self, optimizer) -> None:
-        if _base(optimizer).__class__.__name__ != "SAM":
+        if not isinstance(_base(optimizer), SAM):
             raise TypeError("SAR's update is two-pass: set the optimizer to lightning_modules.optim.sam.SAM "
                             "(the base optimizer's settings go under dict_kwargs)")
 
@@ -82,15 +83,10 @@ class SAR(TTAMethod):
         return torch.quantile(finite, self.percentile / 100).item() if len(finite) else -math.inf
 
     def adapt(self, view, optimizer) -> tuple[Tensor | None, dict[str, Tensor]]:
-        e0 = {}
-
-        def margin(first: Tensor) -> float:
-            e0["value"] = self.margin(view, first)
-            return e0["value"]
-
+        margin = lambda first: self.margin(view, first)  # noqa: E731
         first, ema = sar_adapt_step(view.entropy, optimizer, margin, self.ema, self.ema_momentum)
         self.update_ema(ema)
-        metrics = {"kept_fraction": (first < e0["value"]).float().mean(), "entropy": first.nanmean()}
+        metrics = {"kept_fraction": (first < margin(first)).float().mean(), "entropy": first.nanmean()}
         return view.predictions(), metrics
 
     def update_ema(self, ema: float | None) -> None:
