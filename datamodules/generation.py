@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from datamodules.tasks.base import Question, Task
+from lightning_modules.distributed import dist_info, gather_objects
 from lightning_modules.policy import hash_weights
 from lightning_modules.sampling import SamplingParams, finish_text, generate_batch, prefix_cache
 from lightning_modules.signals import Candidates
@@ -192,23 +193,6 @@ def to_candidates(rows, questions: Sequence[Question], task: Task, tokenizer) ->
 
 def hash_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size); (0, 1) when not distributed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def gather_objects(obj) -> list:
-    """Every rank's `obj`, in rank order (`[obj]` when not distributed)."""
-    world = dist_info()[1]
-    if world == 1:
-        return [obj]
-    parts: list = [None] * world
-    torch.distributed.all_gather_object(parts, obj)
-    return parts
 
 
 def sample(

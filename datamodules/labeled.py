@@ -20,11 +20,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.collate import (
     LengthBucketSampler,
-    ResumableDataLoader,
     SFTExample,
     TokenizedExample,
     collate,
     tokenize_example,
+    train_loader,
 )
 from datamodules.io import DataError, Row, check_at_least, read_rows
 from lightning_modules.model_store import DEFAULT_MODEL
@@ -182,13 +182,7 @@ class LabeledDataModule(L.LightningDataModule):
                 [len(e.input_ids) for e in dataset.examples], hp.batch_size, shuffle=shuffle, seed=hp.seed,
                 rank=rank, world_size=world,
             )
-            if not shuffle or trainer is None:
-                return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=hp.num_workers)
-            progress = trainer.fit_loop.epoch_loop.batch_progress.current
-            return ResumableDataLoader(
-                dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=hp.num_workers,
-                batches_done=lambda: progress.processed,
-            )
+            return train_loader(dataset, sampler, collate_fn, trainer if shuffle else None, hp.num_workers)
         return DataLoader(dataset, hp.batch_size, shuffle=shuffle, collate_fn=collate_fn, num_workers=hp.num_workers)
 
     def train_dataloader(self) -> DataLoader:

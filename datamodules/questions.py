@@ -4,7 +4,7 @@ prediction.
 Each batch: `questions` (the `Question` objects; gold is read for evaluation metrics only), `prefix_ids` (the
 task's shared few-shot prefix), `suffix_ids` (one list per question), the task's `stop` strings and the `task`
 itself (its answer extractor). The task is also exposed as `.task` for callbacks. Training batches are shuffled
-once per epoch with `seed`; test and predict batches keep the split's order.
+once per epoch with `seed + epoch`; test and predict batches keep the split's order.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 import functools
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
+from datamodules.collate import ShardedBatchSampler, train_loader
 from datamodules.io import check_at_least
 from datamodules.tasks.base import Question, Task
 from lightning_modules.model_store import DEFAULT_MODEL
@@ -54,17 +54,22 @@ class QuestionDataModule(L.LightningDataModule):
         else:
             self.questions = self.task.load(self.split, self.num_questions)
 
-    def _loader(self, questions: list[Question], shuffle: bool) -> DataLoader:
+    def _loader(self, questions: list[Question]) -> DataLoader:
         collate = functools.partial(collate_questions, task=self.task, tokenizer=self.tokenizer)
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(questions, batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate,
-                          generator=generator)
+        return DataLoader(questions, batch_size=self.batch_size, collate_fn=collate)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_questions, shuffle=True)
+        """Shuffled per epoch (seed + epoch); under several ranks each serves its own batches (a prompt's group
+        never straddles ranks); resumable mid-epoch (`--ckpt_path`)."""
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        sampler = ShardedBatchSampler(len(self.train_questions), self.batch_size, seed=self.hparams.seed,
+                                      rank=rank, world_size=world)
+        collate = functools.partial(collate_questions, task=self.task, tokenizer=self.tokenizer)
+        return train_loader(self.train_questions, sampler, collate, trainer)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.questions, shuffle=False)
+        return self._loader(self.questions)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.questions, shuffle=False)
+        return self._loader(self.questions)

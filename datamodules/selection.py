@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from datamodules.generation import gather_objects
+from lightning_modules.distributed import gather_objects
 from lightning_modules.signals import (
     AnswerEntropy,
     DSWeight,

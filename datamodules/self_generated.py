@@ -34,11 +34,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.collate import LengthBucketSampler, SFTExample, collate, tokenize_example
-from datamodules.generation import HFGenerator, dist_info, gather_objects, to_candidates
+from datamodules.generation import HFGenerator, to_candidates
 from datamodules.io import check_at_least
 from datamodules.labeled import TokenizedDataset
 from datamodules.selection import Selector, load_with_labeled
 from datamodules.tasks.base import Question, Task
+from lightning_modules.distributed import dist_info, gather_objects
 from lightning_modules.model_store import DEFAULT_MODEL
 from lightning_modules.policy import format_prompt, load_tokenizer
 from lightning_modules.sampling import SamplingParams

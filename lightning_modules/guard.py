@@ -16,6 +16,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from lightning_modules.distributed import all_ranks
+
 CAUSES = ("likely causes: a sample weight that overflows float32 (above 3.4e38), a learning rate too high, or "
           "float16 overflow; the last finite weights are kept and nothing non-finite is written")
 
@@ -43,7 +45,8 @@ class FiniteGuard:
         self.skipped, self.in_a_row = 0, 0
 
     def loss_ok(self, loss: Tensor, step: int) -> bool:
-        return bool(torch.isfinite(loss).all()) or self._skip("loss", step)
+        """Whether the loss is finite on every rank (a rank that skips alone would stall the others' all-reduce)."""
+        return all_ranks(torch.isfinite(loss).all()) or self._skip("loss", step)
 
     def grads_ok(self, params: Iterable[nn.Parameter], step: int) -> bool:
         """Whether every gradient is finite; if not, the gradients are dropped so that the step changes nothing."""

@@ -85,6 +85,16 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
         self.guard = FiniteGuard(max_nonfinite_steps)
         self.step_metrics: dict[str, float] = {}
 
+    def setup(self, stage: str) -> None:
+        self.generator.manual_seed(self.params.seed + self.global_rank)  # each rank samples its own responses
+
+    def run_state(self) -> dict:
+        return super().run_state() | {"generator": self.generator.get_state()}
+
+    def load_run_state(self, state: dict) -> None:
+        super().load_run_state(state)
+        self.generator.set_state(state["generator"])
+
     def configure_optimizers(self):
         return self.optimizer_factory(self.policy.trainable_parameters())
 

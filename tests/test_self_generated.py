@@ -164,23 +164,16 @@ def test_ds_loss_first_token_option_reproduces_iwsis_loss_code(tiny_model_dir):
 def test_the_self_training_recipe_under_ddp_gives_what_one_process_gives(tiny_model_dir, tmp_path):
     """The command a user scales up with (`--trainer.strategy=ddp --trainer.devices=2`, gloo on CPU): the same
     kept set and report as one process. The length-bucketing sampler used to stop it before any training."""
-    import os
-    import subprocess
-    import sys
-
-    root = Path(__file__).parents[1]
+    from tiny import run_labelfree
 
     def fit(name, *extra):
-        subprocess.run([
-            sys.executable, "-m", "lightning_modules.cli", "fit", "-c", "configs/self_improve/base.yaml",
-            "-c", "configs/self_improve/greedy_control.yaml",
+        run_labelfree(
+            "fit", "-c", "configs/self_improve/base.yaml", "-c", "configs/self_improve/greedy_control.yaml",
             f"--model.init_args.policy.init_args.model={tiny_model_dir}",
             "--trainer.accelerator=cpu", "--trainer.callbacks=[]", "--data.init_args.num_questions=32",
             "--data.init_args.max_new_tokens=8", f"--trainer.logger.init_args.save_dir={tmp_path / name}",
             f"--data.init_args.cache_dir={tmp_path / name / 'candidates'}", "--trainer.enable_progress_bar=false",
-            *extra,
-        ], cwd=root, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-            capture_output=True)
+            *extra, cwd=Path(__file__).parents[1])
         return tmp_path / name / "self_improve_greedy_control" / "version_0" / "round-0"
 
     one = fit("one")

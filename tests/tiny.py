@@ -54,3 +54,16 @@ def build_tiny_model(directory: Path, chat_template: bool = True, seed: int = 0)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def run_labelfree(*args: str, cwd: Path) -> None:
+    """`labelfree <args>` in a new process (several-process strategies start their own processes), offline and on
+    one thread per process; its output is shown when it fails."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "lightning_modules.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        raise AssertionError(f"labelfree {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")

@@ -15,18 +15,23 @@ Views (the batch's prediction functions, under the model as it is now, with grad
 - both: `input_nll()`: (B,) mean NLL of each prompt's own tokens (TLM); `predictions()`: what to report when
   the update does not start from `logits()` (call it before updating).
 
-State: a method's state that must survive a checkpoint is a buffer. `attach` snapshots the adapted parameters
-when the run is set up (before a checkpoint is loaded), which is the source model that `reset()` restores.
+State: what a method carries from batch to batch (an EMA, a class prior, a sampling generator, the skip count) is
+named in `run_state()` / `load_run_state()`; the module puts it in each checkpoint, per process, so a resumed
+stream goes on as if never stopped. `attach` snapshots the adapted parameters when the run is set up (before a
+checkpoint is loaded), which is the source model that `reset()` restores, and wires the module's backward (under
+DDP it synchronises the gradients). A decision to skip an update is taken on every rank alike (`all_ranks`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from lightning_modules.batching import pad
+from lightning_modules.distributed import all_ranks
 from lightning_modules.losses.functional import IGNORE_INDEX, entropy, predicting_labels
 from lightning_modules.optim.sam import SAM
 from lightning_modules.sampling import SamplingParams
@@ -141,11 +146,33 @@ class TTAMethod(nn.Module):
         self.skipped_steps = 0
         self.adapted: dict[str, nn.Parameter] = {}
         self.source: dict[str, Tensor] = {}
+        self.backward: Callable[[Tensor], None] = Tensor.backward
+        self.generator: torch.Generator | None = None  # a method that samples draws from its own generator
 
-    def attach(self, named_parameters: dict[str, nn.Parameter]) -> None:
-        """The adapted parameters; their current values become the source that `reset()` restores."""
+    def attach(self, named_parameters: dict[str, nn.Parameter], backward: Callable[[Tensor], None] | None = None,
+               ) -> None:
+        """The adapted parameters, whose current values become the source that `reset()` restores, and the
+        backward to call (the LightningModule's `manual_backward`; default `Tensor.backward`)."""
         self.adapted = dict(named_parameters)
         self.source = {n: p.detach().clone() for n, p in self.adapted.items()}
+        self.backward = backward or Tensor.backward
+
+    def run_state(self) -> dict:
+        """What the method carries from batch to batch (plain values and tensors), for a checkpoint."""
+        state = {"skipped_steps": self.skipped_steps}
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
+
+    def load_run_state(self, state: dict) -> None:
+        self.skipped_steps = state["skipped_steps"]
+        if self.generator is not None:
+            self.generator.set_state(state["generator"])
+
+    def zero_loss(self) -> Tensor:
+        """A loss of 0 over the adapted parameters: a rank with nothing to learn from while others step still joins
+        the gradient all-reduce."""
+        return sum((p * 0).sum() for p in self.adapted.values())
 
     def check(self, optimizer) -> None:
         """Refuse an optimizer the method cannot use (before the first batch)."""
@@ -160,11 +187,11 @@ class TTAMethod(nn.Module):
         return logits.argmax(-1)
 
     def step(self, loss: Tensor, optimizer) -> bool:
-        if not torch.isfinite(loss):
+        if not all_ranks(torch.isfinite(loss)):
             self.skipped_steps += 1
             return False
         optimizer.zero_grad()
-        loss.backward()
+        self.backward(loss)
         optimizer.step()
         return True
 

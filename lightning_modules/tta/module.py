@@ -14,6 +14,9 @@ Levels:
 A method that does not support the level is refused when the module is built; a stream without what the level
 needs (no verbalizers at the label level) is refused at setup, naming the task.
 Manual optimisation: the method steps; a non-finite loss skips the step and is counted (`tta/skipped_steps`).
+Resume (`fit --ckpt_path`): the stream goes on at the next batch with the adapted weights, the optimizer, the
+method's state, the outcomes so far and the same source weights for resets (taken at setup, before the checkpoint
+is loaded). Under DDP, batch b of the stream goes to rank b mod world and the accuracies count every rank's items.
 The mode rule: every pass (predicting, adapting, sampling) runs with dropout off (eval mode), as in RL.
 """
 
@@ -76,7 +79,23 @@ class TestTimeAdaptationModule(TrainableStateMixin, L.LightningModule):
         if self.method.needs_views and view_problem:
             raise ValueError(f"{type(self.method).__name__} compares each item with a text view of it, but "
                              f"{view_problem}")
-        self.method.attach({n: p for n, p in self.policy.model.named_parameters() if p.requires_grad})
+        self.method.attach({n: p for n, p in self.policy.model.named_parameters() if p.requires_grad},
+                           self.manual_backward)
+
+    def run_state(self) -> dict:
+        """This process's part of the stream so far and the method's state (a resumed stream goes on from it)."""
+        return super().run_state() | {
+            "method": self.method.run_state(), "outcomes": self.outcomes, "source_outcomes": self.source_outcomes,
+            "predicted": self.predicted, "reset_steps": self.reset_steps}
+
+    def load_run_state(self, state: dict) -> None:
+        super().load_run_state(state)
+        self.method.load_run_state(state["method"])
+        self.outcomes, self.source_outcomes = state["outcomes"], state["source_outcomes"]
+        self.predicted, self.reset_steps = state["predicted"], state["reset_steps"]
+        for metric, outcomes in ((self.online_accuracy, self.outcomes), (self.source_accuracy, self.source_outcomes)):
+            if outcomes:
+                metric.update(torch.tensor(outcomes, dtype=torch.float))
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.policy.trainable_parameters())

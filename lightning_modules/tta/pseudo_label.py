@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_modules.distributed import any_rank
 from lightning_modules.signals import MajorityAnswer, score
 from lightning_modules.tta.base import TTAMethod
 
@@ -31,9 +32,12 @@ class PseudoLabel(TTAMethod):
         agrees = score(self.vote, candidates, view.policy) == 1  # (N,) NaN (no vote) compares False
         targets = [next(i for i in rows if agrees[i]) for rows in candidates.members() if agrees[rows].any()]
         kept = torch.tensor(len(targets) / len(candidates.questions))
-        if not targets:
+        if not any_rank(bool(targets)):
             return None, {"kept_fraction": kept}
-        nll, at = view.response_nll(candidates.subset(targets))  # (K, T) each
-        loss = ((nll * at).sum(-1) / at.sum(-1).clamp_min(1)).mean()
+        if targets:
+            nll, at = view.response_nll(candidates.subset(targets))  # (K, T) each
+            loss = ((nll * at).sum(-1) / at.sum(-1).clamp_min(1)).mean()
+        else:  # other ranks step
+            loss = self.zero_loss()
         self.step(loss, optimizer)
         return None, {"loss": loss.detach(), "kept_fraction": kept}

@@ -49,7 +49,7 @@ class ROID(TTAMethod):
         self.weighting, self.temperature, self.momentum_probs = weighting, temperature, momentum_probs
         self.clip, self.eps, self.batch_size, self.momentum_src = clip, eps, batch_size, momentum_src
         self.prior_correction, self.prior_correction_on = prior_correction, prior_correction_on
-        self.register_buffer("class_probs_ema", torch.empty(0))  # pi_bar; empty = uniform at the next batch
+        self.class_probs_ema = torch.empty(0)  # pi_bar; empty = uniform at the next batch
 
     def loss(self, logits: Tensor, view_logits: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """The weighted SLR of a batch (B, C), plus the consistency term with `view_logits` (B, C); updates pi_bar."""
@@ -93,3 +93,10 @@ class ROID(TTAMethod):
 
     def reset_state(self) -> None:
         self.class_probs_ema = torch.empty(0, device=self.class_probs_ema.device)
+
+    def run_state(self) -> dict:
+        return super().run_state() | {"class_probs_ema": self.class_probs_ema.cpu()}
+
+    def load_run_state(self, state: dict) -> None:
+        super().load_run_state(state)
+        self.class_probs_ema = state["class_probs_ema"]

@@ -24,39 +24,48 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lightning_modules.distributed import any_rank
 from lightning_modules.optim.sam import SAM
 from lightning_modules.tta.base import LEVELS, TTAMethod, _base
 
 
 def sar_adapt_step(compute_entropy: Callable[[], Tensor], optimizer, margin: float | Callable[[Tensor], float],
-                   ema: float | None, ema_momentum: float = 0.9) -> tuple[Tensor, float | None]:
+                   ema: float | None, ema_momentum: float = 0.9,
+                   backward: Callable[[Tensor], None] = Tensor.backward) -> tuple[Tensor, float | None]:
     """One SAR update; returns the first pass's entropies (B,) detached and the new EMA. `compute_entropy` runs
     the model as it is now (B,); `margin` is E0, or a function of the first pass's entropies that gives it.
-    `optimizer` is a `SAM` or Lightning's wrapper around one (its `step(closure)` advances the step count)."""
+    `optimizer` is a `SAM` or Lightning's wrapper around one (its `step(closure)` advances the step count).
+    Under several ranks a pass is skipped only when its set is empty on every rank; a rank whose set is empty
+    while others' are not backpropagates a zero loss (the all-reduce needs every rank)."""
     optimizer.zero_grad()
     first = compute_entropy()  # (B,)
     e0 = margin(first.detach()) if callable(margin) else margin
     reliable = first < e0  # S1; NaN entropies are never reliable
-    if not reliable.any():
+    if not any_rank(reliable.any()):
         return first.detach(), ema
-    first[reliable].mean().backward()
+    backward(_masked_mean(first, reliable))
     state = {"ema": ema}
 
     def second_pass() -> Tensor | None:
         second = compute_entropy()  # (B,)
         reliable2 = reliable & (second < e0)  # S2 within S1
-        if not reliable2.any():
+        if not any_rank(reliable2.any()):
             return None
-        loss2 = second[reliable2].mean()
+        loss2 = _masked_mean(second, reliable2)
         value = loss2.item()
-        if math.isfinite(value):
+        if reliable2.any() and math.isfinite(value):
             state["ema"] = value if state["ema"] is None else ema_momentum * state["ema"] + (1 - ema_momentum) * value
-        loss2.backward()
+        backward(loss2)
         return loss2
 
     optimizer.step(closure=second_pass)
     optimizer.zero_grad()
     return first.detach(), state["ema"]
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """The mean of `values[mask]`; 0 (with a zero gradient) when the mask is empty."""
+    return values[mask].mean() if mask.any() else values[mask].sum()
 
 
 class SAR(TTAMethod):
@@ -84,7 +93,7 @@ class SAR(TTAMethod):
 
     def adapt(self, view, optimizer) -> tuple[Tensor | None, dict[str, Tensor]]:
         margin = lambda first: self.margin(view, first)  # noqa: E731
-        first, ema = sar_adapt_step(view.entropy, optimizer, margin, self.ema, self.ema_momentum)
+        first, ema = sar_adapt_step(view.entropy, optimizer, margin, self.ema, self.ema_momentum, self.backward)
         self.update_ema(ema)
         metrics = {"kept_fraction": (first < margin(first)).float().mean(), "entropy": first.nanmean()}
         return view.predictions(), metrics
@@ -110,3 +119,10 @@ class SAR(TTAMethod):
 
     def reset_state(self) -> None:
         self.ema = self.first_ema = None
+
+    def run_state(self) -> dict:
+        return super().run_state() | {"ema": self.ema, "first_ema": self.first_ema}
+
+    def load_run_state(self, state: dict) -> None:
+        super().load_run_state(state)
+        self.ema, self.first_ema = state["ema"], state["first_ema"]
