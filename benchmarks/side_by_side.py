@@ -30,3 +30,45 @@ def run_engines(script: str, args, engines: dict[str, Callable], meter) -> dict[
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
         results[engine] = json.loads(out.stdout.strip().splitlines()[-1])
     return results
+
+
+# Realistic sizes with random weights, so that a GPU machine (which reaches no hub) measures at scale: Qwen2-shaped
+# (the published 0.5B and 1.5B shapes), with the default model's tokenizer.
+CONFIGS = {
+    "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2),
+    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                       num_key_value_heads=2),
+}
+
+
+def model_path(name: str) -> str:
+    """`name` itself (an alias or a directory), or for a name of `CONFIGS` a directory holding that random-weight
+    model (built once, seed 0, under the project cache)."""
+    if name not in CONFIGS:
+        return name
+    from lightning_modules.model_store import DEFAULT_MODEL, cache_dir
+    from lightning_modules.policy import load_tokenizer
+
+    path = cache_dir() / "random" / name
+    if not (path / "config.json").is_file():
+        import torch
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        torch.manual_seed(0)
+        config = Qwen2Config(vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096,
+                             **CONFIGS[name])
+        Qwen2ForCausalLM(config).save_pretrained(path)
+        load_tokenizer(DEFAULT_MODEL).save_pretrained(path)
+    return str(path)
+
+
+def machine(device: str) -> str:
+    """The machine a benchmark ran on, for its last line."""
+    import platform
+
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
