@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -28,6 +29,9 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 
 log = logging.getLogger(__name__)
+# RL and TTA step by hand and checkpoint after each step: the state after the step is the one to resume from, which
+# is what Lightning's warning about manual optimisation says it saves.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 class CheckpointError(ValueError):
