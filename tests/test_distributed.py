@@ -56,3 +56,51 @@ def test_online_rl_steps_under_ddp_with_one_sampling_stream_per_rank(tiny_model_
     generators = [state["generator"] for state in checkpoint["labelfree"]["ranks"]]
     assert len(generators) == 2 and not torch.equal(*generators)
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+
+
+def _sar_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from lightning.pytorch.overrides.distributed import prepare_for_backward
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lightning_modules.losses.functional import entropy
+    from lightning_modules.optim.sam import SAM
+    from lightning_modules.tta.sar import sar_adapt_step
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    net = DistributedDataParallel(torch.nn.Linear(4, 3))
+    with torch.no_grad():
+        net.module.weight.mul_(20)
+        net.module.bias.zero_()
+    # rank 0: every input 0, so every entropy is ln 3, above the margin (its reliable set is empty); rank 1: confident
+    x = torch.zeros(8, 4) if rank == 0 else torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+
+    def backward(loss):  # what Lightning's manual_backward does under DDP
+        prepare_for_backward(net, loss)
+        loss.backward()
+
+    opt = SAM(net.parameters(), lr=0.1, rho=0.05)
+    first, ema = sar_adapt_step(lambda: entropy(net.module(x)), opt, 0.4 * torch.log(torch.tensor(3.0)).item(), None,
+                                backward=backward)
+    torch.save({"params": [p.detach() for p in net.parameters()], "ema": ema,
+                "reliable": int((first < 0.4 * torch.log(torch.tensor(3.0))).sum())}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sar_steps_on_every_rank_when_one_ranks_reliable_set_is_empty(tmp_path):
+    """A rank with no reliable sample backpropagates a zero loss instead of skipping, so the other rank's gradient
+    all-reduce completes (it used to wait forever) and both ranks end with the same weights."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_sar_worker, args=(port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r0["reliable"] == 0 < r1["reliable"]
+    assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
+    torch.manual_seed(0)
+    initial = torch.nn.Linear(4, 3).weight.detach() * 20
+    assert not torch.equal(r0["params"][0], initial)  # the step happened
+    assert r0["ema"] is None and r1["ema"] is not None  # each rank's EMA is its own loss's
