@@ -1,4 +1,4 @@
-"""torch.distributed in two helpers (Lightning's strategies set up the process group; nothing here starts one)."""
+"""torch.distributed in a few helpers (Lightning's strategies set up the process group; nothing here starts one)."""
 
 from __future__ import annotations
 
