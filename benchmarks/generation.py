@@ -14,6 +14,7 @@ import argparse
 import time
 
 import torch
+from side_by_side import machine, model_arguments, model_path  # benchmarks/side_by_side.py, beside this script
 
 from datamodules.generation import HFGenerator
 from datamodules.tasks import Arithmetic
@@ -31,6 +32,7 @@ def hf_generate(policy, task, questions, params: SamplingParams, batch_size: int
         width = max(map(len, prompts))
         ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids, mask = ids.to(model.device), mask.to(model.device)
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=params.temperature,
                              top_p=params.top_p, top_k=0, max_new_tokens=params.max_new_tokens,
                              num_return_sequences=params.n, pad_token_id=tok.pad_token_id)
@@ -41,8 +43,7 @@ def hf_generate(policy, task, questions, params: SamplingParams, batch_size: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    model_arguments(parser)
     parser.add_argument("--questions", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8, help="questions per batch (x m rows)")
     parser.add_argument("-m", type=int, default=8)
@@ -51,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    policy = Policy(args.model, dtype=args.dtype, adapt="none").eval()
+    policy = Policy(model_path(args.model), dtype=args.dtype, adapt="none").to(args.device).eval()
     task = Arithmetic()
     questions = task.load("test", args.questions)
     params = SamplingParams(n=args.m, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
@@ -68,13 +69,14 @@ def main() -> None:
         ours_s = time.perf_counter() - t0
     ours_tokens = sum(ours["num_tokens"])
     prompt_len = sum(len(task.prompt_parts(policy.tokenizer, q).ids) for q in questions) / len(questions)
-    print(f"model={args.model} dtype={args.dtype} questions={args.questions} m={args.m} batch={args.batch_size} "
+    print(f"model={args.model} dtype={args.dtype} device={args.device} questions={args.questions} m={args.m} "
+          f"batch={args.batch_size} "
           f"T={args.temperature} max_new_tokens={args.max_new_tokens} prompt_tokens={prompt_len:.0f} "
           f"threads={torch.get_num_threads()}")
     print("| engine | generated tokens | seconds | tokens/s |\n|---|---|---|---|")
     print(f"| HF generate(num_return_sequences={args.m}) | {hf_tokens} | {hf_s:.1f} | {hf_tokens / hf_s:.0f} |")
     print(f"| labelfree HFGenerator | {ours_tokens} | {ours_s:.1f} | {ours_tokens / ours_s:.0f} |")
-    print(f"speed-up (tokens/s): {(ours_tokens / ours_s) / (hf_tokens / hf_s):.2f}x")
+    print(f"on {machine(args.device)}: speed-up (tokens/s): {(ours_tokens / ours_s) / (hf_tokens / hf_s):.2f}x")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from side_by_side import LORA, run_engines  # benchmarks/side_by_side.py, beside this script
+from side_by_side import LORA, machine, model_arguments, model_path, run_engines  # beside this script
 
 
 class Meter:
@@ -49,7 +49,7 @@ def _task_and_prompts(args):
     from lightning_modules.policy import load_tokenizer
 
     task = Arithmetic(seed=0)
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(model_path(args.model))
     questions = task.load("train", args.prompts * args.steps)
     return task, questions, [tok.decode(task.prompt_parts(tok, q).ids) for q in questions]
 
@@ -70,14 +70,16 @@ def run_labelfree(args, meter: Meter) -> None:
 
     task, _, _ = _task_and_prompts(args)
     module = SelfRewardRLModule(
-        Policy(args.model, lora=LoraSettings(**LORA)), [MajorityAnswer()], group_size=args.group,
+        Policy(model_path(args.model), dtype=args.dtype, lora=LoraSettings(**LORA)), [MajorityAnswer()],
+        group_size=args.group,
         temperature=1.0, max_new_tokens=args.max_new_tokens,
         loss=PPOClipLoss(clip_eps=0.2, kl_beta=args.beta, loss_type="bnpo"),
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4),
     )
     data = QuestionDataModule(task, num_questions=args.prompts * args.steps, batch_size=args.prompts,
-                              tokenizer=args.model)
-    trainer = L.Trainer(max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                              tokenizer=model_path(args.model))
+    trainer = L.Trainer(max_steps=args.steps, accelerator="gpu" if args.device.startswith("cuda") else "cpu",
+                        devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[Timer()])
     trainer.fit(module, data)
 
@@ -111,23 +113,25 @@ def run_trl(args, meter: Meter) -> None:
         output_dir="/tmp/labelfree-bench/grpo", per_device_train_batch_size=args.prompts * args.group,
         num_generations=args.group, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0,
         beta=args.beta, epsilon=0.2, num_iterations=1, learning_rate=1e-4, lr_scheduler_type="constant",
-        max_steps=args.steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+        max_steps=args.steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=args.device == "cpu",
+        bf16=args.dtype == "bfloat16",
         dataloader_num_workers=0, shuffle_dataset=False,
         loss_type="bnpo", use_bias_correction_kl=False, disable_dropout=True,  # labelfree's default loss and mode
     )
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
     trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(resolve_model(args.model)), reward_funcs=[majority_vote],
+        model=AutoModelForCausalLM.from_pretrained(resolve_model(model_path(args.model)), dtype=args.dtype),
+        reward_funcs=[majority_vote],
         args=config, train_dataset=datasets.Dataset.from_list([{"prompt": p} for p in prompts]),
-        processing_class=load_tokenizer(args.model), peft_config=peft_config, callbacks=[Timer()],
+        processing_class=load_tokenizer(model_path(args.model)), peft_config=peft_config, callbacks=[Timer()],
     )
     trainer.train()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    model_arguments(parser)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
@@ -141,12 +145,13 @@ def main() -> None:
     if results is None:  # a child process: it printed its result
         return
     ours, trl = results["labelfree"], results["trl"]
-    print(f"model={args.model} float32 prompts/step={args.prompts} group={args.group} "
+    print(f"model={args.model} dtype={args.dtype} device={args.device} prompts/step={args.prompts} group={args.group} "
           f"max_new_tokens={args.max_new_tokens} beta={args.beta} timed_steps={ours['timed_steps']}")
     print("| engine | s / step | mean completion length | ms / completion token |\n|---|---|---|---|")
     for name, r in (("labelfree SelfRewardRLModule", ours), ("TRL GRPOTrainer", trl)):
         print(f"| {name} | {r['s_per_step']:.1f} | {r['mean_length']:.1f} | {r['ms_per_token']:.0f} |")
-    print(f"step time ratio TRL/labelfree: {trl['s_per_step'] / ours['s_per_step']:.2f}x; per completion token: "
+    print(f"on {machine(args.device)}: step time ratio TRL/labelfree: {trl['s_per_step'] / ours['s_per_step']:.2f}x; "
+          "per completion token: "
           f"{trl['ms_per_token'] / ours['ms_per_token']:.2f}x")
 
 

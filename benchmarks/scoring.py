@@ -18,7 +18,7 @@ import argparse
 import time
 
 import torch
-from side_by_side import CONFIGS, machine, model_path  # benchmarks/side_by_side.py, beside this script
+from side_by_side import machine, model_arguments, model_path  # benchmarks/side_by_side.py, beside this script
 
 from lightning_modules.losses.functional import IGNORE_INDEX
 from lightning_modules.policy import Policy
@@ -41,9 +41,7 @@ def best_time(fn, repeats: int, device: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help=f"an alias, a directory, or {list(CONFIGS)}")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    model_arguments(parser)
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--response", type=int, default=96)

@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 
-from side_by_side import LORA, ROOT, run_engines  # benchmarks/side_by_side.py, beside this script
+from side_by_side import (  # benchmarks/side_by_side.py, beside this script
+    LORA,
+    ROOT,
+    machine,
+    model_arguments,
+    model_path,
+    peak_memory_gib,
+    run_engines,
+)
 
 DATA = ROOT / "configs" / "data" / "arithmetic_sft.jsonl"
 
@@ -25,8 +32,8 @@ DATA = ROOT / "configs" / "data" / "arithmetic_sft.jsonl"
 class Meter:
     """Counts non-pad tokens entering the decoder and times steps after warm-up."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.steps, self.tokens, self.start = warmup, 0, 0, None
+    def __init__(self, warmup: int, device: str = "cpu") -> None:
+        self.warmup, self.steps, self.tokens, self.start, self.device = warmup, 0, 0, None, device
 
     def hook(self, module, args, kwargs) -> None:
         if module.training and self.start is not None:
@@ -41,9 +48,8 @@ class Meter:
 
     def result(self) -> dict:
         elapsed = self.end - self.start
-        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return {"tokens_per_s": self.tokens / elapsed, "timed_steps": self.steps - self.warmup,
-                "tokens": self.tokens, "peak_rss_gib": peak_gib}
+                "tokens": self.tokens, "peak_rss_gib": peak_memory_gib(self.device)}
 
 
 def run_labelfree(args, meter: Meter) -> None:
@@ -58,16 +64,17 @@ def run_labelfree(args, meter: Meter) -> None:
         def on_train_batch_end(self, *a, **k):
             meter.step_end()
 
-    policy = Policy(args.model, dtype=args.dtype, lora=LoraSettings(**LORA),
+    policy = Policy(model_path(args.model), dtype=args.dtype, lora=LoraSettings(**LORA),
                     gradient_checkpointing=args.gradient_checkpointing == "on")
     policy.causal_lm.get_decoder().register_forward_pre_hook(meter.hook, with_kwargs=True)
     module = WeightedSFTModule(
         policy, optimizer=lambda p: torch.optim.AdamW(p, lr=2e-4), log_samples_every_n_steps=10**9,
         export_adapter=False,
     )
-    data = LabeledDataModule(str(DATA), tokenizer=args.model, batch_size=args.batch_size, max_length=args.max_length,
-                             bucket_by_length=not args.no_bucketing)
-    trainer = L.Trainer(max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    data = LabeledDataModule(str(DATA), tokenizer=model_path(args.model), batch_size=args.batch_size,
+                             max_length=args.max_length, bucket_by_length=not args.no_bucketing)
+    trainer = L.Trainer(max_steps=args.steps, accelerator="gpu" if args.device.startswith("cuda") else "cpu",
+                        devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[Timer()], limit_val_batches=0)
     trainer.fit(module, data)
 
@@ -92,26 +99,26 @@ def run_trl(args, meter: Meter) -> None:
          "completion": [{"role": "assistant", "content": r["rationale"]}]}
         for r in rows
     ])
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=dtype)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(model_path(args.model)), dtype=dtype)
     model.get_decoder().register_forward_pre_hook(meter.hook, with_kwargs=True)
     config = SFTConfig(
         output_dir=str(Path(args.tmp) / "trl"), per_device_train_batch_size=args.batch_size, max_length=args.max_length,
         max_steps=args.steps, learning_rate=2e-4, lr_scheduler_type="constant", logging_steps=10**9,
-        save_strategy="no", report_to=[], use_cpu=True, bf16=args.dtype == "bfloat16", dataloader_num_workers=0,
+        save_strategy="no", report_to=[], use_cpu=args.device == "cpu", bf16=args.dtype == "bfloat16",
+        dataloader_num_workers=0,
         gradient_checkpointing=args.gradient_checkpointing == "on",
     )
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=load_tokenizer(args.model),
-                         peft_config=peft_config, callbacks=[Timer()])
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, peft_config=peft_config,
+                         processing_class=load_tokenizer(model_path(args.model)), callbacks=[Timer()])
     trainer.train()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    model_arguments(parser)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -123,18 +130,21 @@ def main() -> None:
     parser.add_argument("--tmp", default="/tmp/labelfree-bench", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    results = run_engines(__file__, args, {"labelfree": run_labelfree, "trl": run_trl}, Meter(args.warmup))
+    results = run_engines(__file__, args, {"labelfree": run_labelfree, "trl": run_trl}, Meter(args.warmup, args.device))
     if results is None:  # a child process: it printed its result
         return
     ours, trl = results["labelfree"], results["trl"]
-    print(f"model={args.model} dtype={args.dtype} batch={args.batch_size} max_length={args.max_length} "
+    print(f"model={args.model} dtype={args.dtype} device={args.device} batch={args.batch_size} "
+          f"max_length={args.max_length} "
           f"gradient_checkpointing={args.gradient_checkpointing} bucketing={not args.no_bucketing} "
           f"timed_steps={ours['timed_steps']} lora=r{LORA['r']}/{LORA['target_modules']} threads={_threads()}")
-    print("| engine | tokens/s | peak RSS (GiB) |\n|---|---|---|")
+    memory = "GPU memory" if args.device.startswith("cuda") else "RSS"
+    print(f"| engine | tokens/s | peak {memory} (GiB) |\n|---|---|---|")
     for name, r in (("labelfree WeightedSFTModule", ours), ("TRL SFTTrainer", trl)):
         print(f"| {name} | {r['tokens_per_s']:.0f} | {r['peak_rss_gib']:.2f} |")
-    print(f"throughput ratio labelfree/TRL: {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x; "
-          f"peak RSS ratio: {ours['peak_rss_gib'] / trl['peak_rss_gib']:.2f}x")
+    print(f"on {machine(args.device)}: throughput ratio labelfree/TRL: "
+          f"{ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x; "
+          f"peak {memory} ratio: {ours['peak_rss_gib'] / trl['peak_rss_gib']:.2f}x")
 
 
 def _threads() -> int:

@@ -63,6 +63,25 @@ def model_path(name: str) -> str:
     return str(path)
 
 
+def model_arguments(parser) -> None:
+    """`--model`, `--device`, `--dtype`: what every benchmark takes, so that the same script measures on a GPU."""
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help=f"an alias, a model directory, or a random-weight config: {', '.join(CONFIGS)}")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def peak_memory_gib(device: str) -> float:
+    """Peak GPU memory allocated (cuda) or the process's peak RSS (cpu), GiB."""
+    import resource
+
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def machine(device: str) -> str:
     """The machine a benchmark ran on, for its last line."""
     import platform

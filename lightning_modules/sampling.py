@@ -131,7 +131,10 @@ def choose_tokens(logits: Tensor, temperature: float, top_p: float, generator: t
     probs = top_p_filter(logits / temperature, top_p).softmax(-1)  # (R, V)
     # inverse CDF with one uniform per row: exact, and ~20x faster on CPU than multinomial over a 49k vocabulary
     cdf = probs.double().cumsum(-1)  # (R, V)
-    u = torch.rand(len(cdf), 1, dtype=torch.float64, generator=generator, device=cdf.device) * cdf[:, -1:]
+    # the uniforms come from the generator's own device (the CPU for the seeded generators here), so that a GPU run
+    # draws what a CPU run draws and a CPU generator is never handed a CUDA device
+    draw_on = generator.device if generator is not None else cdf.device
+    u = torch.rand(len(cdf), 1, dtype=torch.float64, generator=generator, device=draw_on).to(cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
 
 
