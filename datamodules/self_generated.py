@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.collate import LengthBucketSampler, SFTExample, collate, tokenize_example
 from datamodules.generation import HFGenerator, to_candidates
-from datamodules.io import check_at_least
+from datamodules.io import check_at_least, write_atomically
 from datamodules.labeled import TokenizedDataset
 from datamodules.selection import Selector, load_with_labeled
 from datamodules.tasks.base import Question, Task
@@ -189,9 +189,8 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         if rank == 0:
             out = run_dir / f"round-{self.round}"
             out.mkdir(parents=True, exist_ok=True)
-            with open(out / "selected.jsonl", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept_rows)
-            (out / "report.json").write_text(json.dumps(report, indent=2))
+            write_atomically(out / "selected.jsonl", "".join(json.dumps(r) + "\n" for r in kept_rows))
+            write_atomically(out / "report.json", json.dumps(report, indent=2))
         if rank == 0:
             audit = "; ".join(f"{s['name']} keeps {s['kept']} (precision {s['precision']:.2f}, recall "
                               f"{s['recall']:.2f})" for s in report["selectors"])

@@ -97,3 +97,23 @@ def test_a_resume_on_another_number_of_processes_is_refused(tiny_model_dir, tmp_
                                          r"--trainer.devices=2"):
         _fit("configs/tta/tent.yaml", tiny_model_dir, tmp_path, "--data.init_args.tasks=datamodules.tasks.Comparison",
              "--data.init_args.num_questions=8", "--data.init_args.batch_size=4", "--ckpt_path=last")
+
+
+def test_a_kill_while_selected_jsonl_is_written_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    from pathlib import Path as P
+
+    from datamodules.io import write_atomically
+
+    target = tmp_path / "selected.jsonl"
+    write_atomically(target, '{"a": 1}\n')
+    original = P.write_text
+
+    def killed(self, text, *args, **kwargs):
+        original(self, text[:3], *args, **kwargs)  # part of the file reaches the disk, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(target, '{"a": 2}\n{"b": 3}\n')
+    monkeypatch.undo()
+    assert target.read_text() == '{"a": 1}\n'
