@@ -48,11 +48,12 @@ def test_a_tta_stream_under_ddp_gives_each_rank_every_other_batch(tiny_model_dir
 
 
 def test_online_rl_steps_under_ddp_with_one_sampling_stream_per_rank(tiny_model_dir, tmp_path):
-    """Each rank samples its own prompts' groups (a group never straddles ranks) from its own generator."""
-    checkpoint = _fit("configs/rl/ttrl.yaml", tiny_model_dir, tmp_path, *DDP, "--trainer.max_steps=2",
+    """Each rank samples its own prompts' groups (a group never straddles ranks) from its own generator; several
+    PPO passes per rollout each backpropagate through Lightning's DDP reducer."""
+    checkpoint = _fit("configs/rl/ttrl.yaml", tiny_model_dir, tmp_path, *DDP, "--trainer.max_steps=4",
                       "--model.init_args.max_new_tokens=6", "--data.init_args.num_questions=8",
-                      "--data.init_args.batch_size=2")
-    assert checkpoint["global_step"] == 2
+                      "--data.init_args.batch_size=2", "--model.init_args.ppo_epochs=2")
+    assert checkpoint["global_step"] == 4  # 2 rollouts x 2 PPO passes (optimizer steps)
     generators = [state["generator"] for state in checkpoint["labelfree"]["ranks"]]
     assert len(generators) == 2 and not torch.equal(*generators)
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
