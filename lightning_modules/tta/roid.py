@@ -56,6 +56,7 @@ class ROID(TTAMethod):
         b, c = logits.shape
         if self.class_probs_ema.numel() != c:
             self.class_probs_ema = torch.full((c,), 1 / c, device=logits.device)
+        self.class_probs_ema = self.class_probs_ema.to(logits.device)  # a resumed prior arrives on the CPU
         slr = soft_likelihood_ratio(logits, self.clip, self.eps)  # (B,)
         if self.weighting:
             weights, keep = roid_weights(logits, self.class_probs_ema, self.temperature)
