@@ -20,7 +20,7 @@ import time
 import torch
 from side_by_side import machine, model_arguments, model_path  # benchmarks/side_by_side.py, beside this script
 
-from lightning_modules.losses.functional import IGNORE_INDEX
+from lightning_modules.losses.functional import IGNORE_INDEX, predicting_labels
 from lightning_modules.policy import Policy
 from lightning_modules.signals.confidence import kl_from_uniform
 
@@ -56,7 +56,7 @@ def main() -> None:
     ids, mask = ids.to(args.device), torch.ones_like(ids, device=args.device)
     labels = ids.clone()
     labels[:, : args.prompt] = IGNORE_INDEX
-    response = labels != IGNORE_INDEX
+    predicting = predicting_labels(labels)  # the positions whose next token is a response token
     tokens = args.rows * width
 
     def raw():
@@ -65,8 +65,8 @@ def main() -> None:
 
     passes = {
         "token NLL (DS loss, token NLL)": lambda: policy.token_nll(ids, mask, labels),
-        "self-certainty": lambda: policy.token_map(ids, mask, torch.roll(response, -1, 1), kl_from_uniform),
-        "token entropy": lambda: policy.token_entropy(ids, mask, torch.roll(response, -1, 1)),
+        "self-certainty": lambda: policy.token_map(ids, mask, predicting, kl_from_uniform),
+        "token entropy": lambda: policy.token_entropy(ids, mask, predicting),
     }
     raw_s = best_time(raw, args.repeats, args.device)
     print(f"model={args.model} dtype={args.dtype} device={args.device} rows={args.rows} tokens/row={width} "

@@ -1,6 +1,6 @@
 """Batch plans (shuffled, in order, or length-bucketed; one plan for every rank) and a data loader that resumes
-mid-epoch. The tokenisation
-and padding of training samples live in `lightning_modules/batching.py` (the signals score with them too).
+mid-epoch. The tokenisation and padding of training samples live in `lightning_modules/batching.py` (the signals
+score with them too).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler
 from lightning_modules.batching import SFTExample, TokenizedExample, collate, tokenize_example
 
 __all__ = ["LengthBucketSampler", "ResumableDataLoader", "SFTExample", "ShardedBatchSampler", "TokenizedExample",
-           "collate", "tokenize_example", "train_loader"]
+           "collate", "ranks", "tokenize_example", "train_loader"]
 
 
 class ShardedBatchSampler(BatchSampler):
@@ -100,6 +100,11 @@ class ResumableDataLoader(DataLoader):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.batch_sampler.set_epoch(state["epoch"])
         self.batch_sampler.skip = state["batches_done"]
+
+
+def ranks(trainer) -> dict[str, int]:
+    """A batch plan's `rank` and `world_size`: the trainer's, or one process when there is no trainer."""
+    return {"rank": trainer.global_rank, "world_size": trainer.world_size} if trainer else {"rank": 0, "world_size": 1}
 
 
 def train_loader(dataset, sampler: ShardedBatchSampler, collate_fn: Callable, trainer=None,

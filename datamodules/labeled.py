@@ -23,6 +23,7 @@ from datamodules.collate import (
     SFTExample,
     TokenizedExample,
     collate,
+    ranks,
     tokenize_example,
     train_loader,
 )
@@ -176,13 +177,9 @@ class LabeledDataModule(L.LightningDataModule):
         hp = self.hparams
         collate_fn = functools.partial(collate, pad_token_id=self.tokenizer.pad_token_id)
         if hp.bucket_by_length:
-            trainer = self.trainer
-            rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-            sampler = LengthBucketSampler(
-                [len(e.input_ids) for e in dataset.examples], hp.batch_size, shuffle=shuffle, seed=hp.seed,
-                rank=rank, world_size=world,
-            )
-            return train_loader(dataset, sampler, collate_fn, trainer if shuffle else None, hp.num_workers)
+            sampler = LengthBucketSampler([len(e.input_ids) for e in dataset.examples], hp.batch_size, shuffle=shuffle,
+                                          seed=hp.seed, **ranks(self.trainer))
+            return train_loader(dataset, sampler, collate_fn, self.trainer if shuffle else None, hp.num_workers)
         return DataLoader(dataset, hp.batch_size, shuffle=shuffle, collate_fn=collate_fn, num_workers=hp.num_workers)
 
     def train_dataloader(self) -> DataLoader:

@@ -14,7 +14,7 @@ import functools
 import lightning as L
 from torch.utils.data import DataLoader
 
-from datamodules.collate import ShardedBatchSampler, train_loader
+from datamodules.collate import ShardedBatchSampler, ranks, train_loader
 from datamodules.io import check_at_least
 from datamodules.tasks.base import Question, Task
 from lightning_modules.model_store import DEFAULT_MODEL
@@ -61,12 +61,10 @@ class QuestionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled per epoch (seed + epoch); under several ranks each serves its own batches (a prompt's group
         never straddles ranks); resumable mid-epoch (`--ckpt_path`)."""
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         sampler = ShardedBatchSampler(len(self.train_questions), self.batch_size, seed=self.hparams.seed,
-                                      rank=rank, world_size=world)
+                                      **ranks(self.trainer))
         collate = functools.partial(collate_questions, task=self.task, tokenizer=self.tokenizer)
-        return train_loader(self.train_questions, sampler, collate, trainer)
+        return train_loader(self.train_questions, sampler, collate, self.trainer)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.questions)

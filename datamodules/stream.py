@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.collate import ShardedBatchSampler, train_loader
+from datamodules.collate import ShardedBatchSampler, ranks, train_loader
 from datamodules.tasks.base import Question, Task
 from lightning_modules.batching import pad
 from lightning_modules.model_store import DEFAULT_MODEL
@@ -134,9 +134,6 @@ class StreamDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """The stream in order; under several ranks batch b goes to rank b mod world (the last batches that cannot
         go to every rank are left out); resumable mid-stream (`--ckpt_path`)."""
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        sampler = ShardedBatchSampler(len(self.items), self.hparams.batch_size, shuffle=False, rank=rank,
-                                      world_size=world)
+        sampler = ShardedBatchSampler(len(self.items), self.hparams.batch_size, shuffle=False, **ranks(self.trainer))
         collate = functools.partial(collate_stream, pad_token_id=self.tokenizer.pad_token_id)
-        return train_loader(self.items, sampler, collate, trainer)
+        return train_loader(self.items, sampler, collate, self.trainer)

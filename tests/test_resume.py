@@ -22,7 +22,7 @@ def _fit(config: str, tiny_model_dir: str, save_dir: Path, *extra: str):
                       "--trainer.enable_model_summary=false", *extra])
 
 
-def _straight_and_resumed(config, tiny_model_dir, tmp_path, steps: int, cut: int, *extra):
+def _straight_and_resumed(config, tiny_model_dir, tmp_path, steps: list[str], cut: int, *extra):
     """(the uninterrupted run, the run stopped after `cut` steps and resumed) as CLIs."""
     straight = _fit(config, tiny_model_dir, tmp_path / "straight", *extra, *steps)
     _fit(config, tiny_model_dir, tmp_path / "cut", *extra, f"--trainer.max_steps={cut}")
