@@ -1,36 +1,85 @@
-"""Self-improvement on the demo task: base, the greedy self-training control, LMSI, Entropy-filter, Self-filter,
-IWSI, SemiEvol (and RM-filter with `--reward-model DIR`), several seeds, held-out greedy accuracy with the
-few-shot and the zero-shot prompt, and the pseudo-label audit. Prints a Markdown table.
+"""Self-improvement on the demo task, powered: the base model, the greedy self-training control and every method over
+several seeds, held-out greedy accuracy with the 2-shot and the zero-shot prompt on the same questions for every
+method, paired differences against the control and against LMSI (95% bootstrap interval over questions, McNemar's
+p, seeds pooled), the pseudo-label audit, LMSI and IWSI over two rounds, and IWSI's keep fraction k swept on the
+same candidates (the paper's hyper-parameter figure).
 
-Each run is `labelfree fit -c configs/self_improve/base.yaml -c configs/self_improve/<method>.yaml` with the
-seed changing the unlabeled questions, the sampling and the training order; evaluation is on the same held-out
-questions for every method (the recipe's family, seed 1234). Standard error = std / sqrt(seeds). Every method of a
-seed reads the same cached candidates (`<runs>/candidates`). The base model is evaluated once (greedy answers to
-fixed questions do not depend on the seed).
+Each run is `labelfree fit -c configs/self_improve/base.yaml -c configs/self_improve/<recipe>.yaml` with the seed
+changing the unlabeled questions, the sampling and the training order; every variant of a seed reads the same
+cached round-0 candidates (`<runs>/candidates`). Held-out questions: the recipe's family with a fixed seed (1234),
+test split, the same for every method and seed; the base model is evaluated once. Nothing is tuned here: every
+recipe runs with its shipped settings (lr 3e-4, one epoch per round); the k sweep is reported, not used to choose.
+
+Runs in parts: each finished run writes a record (`<records>/seed<s>-<variant>.json`: the per-question scores,
+the audit, its run time); a run with a record is not run again, so the table is built over several invocations
+(and sessions, the records being committed). `--table` prints the table from the records alone.
 
     python benchmarks/self_improve_table.py --seeds 0 1 2
-    python benchmarks/self_improve_table.py --methods lmsi iwsi --seeds 0 --questions 32 --eval-questions 50
+    python benchmarks/self_improve_table.py --table
+    python benchmarks/self_improve_table.py --variants lmsi iwsi --seeds 0 --questions 32 --eval-questions 50 \
+        --records /tmp/records
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import json
+import subprocess
 import time
 from pathlib import Path
 
-from paired import paired_rows  # benchmarks/paired.py, beside this script
-from tables import mean_std, run_grid  # benchmarks/tables.py, beside this script
+from paired import cell, paired_difference, paired_rows, pool  # benchmarks/paired.py, beside this script
+from tables import mean_std
 
 from callbacks.task_evaluation import TaskEvaluation
+from datamodules.io import write_atomically
+from datamodules.selection import DSWeightFilter, EntropyThreshold
 from datamodules.tasks import Arithmetic
 from lightning_modules.cli import build_cli
+from lightning_modules.signals import DSWeight
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("greedy_control", "lmsi", "entropy_filter", "self_filter", "iwsi", "semievol")
 
 
-def run(method: str, seed: int, args, with_base: bool) -> dict:
+def _iwsi(keep: float = 0.8, reference: bool = False):
+    def tweak(data):
+        for selector in data.selectors:
+            if isinstance(selector, DSWeightFilter):
+                selector.keep = keep
+                if reference:  # IWSI's filter_data.py: the reference's clip and its index cut
+                    selector.rule, selector.signal.clip_like_reference = "reference", True
+    return tweak
+
+
+def _semievol_reference(data):
+    for selector in data.selectors:
+        if isinstance(selector, EntropyThreshold):  # the official code's reading (SPEC §4)
+            selector.population, selector.percentile, selector.labeled_roles = "inconsistent", 30, frozenset()
+
+
+# variant -> (recipe, rounds, a change to the built datamodule's selectors)
+VARIANTS = {
+    "greedy_control": ("greedy_control", 1, None),
+    "lmsi": ("lmsi", 2, None),
+    "iwsi": ("iwsi", 2, _iwsi()),
+    "iwsi_reference": ("iwsi", 1, _iwsi(reference=True)),
+    "entropy_filter": ("entropy_filter", 1, None),
+    "self_filter": ("self_filter", 1, None),
+    "semievol": ("semievol", 1, None),
+    "semievol_reference": ("semievol", 1, _semievol_reference),
+    "empo_filter": ("empo_filter", 1, None),
+    "deepconf_filter": ("deepconf_filter", 1, None),
+    "self_certainty_filter": ("self_certainty_filter", 1, None),
+    "iwsi_k50": ("iwsi", 1, _iwsi(0.5)),
+    "iwsi_k65": ("iwsi", 1, _iwsi(0.65)),
+    "iwsi_k95": ("iwsi", 1, _iwsi(0.95)),
+}
+SWEEP = {"iwsi_k50": 0.5, "iwsi_k65": 0.65, "iwsi (round 1)": 0.8, "iwsi_k95": 0.95}
+PROMPTS = ("few_shot", "zero_shot")
+
+
+def run(variant: str, seed: int, args, with_base: bool) -> dict:
+    recipe, rounds, tweak = VARIANTS[variant]
     overrides = [
         f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
         f"--data.init_args.num_questions={args.questions}",
@@ -38,71 +87,128 @@ def run(method: str, seed: int, args, with_base: bool) -> dict:
         f"--trainer.logger.init_args.save_dir={args.runs}", f"--data.init_args.cache_dir={args.runs}/candidates",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
     ]
+    if recipe != "semievol":  # SemiEvol's own two epochs are its warm-up and its one round
+        overrides += [f"--trainer.max_epochs={rounds}", "--trainer.reload_dataloaders_every_n_epochs=1"]
     cli = build_cli(["-c", str(ROOT / "configs/self_improve/base.yaml"),
-                     "-c", str(ROOT / f"configs/self_improve/{method}.yaml"), *overrides], run=False)
-    if method == "rm_filter":  # the recipe's placeholder path, replaced before setup reads it
-        cli.datamodule.selectors[-1].signal.model_dir = args.reward_model
-    few_shot, zero_shot = [cb for cb in cli.trainer.callbacks if isinstance(cb, TaskEvaluation)]
-    for evaluation in (few_shot, zero_shot):
+                     "-c", str(ROOT / f"configs/self_improve/{recipe}.yaml"), *overrides], run=False)
+    data = cli.datamodule
+    for selector in data.selectors:
+        for signal in selector.signals().values():
+            if isinstance(signal, DSWeight):  # <= 5% of the unlabeled questions (SPEC §2)
+                signal.valid_questions = max(1, args.questions // 20)
+    if tweak is not None:
+        tweak(data)
+    evaluations = dict(zip(PROMPTS, [cb for cb in cli.trainer.callbacks if isinstance(cb, TaskEvaluation)]))
+    for evaluation in evaluations.values():
         # held-out questions: the recipe's family with a fixed seed, the same for every method and seed
         task = evaluation.task
         evaluation.task = Arithmetic(task.a_range, task.b_range, seed=1234, few_shot=task.few_shot)
         evaluation.num_questions, evaluation.at_fit_start = args.eval_questions, with_base
-    cli.trainer.fit(cli.model, cli.datamodule)
-    data = cli.datamodule
-    report = data.reports[-1] if data.reports else {}
-    final = report.get("selectors", [{}])[-1] if report else {}
-    correct = lambda evaluation, when: [r["greedy_correct"] for r in evaluation.predictions.get(when, [])]  # noqa: E731
-    return {
-        "few_shot_correct": correct(few_shot, "fit_end"), "zero_shot_correct": correct(zero_shot, "fit_end"),
-        "base_few_shot_correct": correct(few_shot, "fit_start"),
-        "base_zero_shot_correct": correct(zero_shot, "fit_start"),
-        "few_shot": few_shot.results["fit_end"]["greedy_accuracy"],
-        "zero_shot": zero_shot.results["fit_end"]["greedy_accuracy"],
-        "base_few_shot": few_shot.results.get("fit_start", {}).get("greedy_accuracy"),
-        "base_zero_shot": zero_shot.results.get("fit_start", {}).get("greedy_accuracy"),
-        "base_maj": few_shot.results.get("fit_start", {}).get("maj@8"),
-        "kept": report.get("kept"), "precision": final.get("precision"), "recall": final.get("recall"),
+        evaluation.every_n_epochs = 1 if rounds > 1 else 0
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, data)
+    correct = lambda rows: [r["greedy_correct"] for r in rows]  # noqa: E731
+    record = {
+        "variant": variant, "seed": seed, "seconds": round(time.perf_counter() - start),
+        "revision": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                   text=True).stdout.strip(),
+        "settings": {"questions": args.questions, "eval_questions": args.eval_questions, "model": args.model},
+        "rounds": [{"kept": r["kept"], "candidates": r["candidates"],
+                    "precision": r["selectors"][-1]["precision"], "recall": r["selectors"][-1]["recall"]}
+                   for r in data.reports],
     }
+    for prompt, evaluation in evaluations.items():
+        record[prompt] = [correct(evaluation.predictions[f"epoch-{r}"]) for r in range(1, rounds)]
+        record[prompt].append(correct(evaluation.predictions["fit_end"]))  # one list per round
+        if with_base:
+            record[f"base_{prompt}"] = correct(evaluation.predictions["fit_start"])
+    return record
+
+
+def load(records: Path) -> dict[tuple[str, int], dict]:
+    return {(r["variant"], r["seed"]): r for r in map(json.loads, map(Path.read_text, records.glob("*.json")))}
+
+
+def accuracy(scores: list[bool]) -> float:
+    return sum(scores) / len(scores)
+
+
+def table(records: dict[tuple[str, int], dict], seeds: list[int]) -> None:
+    base = next((r for r in records.values() if "base_few_shot" in r), None)
+    done = {}  # row name -> one record-like dict per seed, with every seed present
+    for variant, (_, rounds, _) in VARIANTS.items():
+        runs = [records.get((variant, s)) for s in seeds]
+        if any(r is None for r in runs):
+            continue
+        for r in range(rounds):
+            name = variant if rounds == 1 else f"{variant} (round {r + 1})"
+            done[name] = [{p: run[p][r] for p in PROMPTS} | run["rounds"][r] for run in runs]
+    if not done or base is None:
+        print("no complete variant in the records yet")
+        return
+    n = len(base["base_few_shot"])
+    minutes = sum(r["seconds"] for r in records.values() if r["seed"] in seeds) / 60
+    print(f"\n{len(seeds)} seeds ({', '.join(map(str, seeds))}), {base['settings']['questions']} unlabeled questions "
+          f"per run, {n} held-out questions; {minutes:.0f} min of runs in all")
+    print("| method | 2-shot greedy acc. | zero-shot greedy acc. | kept samples | kept precision | kept recall |")
+    print("|---|---|---|---|---|---|")
+    print(f"| base (no training) | {accuracy(base['base_few_shot']):.3f} | {accuracy(base['base_zero_shot']):.3f} "
+          "| - | - | - |")
+    for name, rows in done.items():
+        print(f"| {name} | " + " | ".join(mean_std([accuracy(r[p]) for r in rows]) for p in PROMPTS) + " | "
+              + " | ".join(mean_std([r[k] for r in rows], 0 if k == "kept" else 3)
+                           for k in ("kept", "precision", "recall")) + " |")
+    for prompt in PROMPTS:
+        baselines = {"base": [base[f"base_{prompt}"]] * len(seeds)}
+        baselines |= {b: [r[prompt] for r in done[b]] for b in ("greedy_control", "lmsi (round 1)") if b in done}
+        print(f"\n{prompt.replace('_', '-')} greedy accuracy, paired difference (method - baseline), seeds pooled, "
+              "95% bootstrap interval over questions, McNemar's exact p:")
+        print("| method | " + " | ".join(f"vs {b}" for b in baselines) + " |\n|---|" + "---|" * len(baselines))
+        print("\n".join(paired_rows(done, prompt, baselines)))
+        for method in ("lmsi", "iwsi"):
+            if f"{method} (round 2)" in done:
+                pairs = [(r2[prompt], r1[prompt]) for r2, r1 in zip(done[f"{method} (round 2)"],
+                                                                    done[f"{method} (round 1)"])]
+                print(f"{method}, round 2 - round 1 of the same runs: {cell(paired_difference(*pool(pairs)))}")
+    sweep = {k: done[v] for v, k in SWEEP.items() if v in done}
+    if len(sweep) > 1 and 0.8 in sweep:
+        print("\nIWSI's keep fraction k (one round, the same candidates), paired difference against k = 0.8:")
+        print("| k | kept | kept precision | 2-shot acc. | vs k = 0.8 | zero-shot acc. | vs k = 0.8 |\n"
+              "|---|---|---|---|---|---|---|")
+        for k, rows in sweep.items():
+            cells = []
+            for prompt in PROMPTS:
+                pairs = [(r[prompt], r8[prompt]) for r, r8 in zip(rows, sweep[0.8])]
+                cells += [mean_std([accuracy(r[prompt]) for r in rows]), cell(paired_difference(*pool(pairs)))]
+            print(f"| {k} | {mean_std([r['kept'] for r in rows], 0)} | "
+                  f"{mean_std([r['precision'] for r in rows])} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--questions", type=int, default=48, help="unlabeled questions per run")
-    parser.add_argument("--eval-questions", type=int, default=100, help="held-out questions")
+    parser.add_argument("--questions", type=int, default=200, help="unlabeled questions per run")
+    parser.add_argument("--eval-questions", type=int, default=500, help="held-out questions")
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--reward-model", help="a sequence-classification directory: adds the RM-filter")
     parser.add_argument("--runs", default="runs/self_improve_table")
+    parser.add_argument("--records", type=Path, default=ROOT / "benchmarks/results/self_improve")
+    parser.add_argument("--table", action="store_true", help="print the table from the records; run nothing")
     args = parser.parse_args()
-    methods = args.methods + (["rm_filter"] if args.reward_model else [])
-
-    start = time.perf_counter()
-    # the base model once: its greedy answers to fixed questions do not depend on the seed
-    results, base = run_grid(methods, args.seeds, lambda method, seed, first: run(method, seed, args, first))
-    cell = functools.partial(mean_std, se=True)
-
-    n, p = args.eval_questions, base["base_few_shot"]
-    print(f"\n{len(args.seeds)} seeds, {args.questions} unlabeled questions per run, {n} held-out questions "
-          f"(binomial standard error of one accuracy ~{(p * (1 - p) / n) ** 0.5:.3f}), "
-          f"{time.perf_counter() - start:.0f} s")
-    print("| method | few-shot greedy acc. | zero-shot greedy acc. | kept samples | kept precision | kept recall |")
-    print("|---|---|---|---|---|---|")
-    print(f"| base (no training) | {base['base_few_shot']:.3f} | {base['base_zero_shot']:.3f} | - | - | - |")
-    print(f"| base maj@8 (few-shot, seed {args.seeds[0]}) | {base['base_maj']:.3f} | - | - | - | - |")
-    for method, rows in results.items():
-        print(f"| {method} | {cell([r['few_shot'] for r in rows])} | {cell([r['zero_shot'] for r in rows])} | "
-              f"{cell([r['kept'] for r in rows])} | {cell([r['precision'] for r in rows])} | "
-              f"{cell([r['recall'] for r in rows])} |")
-    for prompt in ("few_shot", "zero_shot"):
-        baselines = {"base": [base[f"base_{prompt}_correct"]] * len(args.seeds)}
-        baselines |= {m: [r[f"{prompt}_correct"] for r in results[m]] for m in ("greedy_control", "lmsi")
-                      if m in results}
-        print(f"\n{prompt.replace('_', '-')} greedy accuracy, paired difference (method - baseline) pooled over "
-              "seeds by concatenating their held-out questions, 95% bootstrap interval, McNemar's exact p:")
-        print("| method | " + " | ".join(f"vs {b}" for b in baselines) + " |\n|---|" + "---|" * len(baselines))
-        print("\n".join(paired_rows(results, f"{prompt}_correct", baselines)))
+    args.records.mkdir(parents=True, exist_ok=True)
+    settings = {"questions": args.questions, "eval_questions": args.eval_questions, "model": args.model}
+    if not args.table:
+        for seed in args.seeds:
+            for variant in args.variants:
+                path = args.records / f"seed{seed}-{variant}.json"
+                if path.exists():
+                    continue
+                first = not any("base_few_shot" in r for r in load(args.records).values())
+                record = run(variant, seed, args, first)
+                write_atomically(path, json.dumps(record) + "\n")
+                print(f"seed {seed} {variant}: {record['seconds']} s, rounds {record['rounds']}", flush=True)
+    records = {key: r for key, r in load(args.records).items() if r["settings"] == settings}
+    table(records, args.seeds)
 
 
 if __name__ == "__main__":

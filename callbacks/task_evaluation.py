@@ -2,7 +2,8 @@
 
 - `labelfree test` (QuestionDataModule + AnswerSamplingModule): scores each test step's completions with the
   datamodule's task and logs `test/greedy_accuracy`, `test/maj@k`, `test/pass@k`, `test/greedy_parse_rate`.
-- during `fit`: evaluates the policy at fit start (the base model) and at fit end with the generation engine,
+- during `fit`: evaluates the policy at fit start (the base model), at fit end and, with `every_n_epochs`, at the end
+  of every n-th epoch before the last (`epoch-<e>`: a self-training round's model), with the generation engine,
   logging `eval/...` at the current step and printing a one-line summary.
 maj@k: the majority of the k sampled answers (unparsable answers get no vote, ties go to the first seen) equals
 the gold answer; pass@k: any of the k does. With `signals` (any label-free signal of `lightning_modules/signals/`),
@@ -29,6 +30,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from datamodules.generation import HFGenerator, to_candidates
+from datamodules.io import check_at_least
 from datamodules.tasks.base import Question, Task
 from lightning_modules.sampling import SamplingParams
 from lightning_modules.signals import Candidates, Signal, score, signal_names
@@ -92,6 +94,8 @@ class TaskEvaluation(L.Callback):
         name: used in metric keys, text summaries and the predictions file (default: from the task's prompt
             settings, `<task>-<k>shot[-plain][-<split>]`).
         at_fit_start, at_fit_end: when to evaluate during fit.
+        every_n_epochs: also evaluate after every n-th epoch except the last (which `at_fit_end` covers), greedy
+            only like the fit-end evaluation, as `epoch-<e>` (e counted from 1); 0 = never.
         k_at_fit_end: k for the fit-end evaluation (default `k`; 0 = greedy accuracy only, the cheap after-training
             figure).
         num_text_rows: rows shown as TensorBoard text.
@@ -104,13 +108,15 @@ class TaskEvaluation(L.Callback):
         temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0, batch_size: int = 8,
         at_fit_start: bool = True, at_fit_end: bool = True, k_at_fit_end: int | None = None, num_text_rows: int = 5,
         name: str | None = None, signals: list[Signal] | None = None, vote_power: float = 0.5,
-        vote_weighting: Literal["rank", "value"] = "rank",
+        vote_weighting: Literal["rank", "value"] = "rank", every_n_epochs: int = 0,
     ) -> None:
         self.task, self.split, self.num_questions, self.k, self._name = task, split, num_questions, k, name
         self.sampled = SamplingParams(max(k, 1), temperature, top_p, max_new_tokens, seed)  # n: set per evaluation
         self.greedy = SamplingParams(1, 0.0, 1.0, max_new_tokens, seed)
         self.batch_size, self.at_fit_start, self.at_fit_end = batch_size, at_fit_start, at_fit_end
         self.k_at_fit_end = k if k_at_fit_end is None else k_at_fit_end
+        check_at_least("TaskEvaluation", 0, every_n_epochs=every_n_epochs)
+        self.every_n_epochs = every_n_epochs
         self.num_text_rows = num_text_rows
         self.signals, self.vote_power, self.vote_weighting = list(signals or []), vote_power, vote_weighting
         self.rows: list[dict] = []
@@ -233,7 +239,7 @@ class TaskEvaluation(L.Callback):
 
     def _fit_eval(self, trainer, pl_module, when: str) -> None:
         task = self._task(trainer)
-        k = self.k_at_fit_end if when == "fit_end" else self.k
+        k = self.k if when == "fit_start" else self.k_at_fit_end
         rows = self.evaluate(pl_module.policy, task, task.load(self.split, self.num_questions), k)
         metrics = self._report(trainer, when, rows, "eval")
         if when == "fit_end" and "fit_start" in self.results and trainer.is_global_zero:
@@ -244,6 +250,11 @@ class TaskEvaluation(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         if self.at_fit_start:
             self._fit_eval(trainer, pl_module, "fit_start")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch + 1
+        if self.every_n_epochs and epoch % self.every_n_epochs == 0 and epoch != trainer.max_epochs:
+            self._fit_eval(trainer, pl_module, f"epoch-{epoch}")
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.at_fit_end:
