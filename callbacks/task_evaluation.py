@@ -94,8 +94,8 @@ class TaskEvaluation(L.Callback):
         name: used in metric keys, text summaries and the predictions file (default: from the task's prompt
             settings, `<task>-<k>shot[-plain][-<split>]`).
         at_fit_start, at_fit_end: when to evaluate during fit.
-        every_n_epochs: also evaluate after every n-th epoch except the last (which `at_fit_end` covers), greedy
-            only like the fit-end evaluation, as `epoch-<e>` (e counted from 1); 0 = never.
+        every_n_epochs: also evaluate after every n-th epoch except the last (which `at_fit_end` covers), with
+            `k_at_fit_end` samples like the fit-end evaluation, as `epoch-<e>` (e counted from 1); 0 = never.
         k_at_fit_end: k for the fit-end evaluation (default `k`; 0 = greedy accuracy only, the cheap after-training
             figure).
         num_text_rows: rows shown as TensorBoard text.

@@ -76,6 +76,24 @@ def test_fit_end_evaluation_can_skip_sampling(tiny_model_dir, tmp_path):
     assert last_row == f"| pass@2 | {evaluation.results['fit_start']['pass@2']:.3f} | - |"
 
 
+@pytest.mark.parametrize("every, evaluated", [(1, ["epoch-1", "epoch-2", "fit_end"]), (2, ["epoch-2", "fit_end"])])
+def test_every_n_epochs_evaluates_each_rounds_model(every, evaluated, tiny_model_dir, tmp_path):
+    from datamodules.labeled import LabeledDataModule
+    from lightning_modules.policy import Policy
+    from lightning_modules.sft import WeightedSFTModule
+
+    evaluation = TaskEvaluation(Arithmetic(), num_questions=2, k=2, k_at_fit_end=0, max_new_tokens=4,
+                                at_fit_start=False, every_n_epochs=every)
+    trainer = L.Trainer(max_epochs=3, limit_train_batches=1, default_root_dir=tmp_path, callbacks=[evaluation],
+                        enable_progress_bar=False, limit_val_batches=0, logger=False)
+    trainer.fit(WeightedSFTModule(Policy(tiny_model_dir), export_adapter=False),
+                LabeledDataModule(str(ROOT / "configs/data/arithmetic_sft.jsonl"), tokenizer=tiny_model_dir))
+    assert list(evaluation.predictions) == evaluated  # the last epoch once, as fit_end
+    assert all(set(evaluation.results[w]) == {"greedy_accuracy", "greedy_parse_rate"} for w in evaluated)
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        TaskEvaluation(Arithmetic(), every_n_epochs=-1)
+
+
 def test_two_evaluations_in_one_config_never_overwrite_each_other(tiny_model_dir, tmp_path):
     from datamodules.labeled import LabeledDataModule
     from lightning_modules.policy import Policy

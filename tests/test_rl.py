@@ -212,3 +212,49 @@ def test_a_reward_is_the_same_twice_on_one_rollout(rollout, tiny_model_dir):
     policy.train()
     first, second = SelfCertainty()(rollout[1], policy), SelfCertainty()(rollout[1], policy)
     assert torch.equal(first, second) and policy.training  # eval for the pass, train mode restored
+
+
+def _guarded_fit(tiny_model_dir, guard, max_steps=4):
+    import lightning as L
+
+    from datamodules.questions import QuestionDataModule
+
+    module = SelfRewardRLModule(Policy(tiny_model_dir), [MajorityAnswer()], temperature=1.0, max_new_tokens=6,
+                                optimizer=lambda params: torch.optim.AdamW(params, lr=0.05))
+    initial = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    trainer = L.Trainer(max_steps=max_steps, enable_progress_bar=False, logger=False, enable_checkpointing=False,
+                        callbacks=[guard])
+    trainer.fit(module, QuestionDataModule(Arithmetic(), num_questions=8, batch_size=2, tokenizer=tiny_model_dir))
+    return trainer, module, initial
+
+
+def test_collapse_guard_stops_after_patience_steps_out_of_band(tiny_model_dir):
+    from callbacks.collapse_guard import CollapseGuard
+
+    guard = CollapseGuard({"rl/entropy": [None, 0.0], "rl/response_length": [1, None]}, patience=2)
+    trainer, module, _ = _guarded_fit(tiny_model_dir, guard)
+    assert trainer.global_step == 2  # sampled entropy is above 0 at every step: stopped after the second
+    assert [e["step"] for e in guard.events] == [2] and guard.events[0]["action"] == "stop"
+    assert "rl/entropy" in guard.events[0]["why"][0] and len(guard.events[0]["why"]) == 1
+    assert trainer.callback_metrics["collapse/events"] == 1
+
+
+def test_collapse_guard_reset_restores_the_initial_adapter(tiny_model_dir):
+    from callbacks.collapse_guard import CollapseGuard
+
+    guard = CollapseGuard({"rl/entropy": [None, 0.0]}, patience=1, action="reset")
+    trainer, module, initial = _guarded_fit(tiny_model_dir, guard, max_steps=3)
+    assert trainer.global_step == 3 and len(guard.events) == 3  # reset after every step, training went on
+    for name, p in module.named_parameters():
+        if name in initial:
+            assert torch.equal(p.detach(), initial[name]), name
+    assert all(not o.state for o in trainer.optimizers)  # AdamW's moments cleared
+
+
+def test_collapse_guard_refuses_a_metric_that_is_not_logged_and_bad_bands(tiny_model_dir):
+    from callbacks.collapse_guard import CollapseGuard
+
+    with pytest.raises(KeyError, match="rl/entropie.*not log.*rl/entropy"):
+        _guarded_fit(tiny_model_dir, CollapseGuard({"rl/entropie": [0.1, None]}), max_steps=1)
+    with pytest.raises(ValueError, match="low 2 is above high 1"):
+        CollapseGuard({"rl/entropy": [2, 1]})

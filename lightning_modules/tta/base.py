@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from lightning_modules.batching import pad
 from lightning_modules.distributed import all_ranks
 from lightning_modules.losses.functional import IGNORE_INDEX, entropy, predicting_labels
+from lightning_modules.optim import clear_state, unwrap
 from lightning_modules.optim.sam import SAM
 from lightning_modules.sampling import SamplingParams
 from lightning_modules.signals import Candidates, candidate_tensors, sample_candidates
@@ -176,7 +177,7 @@ class TTAMethod(nn.Module):
 
     def check(self, optimizer) -> None:
         """Refuse an optimizer the method cannot use (before the first batch)."""
-        if isinstance(_base(optimizer), SAM):
+        if isinstance(unwrap(optimizer), SAM):
             raise TypeError(f"{type(self).__name__} makes plain steps; the SAM optimizer is for SAR's two-pass update")
 
     def adapt(self, view, optimizer) -> tuple[Tensor | None, dict[str, Tensor]]:
@@ -214,20 +215,6 @@ class TTAMethod(nn.Module):
 
     def reset_state(self) -> None:
         pass
-
-
-def _base(optimizer):
-    """The torch optimizer inside Lightning's wrapper."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
-def clear_state(optimizer) -> None:
-    """Forget the per-parameter state (momentum buffers) of the optimizer and of SAM's base optimizer: the state
-    of a fresh optimizer, learning rates kept."""
-    opt = _base(optimizer)
-    for o in (opt, getattr(opt, "base_optimizer", None)):
-        if o is not None:
-            o.state.clear()
 
 
 class NoAdaptation(TTAMethod):

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 
 from lightning_modules.distributed import any_rank
+from lightning_modules.optim import unwrap
 from lightning_modules.optim.sam import SAM
-from lightning_modules.tta.base import LEVELS, TTAMethod, _base
+from lightning_modules.tta.base import LEVELS, TTAMethod
 
 
 def sar_adapt_step(compute_entropy: Callable[[], Tensor], optimizer, margin: float | Callable[[Tensor], float],
@@ -81,7 +82,7 @@ class SAR(TTAMethod):
         self.first_ema: float | None = None  # for the relative reset rule
 
     def check(self, optimizer) -> None:
-        if not isinstance(_base(optimizer), SAM):
+        if not isinstance(unwrap(optimizer), SAM):
             raise TypeError("SAR's update is two-pass: set the optimizer to lightning_modules.optim.sam.SAM "
                             "(the base optimizer's settings go under dict_kwargs)")
 
