@@ -23,22 +23,16 @@ the audit, its run time); a run with a record is not run again, so the table is 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import time
 from pathlib import Path
 
 from paired import cell, paired_difference, paired_rows, pool  # benchmarks/paired.py, beside this script
-from tables import mean_std
+from tables import ROOT, load_records, mean_std, run_in_parts  # benchmarks/tables.py
 
 from callbacks.task_evaluation import TaskEvaluation
-from datamodules.io import write_atomically
 from datamodules.selection import DSWeightFilter, EntropyThreshold
 from datamodules.tasks import Arithmetic
 from lightning_modules.cli import build_cli
 from lightning_modules.signals import DSWeight
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _iwsi(keep: float = 0.8, reference: bool = False):
@@ -78,7 +72,8 @@ SWEEP = {"iwsi_k50": 0.5, "iwsi_k65": 0.65, "iwsi (round 1)": 0.8, "iwsi_k95": 0
 PROMPTS = ("few_shot", "zero_shot")
 
 
-def run(variant: str, seed: int, args, with_base: bool) -> dict:
+def build(variant: str, seed: int, args):
+    """The variant's run for this seed, built and not started: (LightningCLI, {prompt: its TaskEvaluation})."""
     recipe, rounds, tweak = VARIANTS[variant]
     overrides = [
         f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
@@ -103,16 +98,18 @@ def run(variant: str, seed: int, args, with_base: bool) -> dict:
         # held-out questions: the recipe's family with a fixed seed, the same for every method and seed
         task = evaluation.task
         evaluation.task = Arithmetic(task.a_range, task.b_range, seed=1234, few_shot=task.few_shot)
-        evaluation.num_questions, evaluation.at_fit_start = args.eval_questions, with_base
-        evaluation.every_n_epochs = 1 if rounds > 1 else 0
-    start = time.perf_counter()
+        evaluation.num_questions, evaluation.every_n_epochs = args.eval_questions, 1 if rounds > 1 else 0
+    return cli, evaluations
+
+
+def run(variant: str, seed: int, args, with_base: bool) -> dict:
+    cli, evaluations = build(variant, seed, args)
+    data, rounds = cli.datamodule, VARIANTS[variant][1]
+    for evaluation in evaluations.values():
+        evaluation.at_fit_start = with_base
     cli.trainer.fit(cli.model, data)
     correct = lambda rows: [r["greedy_correct"] for r in rows]  # noqa: E731
     record = {
-        "variant": variant, "seed": seed, "seconds": round(time.perf_counter() - start),
-        "revision": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                   text=True).stdout.strip(),
-        "settings": {"questions": args.questions, "eval_questions": args.eval_questions, "model": args.model},
         "rounds": [{"kept": r["kept"], "candidates": r["candidates"],
                     "precision": r["selectors"][-1]["precision"], "recall": r["selectors"][-1]["recall"]}
                    for r in data.reports],
@@ -123,10 +120,6 @@ def run(variant: str, seed: int, args, with_base: bool) -> dict:
         if with_base:
             record[f"base_{prompt}"] = correct(evaluation.predictions["fit_start"])
     return record
-
-
-def load(records: Path) -> dict[tuple[str, int], dict]:
-    return {(r["variant"], r["seed"]): r for r in map(json.loads, map(Path.read_text, records.glob("*.json")))}
 
 
 def accuracy(scores: list[bool]) -> float:
@@ -195,19 +188,12 @@ def main() -> None:
     parser.add_argument("--records", type=Path, default=ROOT / "benchmarks/results/self_improve")
     parser.add_argument("--table", action="store_true", help="print the table from the records; run nothing")
     args = parser.parse_args()
-    args.records.mkdir(parents=True, exist_ok=True)
     settings = {"questions": args.questions, "eval_questions": args.eval_questions, "model": args.model}
-    if not args.table:
-        for seed in args.seeds:
-            for variant in args.variants:
-                path = args.records / f"seed{seed}-{variant}.json"
-                if path.exists():
-                    continue
-                first = not any("base_few_shot" in r for r in load(args.records).values())
-                record = run(variant, seed, args, first)
-                write_atomically(path, json.dumps(record) + "\n")
-                print(f"seed {seed} {variant}: {record['seconds']} s, rounds {record['rounds']}", flush=True)
-    records = {key: r for key, r in load(args.records).items() if r["settings"] == settings}
+    if args.table:
+        records = load_records(args.records, settings)
+    else:
+        records = run_in_parts(args.records, args.variants, args.seeds,
+                               lambda variant, seed, first: run(variant, seed, args, first), settings, "base_few_shot")
     table(records, args.seeds)
 
 

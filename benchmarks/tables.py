@@ -1,10 +1,18 @@
-"""What the method-table benchmarks share: running every method for every seed, and mean ± std cells."""
+"""What the method-table benchmarks share: running every method for every seed (at once, or in parts through
+per-run records), and mean ± std cells."""
 
 from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from datamodules.io import write_atomically
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_grid(methods: Sequence[str], seeds: Sequence[int], run: Callable[[str, int, bool], dict]):
@@ -19,6 +27,37 @@ def run_grid(methods: Sequence[str], seeds: Sequence[int], run: Callable[[str, i
             results[method].append(row)
             print(f"seed {seed} {method}: {json.dumps(row)}", flush=True)
     return results, first
+
+
+def load_records(records: Path, settings: dict) -> dict[tuple[str, int], dict]:
+    """{(variant, seed): record} of the records made with these settings."""
+    loaded = (json.loads(path.read_text()) for path in records.glob("seed*-*.json"))
+    return {(r["variant"], r["seed"]): r for r in loaded if r["settings"] == settings}
+
+
+def run_in_parts(records: Path, variants: Sequence[str], seeds: Sequence[int], run: Callable[[str, int, bool], dict],
+                 settings: dict, base_key: str) -> dict[tuple[str, int], dict]:
+    """`run(variant, seed, first)` for every seed and variant that has no record yet under `records`
+    (`seed<s>-<variant>.json`), each record written as soon as its run ends, with its settings, run time and the
+    code's revision; `first` is true while no record with these settings holds `base_key` (what does not depend on
+    the variant or seed, measured once). An interrupted table goes on where it stopped; the records can be committed
+    and the table finished in another session. Returns every record with these settings."""
+    records.mkdir(parents=True, exist_ok=True)
+    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+    for seed in seeds:
+        for variant in variants:
+            path = records / f"seed{seed}-{variant}.json"
+            if path.exists():
+                continue
+            first = not any(base_key in r for r in load_records(records, settings).values())
+            start = time.perf_counter()
+            record = run(variant, seed, first)
+            record |= {"variant": variant, "seed": seed, "settings": settings, "revision": revision,
+                       "seconds": round(time.perf_counter() - start)}
+            write_atomically(path, json.dumps(record) + "\n")
+            print(f"seed {seed} {variant}: {record['seconds']} s", flush=True)
+    return load_records(records, settings)
 
 
 def mean_std(values: Sequence[float | None], digits: int = 3, se: bool = False) -> str:
