@@ -1,114 +1,179 @@
-"""Online RL with self-computed rewards on the demo task: RLC, TTRL, self-certainty (Intuitor) and the gold-reward
-oracle, several seeds. Held-out greedy accuracy before and after, plus what explains it: the accuracy of the
-sampled answers early and late in training, and how well each reward tracks correctness (reward accuracy:
-reward > 0.5 vs correct, for rewards in [0, 1]; reward ranking: how often a correct response of a group gets a
-higher reward than an incorrect one, ties 1/2, which is what group-normalised advantages use). Prints a Markdown
-table.
+"""Online RL with self-computed rewards on the demo task, long enough to move greedy accuracy: the gold-reward oracle,
+RLC, TTRL, self-certainty (Intuitor), EMPO and RENT, several seeds, held-out greedy accuracy with paired differences
+against the base model and the oracle, and what explains it over training: the accuracy of the sampled answers,
+the reward's ranking of right over wrong answers within a group (what group-normalised advantages use; 0.5 = no
+signal), the sampling entropy and the response length, first and last quarter. A collapse guard watches every run
+(`CollapseGuard(action="log")`: sampling entropy below 0.05 or responses under 4 tokens for 3 steps) and the table
+says whether any run collapsed.
 
-Each run is `labelfree fit -c configs/rl/<method>.yaml` (the oracle: `ttrl.yaml` with `GoldAnswer`), the seed
-changing the training questions, the sampling and the initialisation order; the held-out questions are the same
-for every run. The base model is evaluated once (greedy decoding of fixed questions does not depend on the seed).
+Two phases, nothing tuned on the held-out questions:
+1. `--find-steps`: the oracle (gold reward) for each learning rate in `--lrs`, `--max-steps` steps, its greedy
+   accuracy on a validation split (seed 1234, split `valid`: not the held-out questions) after every epoch of
+   `--every` steps. The first (lr, steps) whose paired difference against the base model on the validation split
+   has a 95% interval above 0 is the setting of phase 2 (the best one otherwise, said so).
+2. The table: every reward for `--steps` steps at `--lr`, held-out greedy accuracy (seed 1234, `test` split).
+Each run is `labelfree fit -c configs/rl/ttrl.yaml` with the reward replaced (RLC: `configs/rl/rlc.yaml`), the
+seed changing the training questions' order, the sampling and the initialisation; the training questions are
+the recipe's 80, cycled, from the self-improvement family (2..12 x 3..20). Every run is a record under
+`benchmarks/results/rl*/` (run in parts, like the self-improvement table; `--table` prints from the records).
 
-    python benchmarks/rl_table.py --seeds 0 1 2 --steps 15 --eval-questions 100   # the README's table
-    python benchmarks/rl_table.py --methods ttrl gold --seeds 0 --steps 5 --eval-questions 50
+    python benchmarks/rl_table.py --find-steps --lrs 1e-4 1e-3 --max-steps 100 --every 20
+    python benchmarks/rl_table.py --steps 60 --lr 1e-3 --seeds 0 1 2
+    python benchmarks/rl_table.py --steps 60 --lr 1e-3 --seeds 0 1 2 --table
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import lightning as L
-from paired import paired_rows  # benchmarks/paired.py, beside this script
-from tables import mean_std, run_grid  # benchmarks/tables.py, beside this script
+from paired import cell, paired_difference, paired_rows  # benchmarks/paired.py, beside this script
+from tables import ROOT, load_records, mean_std, run_in_parts  # benchmarks/tables.py, beside this script
 
+from callbacks.collapse_guard import CollapseGuard
 from callbacks.task_evaluation import TaskEvaluation
 from datamodules.tasks import Arithmetic
 from lightning_modules.cli import build_cli
 
-ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("rlc", "ttrl", "intuitor", "gold")
+REWARDS = {  # method -> (recipe, the reward that replaces the recipe's; None keeps it)
+    "gold": ("ttrl", "GoldAnswer"),
+    "rlc": ("rlc", None),
+    "ttrl": ("ttrl", None),
+    "intuitor": ("ttrl", "SelfCertainty"),
+    "empo": ("ttrl", "ClusterShare"),
+    "rent": ("ttrl", "NegativeEntropy"),
+}
+FIGURES = ("rl/sample_accuracy", "rl/reward_ranking", "rl/entropy", "rl/response_length", "rl/kl")
+GUARD = {"rl/entropy": (0.05, None), "rl/response_length": (4, None)}
 
 
 class History(L.Callback):
-    """The per-step training figures the table summarises (only those each step computed)."""
+    """The per-step training figures (those each step computed)."""
 
     def __init__(self) -> None:
         self.steps: list[dict[str, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.steps.append(dict(pl_module.step_metrics))
-
-    def mean(self, key: str, steps: slice = slice(None)) -> float | None:
-        values = [s[key] for s in self.steps[steps] if key in s]
-        return statistics.mean(values) if values else None
+        self.steps.append({k: v for k, v in pl_module.step_metrics.items() if k in FIGURES})
 
 
-def run(method: str, seed: int, args, with_base: bool) -> dict:
-    config = "ttrl" if method == "gold" else method
+def quarter_mean(steps: list[dict], key: str, last: bool) -> float | None:
+    quarter = max(len(steps) // 4, 1)
+    values = [s[key] for s in (steps[-quarter:] if last else steps[:quarter]) if key in s]
+    return statistics.mean(values) if values else None
+
+
+def run(method: str, seed: int, args, with_base: bool, steps: int, lr: float, split: str, every: int) -> dict:
+    recipe, reward = REWARDS[method]
     overrides = [
         f"--seed_everything={seed}", f"--model.init_args.seed={seed}", f"--data.init_args.seed={seed}",
-        f"--data.init_args.task.init_args.seed={seed}", f"--model.init_args.policy.init_args.model={args.model}",
-        f"--trainer.max_steps={args.steps}", f"--trainer.logger.init_args.save_dir={args.runs}",
+        f"--data.init_args.task.init_args.seed={seed}", "--data.init_args.task.init_args.b_range=[3, 20]",
+        f"--model.init_args.policy.init_args.model={args.model}", f"--trainer.max_steps={steps}",
+        f"--model.init_args.optimizer.init_args.lr={lr}", f"--trainer.logger.init_args.save_dir={args.runs}",
         f"--trainer.logger.init_args.name=rl_{method}", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
+        "--trainer.enable_model_summary=false", "--trainer.callbacks=[]",  # no checkpoint per step here
+        f"--data.init_args.num_questions={every * 4}",  # one epoch = `every` steps of 4 prompts
     ]
-    if method == "gold":
-        overrides.append('--model.init_args.rewards=[{"class_path": "lightning_modules.signals.GoldAnswer"}]')
-    cli = build_cli(["-c", str(ROOT / f"configs/rl/{config}.yaml"), *overrides], run=False)
-    evaluation = TaskEvaluation(Arithmetic(seed=1234), num_questions=args.eval_questions, k=0,
-                                at_fit_start=with_base)
-    history = History()
-    cli.trainer.callbacks.extend([evaluation, history])
+    if reward is not None:
+        overrides.append(f'--model.init_args.rewards=[{{"class_path": "lightning_modules.signals.{reward}"}}]')
+    cli = build_cli(["-c", str(ROOT / f"configs/rl/{recipe}.yaml"), *overrides], run=False)
+    evaluation = TaskEvaluation(Arithmetic(b_range=(3, 20), seed=1234), split=split,
+                                num_questions=args.eval_questions, k=0, at_fit_start=with_base,
+                                every_n_epochs=1 if split == "valid" else 0, batch_size=8)
+    history, guard = History(), CollapseGuard(dict(GUARD), patience=3, action="log")
+    cli.trainer.callbacks.extend([evaluation, history, guard])
     cli.trainer.fit(cli.model, cli.datamodule)
-    early = slice(0, max(len(history.steps) // 4, 1))
-    late = slice(-max(len(history.steps) // 4, 1), None)
-    return {
-        "after_correct": [r["greedy_correct"] for r in evaluation.predictions["fit_end"]],
-        "base_correct": [r["greedy_correct"] for r in evaluation.predictions.get("fit_start", [])],
-        "base": evaluation.results.get("fit_start", {}).get("greedy_accuracy"),
-        "after": evaluation.results["fit_end"]["greedy_accuracy"],
-        "sample_acc_early": history.mean("rl/sample_accuracy", early),
-        "sample_acc_late": history.mean("rl/sample_accuracy", late),
-        "reward_accuracy": history.mean("rl/reward_accuracy"),
-        "reward_ranking": history.mean("rl/reward_ranking"),
-        "kl_late": history.mean("rl/kl", late),
-    }
+    correct = {when: [r["greedy_correct"] for r in rows] for when, rows in evaluation.predictions.items()}
+    return {"correct": {k: v for k, v in correct.items() if k != "fit_start"},
+            **({"base": correct["fit_start"]} if with_base else {}),
+            "history": history.steps, "collapse": guard.events}
+
+
+def accuracy(scores: list[bool]) -> float:
+    return sum(scores) / len(scores)
+
+
+def find_steps(args) -> None:
+    settings = {"phase": "find_steps", "max_steps": args.max_steps, "every": args.every,
+                "eval_questions": args.eval_questions, "model": args.model}
+    records = run_in_parts(
+        args.records.with_name(args.records.name + "_oracle"), [f"gold-lr{lr:g}" for lr in args.lrs], [0],
+        lambda variant, seed, first: run("gold", seed, args, first, args.max_steps, float(variant[7:]), "valid",
+                                         args.every),
+        settings, "base")
+    base = next(r["base"] for r in records.values() if "base" in r)
+    print(f"\nthe oracle (gold reward, seed 0) on {len(base)} validation questions, 2-shot greedy; base "
+          f"{accuracy(base):.3f}:")
+    print("| lr | steps | validation acc. | vs base |\n|---|---|---|---|")
+    chosen = None
+    for (variant, _), record in sorted(records.items()):
+        for when, scores in record["correct"].items():
+            epoch = args.max_steps // args.every if when == "fit_end" else int(when.split("-")[1])
+            result = paired_difference(scores, base)
+            print(f"| {variant[7:]} | {epoch * args.every} | {accuracy(scores):.3f} | {cell(result)} |")
+            if chosen is None and result["low"] > 0:
+                chosen = (variant[7:], epoch * args.every)
+    print(f"\nfirst (lr, steps) measurably above the base model on the validation split: {chosen}")
+
+
+def table(args) -> None:
+    settings = {"phase": "table", "steps": args.steps, "lr": args.lr, "eval_questions": args.eval_questions,
+                "model": args.model}
+    run_one = lambda method, seed, first: run(method, seed, args, first, args.steps, args.lr, "test",  # noqa: E731
+                                              args.every)
+    records = (load_records(args.records, settings) if args.table
+               else run_in_parts(args.records, args.methods, args.seeds, run_one, settings, "base"))
+    base = next((r["base"] for r in records.values() if "base" in r), None)
+    done = {m: [records[(m, s)] for s in args.seeds] for m in args.methods
+            if all((m, s) in records for s in args.seeds)}
+    if base is None or not done:
+        print("no complete method in the records yet")
+        return
+    print(f"\n{len(args.seeds)} seeds x {args.steps} steps at lr {args.lr:g}, {len(base)} held-out questions (2-shot "
+          f"greedy); {sum(r['seconds'] for r in records.values()) / 60:.0f} min of runs in all")
+    print("| reward | held-out greedy acc. | sampled acc. first → last quarter | reward ranking | entropy first → "
+          "last | response length first → last | collapsed runs |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| base (no training) | {accuracy(base):.3f} | - | - | - | - | - |")
+    for method, rows in done.items():
+        def trend(key, digits=2, rows=rows):
+            first = mean_std([quarter_mean(r["history"], key, False) for r in rows], digits)
+            return f"{first} → {mean_std([quarter_mean(r['history'], key, True) for r in rows], digits)}"
+        ranking = mean_std([statistics.mean(s["rl/reward_ranking"] for s in r["history"] if "rl/reward_ranking" in s)
+                            for r in rows])
+        collapsed = [f"seed {r['seed']} at step {r['collapse'][0]['step']}" for r in rows if r["collapse"]]
+        print(f"| {method} | {mean_std([accuracy(r['correct']['fit_end']) for r in rows])} | "
+              f"{trend('rl/sample_accuracy')} | {ranking} | {trend('rl/entropy')} | "
+              f"{trend('rl/response_length', 1)} | {', '.join(collapsed) or 'none'} |")
+    results = {m: [{"after": r["correct"]["fit_end"]} for r in rows] for m, rows in done.items()}
+    baselines = {"base": [base] * len(args.seeds)}
+    if "gold" in results:
+        baselines["gold"] = [r["after"] for r in results["gold"]]
+    print("\nheld-out greedy accuracy, paired difference (method - baseline), seeds pooled, 95% bootstrap interval "
+          "over questions, McNemar's exact p:")
+    print("| reward | " + " | ".join(f"vs {b}" for b in baselines) + " |\n|---|" + "---|" * len(baselines))
+    print("\n".join(paired_rows(results, "after", baselines)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(REWARDS), choices=list(REWARDS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=15, help="training steps per run (the README's table: 15)")
-    parser.add_argument("--eval-questions", type=int, default=100, help="held-out questions")
+    parser.add_argument("--steps", type=int, default=60, help="training steps per run (from --find-steps)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (from --find-steps)")
+    parser.add_argument("--find-steps", action="store_true", help="phase 1: the oracle on the validation split")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-3])
+    parser.add_argument("--max-steps", type=int, default=100)
+    parser.add_argument("--every", type=int, default=20, help="steps per epoch (a validation evaluation each)")
+    parser.add_argument("--eval-questions", type=int, default=500, help="held-out (or validation) questions")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--runs", default="runs/rl_table")
+    parser.add_argument("--records", type=Path, default=ROOT / "benchmarks/results/rl")
+    parser.add_argument("--table", action="store_true", help="print the table from the records; run nothing")
     args = parser.parse_args()
-
-    start = time.perf_counter()
-    # the base model once: greedy decoding of fixed questions does not depend on the seed
-    results, first = run_grid(args.methods, args.seeds, lambda method, seed, first: run(method, seed, args, first))
-    n, base = args.eval_questions, first["base"]
-    print(f"\n{len(args.seeds)} seeds x {args.steps} steps, {n} held-out questions (binomial standard error of one "
-          f"accuracy ~{(base * (1 - base) / n) ** 0.5:.3f}), {time.perf_counter() - start:.0f} s")
-    print("| reward | held-out greedy acc. after | sampled acc. first → last quarter | reward accuracy | "
-          "reward ranking | KL (last quarter) |")
-    print("|---|---|---|---|---|---|")
-    print(f"| base (no training) | {base:.3f} | - | - | - | - |")
-    for method, rows in results.items():
-        column = lambda key, digits=2: mean_std([r[key] for r in rows], digits)  # noqa: B023 (used at once)
-        print(f"| {method} | {column('after', 3)} | {column('sample_acc_early')} → {column('sample_acc_late')} | "
-              f"{column('reward_accuracy')} | {column('reward_ranking')} | {column('kl_late', 4)} |")
-    baselines = {"base": [first["base_correct"]] * len(args.seeds)}
-    if "gold" in results:
-        baselines["gold"] = [r["after_correct"] for r in results["gold"]]
-    print("\nheld-out greedy accuracy after, paired difference (method - baseline) pooled over seeds by concatenating "
-          "their held-out questions, 95% bootstrap interval, McNemar's exact p:")
-    print("| reward | " + " | ".join(f"vs {b}" for b in baselines) + " |\n|---|" + "---|" * len(baselines))
-    print("\n".join(paired_rows(results, "after_correct", baselines)))
+    find_steps(args) if args.find_steps else table(args)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ be watched). A figure outside its band for `patience` consecutive steps is a col
 (`collapse/events`, a warning naming the metric, its value, the band and the step) and then either stops the fit
 (`action="stop"`: Lightning ends it after this step, and the last checkpoint is the collapsed model's) or resets
 the trainable parameters to their values when the run was set up (before a checkpoint is loaded: the initial
-adapter) and clears the optimizer's state (`action="reset"`), and training goes on. Every step logs
+adapter) and clears the optimizer's state (`action="reset"`), and training goes on, or only records it
+(`action="log"`: to measure a method as published and say whether it collapsed). Every step logs
 `collapse/out_of_band` (1 while some figure is outside its band). The decision is taken on every rank alike.
 The events are kept in the callback's checkpoint state, so a resumed run knows what happened before.
 """
@@ -32,11 +33,11 @@ class CollapseGuard(L.Callback):
         bands: metric name -> [low, high] (either may be null: unbounded), e.g. `{"rl/entropy": [0.05, null],
             "rl/response_length": [4, null]}`.
         patience: consecutive out-of-band steps before acting.
-        action: `stop` the fit, or `reset` the trainable parameters to their initial values and go on.
+        action: `stop` the fit, `reset` the trainable parameters to their initial values and go on, or only `log`.
     """
 
     def __init__(self, bands: dict[str, tuple[float | None, float | None]], patience: int = 3,
-                 action: Literal["stop", "reset"] = "stop") -> None:
+                 action: Literal["stop", "reset", "log"] = "stop") -> None:
         if not bands:
             raise ValueError("CollapseGuard needs at least one band, e.g. {'rl/entropy': [0.05, null]}")
         for name, band in bands.items():
@@ -45,8 +46,8 @@ class CollapseGuard(L.Callback):
                 raise ValueError(f"CollapseGuard band for {name!r}: low {low} is above high {high}")
         if patience < 1:
             raise ValueError(f"CollapseGuard: patience must be at least 1, got {patience}")
-        if action not in ("stop", "reset"):
-            raise ValueError(f"CollapseGuard: action must be 'stop' or 'reset', got {action!r}")
+        if action not in ("stop", "reset", "log"):
+            raise ValueError(f"CollapseGuard: action must be 'stop', 'reset' or 'log', got {action!r}")
         self.bands, self.patience, self.action = dict(bands), patience, action
         self.outside = 0  # consecutive out-of-band steps
         self.events: list[dict] = []
@@ -77,10 +78,11 @@ class CollapseGuard(L.Callback):
             step = trainer.global_step
             self.events.append({"step": step, "action": self.action, "why": leaving})
             log.warning("collapse at step %d (%s for %d steps): %s", step, "; ".join(leaving) or "on another rank",
-                        self.outside, "stopping" if self.action == "stop" else "resetting to the initial weights")
+                        self.outside, {"stop": "stopping", "reset": "resetting to the initial weights",
+                                       "log": "going on"}[self.action])
             if self.action == "stop":
                 trainer.should_stop = True
-            else:
+            elif self.action == "reset":
                 with torch.no_grad():
                     for name, p in pl_module.named_parameters():
                         if name in self.initial:

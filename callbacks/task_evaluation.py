@@ -253,7 +253,8 @@ class TaskEvaluation(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch + 1
-        if self.every_n_epochs and epoch % self.every_n_epochs == 0 and epoch != trainer.max_epochs:
+        last = epoch == trainer.max_epochs or 0 < trainer.max_steps <= trainer.global_step  # fit_end's model
+        if self.every_n_epochs and epoch % self.every_n_epochs == 0 and not last:
             self._fit_eval(trainer, pl_module, f"epoch-{epoch}")
 
     def on_fit_end(self, trainer, pl_module) -> None:

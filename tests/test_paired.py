@@ -44,3 +44,25 @@ def test_identical_methods_differ_by_nothing_and_seeds_pool_by_concatenation():
     assert cell(paired_difference([1, 1, 0, 1], [0, 1, 0, 1], resamples=200)).startswith("+0.250 [")
     with pytest.raises(ValueError, match="same questions"):
         paired_difference([1, 0], [1])
+
+
+def test_tables_run_in_parts_and_resume_from_their_records(tmp_path):
+    from tables import load_records, run_in_parts
+
+    calls = []
+
+    def run(variant, seed, first):
+        calls.append((variant, seed, first))
+        if (variant, seed) == ("b", 1):
+            raise KeyboardInterrupt  # killed mid-table
+        return {"score": [True, False], **({"base": [False, False]} if first else {})}
+
+    with pytest.raises(KeyboardInterrupt):
+        run_in_parts(tmp_path, ["a", "b"], [0, 1], run, {"n": 2}, "base")
+    assert calls == [("a", 0, True), ("b", 0, False), ("a", 1, False), ("b", 1, False)]
+    calls.clear()
+    records = run_in_parts(tmp_path, ["a", "b"], [0, 1], lambda v, s, f: {"score": [f]}, {"n": 2}, "base")
+    assert set(records) == {("a", 0), ("b", 0), ("a", 1), ("b", 1)}  # only ("b", 1) ran again
+    assert records[("b", 1)]["score"] == [False] and "base" in records[("a", 0)]
+    assert {"seconds", "revision", "settings"} <= set(records[("a", 0)])
+    assert load_records(tmp_path, {"n": 3}) == {}  # records of other settings are not this table's
