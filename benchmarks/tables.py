@@ -1,5 +1,5 @@
-"""What the method-table benchmarks share: running every method for every seed (at once, or in parts through
-per-run records), and mean ± std cells."""
+"""What the method-table benchmarks share: running every method for every seed in parts, through per-run records,
+and mean ± std cells."""
 
 from __future__ import annotations
 
@@ -13,20 +13,6 @@ from pathlib import Path
 from datamodules.io import write_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_grid(methods: Sequence[str], seeds: Sequence[int], run: Callable[[str, int, bool], dict]):
-    """`run(method, seed, first)` for every seed and method (`first`: the very first run, which measures what does
-    not depend on the method or seed); prints each row as it comes. Returns ({method: rows}, the first row)."""
-    results: dict[str, list[dict]] = {m: [] for m in methods}
-    first = None
-    for seed in seeds:
-        for method in methods:
-            row = run(method, seed, first is None)
-            first = row if first is None else first
-            results[method].append(row)
-            print(f"seed {seed} {method}: {json.dumps(row)}", flush=True)
-    return results, first
 
 
 def load_records(records: Path, settings: dict) -> dict[tuple[str, int], dict]:
