@@ -29,7 +29,7 @@ import statistics
 from pathlib import Path
 
 import lightning as L
-from paired import cell, paired_difference, paired_rows  # benchmarks/paired.py, beside this script
+from paired import cell, number_clusters, paired_difference, paired_rows  # benchmarks/paired.py, beside this script
 from tables import ROOT, load_records, mean_std, run_in_parts  # benchmarks/tables.py, beside this script
 
 from callbacks.collapse_guard import CollapseGuard
@@ -104,6 +104,7 @@ def find_steps(args) -> None:
                                          args.every),
         settings, "base")
     base = next(r["base"] for r in records.values() if "base" in r)
+    validation = Arithmetic(b_range=(3, 20), seed=1234).load("valid", len(base))
     print(f"\nthe oracle (gold reward, seed 0) on {len(base)} validation questions, 2-shot greedy; base "
           f"{accuracy(base):.3f}:")
     print("| lr | steps | validation acc. | vs base |\n|---|---|---|---|")
@@ -111,7 +112,7 @@ def find_steps(args) -> None:
     for (variant, _), record in sorted(records.items()):
         for when, scores in record["correct"].items():
             epoch = args.max_steps // args.every if when == "fit_end" else int(when.split("-")[1])
-            result = paired_difference(scores, base)
+            result = paired_difference(scores, base, clusters=number_clusters(validation, 1))
             print(f"| {variant[7:]} | {epoch * args.every} | {accuracy(scores):.3f} | {cell(result)} |")
             if chosen is None and result["low"] > 0:
                 chosen = (variant[7:], epoch * args.every)
@@ -152,9 +153,10 @@ def table(args) -> None:
     if "gold" in results:
         baselines["gold"] = [r["after"] for r in results["gold"]]
     print("\nheld-out greedy accuracy, paired difference (method - baseline), seeds pooled, 95% bootstrap interval "
-          "over questions, McNemar's exact p:")
+          "over products (cluster bootstrap), McNemar's exact p:")
     print("| reward | " + " | ".join(f"vs {b}" for b in baselines) + " |\n|---|" + "---|" * len(baselines))
-    print("\n".join(paired_rows(results, "after", baselines)))
+    heldout = Arithmetic(b_range=(3, 20), seed=1234).load("test", len(base))
+    print("\n".join(paired_rows(results, "after", baselines, number_clusters(heldout, len(args.seeds)))))
 
 
 def main() -> None:

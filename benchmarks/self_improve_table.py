@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from paired import cell, paired_difference, paired_rows, pool  # benchmarks/paired.py, beside this script
+from paired import cell, number_clusters, paired_difference, paired_rows, pool  # benchmarks/paired.py
 from tables import ROOT, load_records, mean_std, run_in_parts  # benchmarks/tables.py
 
 from callbacks.task_evaluation import TaskEvaluation
@@ -140,6 +140,9 @@ def table(records: dict[tuple[str, int], dict], seeds: list[int]) -> None:
         print("no complete variant in the records yet")
         return
     n = len(base["base_few_shot"])
+    # the held-out questions repeat products: the intervals resample products (all their questions, every seed)
+    clusters = number_clusters(Arithmetic(b_range=(3, 20), seed=1234).load("test", n), len(seeds))
+    difference = lambda pairs: cell(paired_difference(*pool(pairs), clusters=clusters))  # noqa: E731
     minutes = sum(r["seconds"] for r in records.values() if r["seed"] in seeds) / 60
     print(f"\n{len(seeds)} seeds ({', '.join(map(str, seeds))}), {base['settings']['questions']} unlabeled questions "
           f"per run, {n} held-out questions; {minutes:.0f} min of runs in all")
@@ -155,14 +158,14 @@ def table(records: dict[tuple[str, int], dict], seeds: list[int]) -> None:
         baselines = {"base": [base[f"base_{prompt}"]] * len(seeds)}
         baselines |= {b: [r[prompt] for r in done[b]] for b in ("greedy_control", "lmsi (round 1)") if b in done}
         print(f"\n{prompt.replace('_', '-')} greedy accuracy, paired difference (method - baseline), seeds pooled, "
-              "95% bootstrap interval over questions, McNemar's exact p:")
+              "95% bootstrap interval over products (cluster bootstrap), McNemar's exact p:")
         print("| method | " + " | ".join(f"vs {b}" for b in baselines) + " |\n|---|" + "---|" * len(baselines))
-        print("\n".join(paired_rows(done, prompt, baselines)))
+        print("\n".join(paired_rows(done, prompt, baselines, clusters)))
         for method in ("lmsi", "iwsi"):
             if f"{method} (round 2)" in done:
                 pairs = [(r2[prompt], r1[prompt]) for r2, r1 in zip(done[f"{method} (round 2)"],
                                                                     done[f"{method} (round 1)"])]
-                print(f"{method}, round 2 - round 1 of the same runs: {cell(paired_difference(*pool(pairs)))}")
+                print(f"{method}, round 2 - round 1 of the same runs: {difference(pairs)}")
     sweep = {k: done[v] for v, k in SWEEP.items() if v in done}
     if len(sweep) > 1 and 0.8 in sweep:
         print("\nIWSI's keep fraction k (one round, the same candidates), paired difference against k = 0.8:")
@@ -172,7 +175,7 @@ def table(records: dict[tuple[str, int], dict], seeds: list[int]) -> None:
             cells = []
             for prompt in PROMPTS:
                 pairs = [(r[prompt], r8[prompt]) for r, r8 in zip(rows, sweep[0.8])]
-                cells += [mean_std([accuracy(r[prompt]) for r in rows]), cell(paired_difference(*pool(pairs)))]
+                cells += [mean_std([accuracy(r[prompt]) for r in rows]), difference(pairs)]
             print(f"| {k} | {mean_std([r['kept'] for r in rows], 0)} | "
                   f"{mean_std([r['precision'] for r in rows])} | " + " | ".join(cells) + " |")
 

@@ -36,6 +36,29 @@ def test_paired_bootstrap_against_a_naive_loop():
     assert got["low"] <= got["difference"] <= got["high"]
 
 
+def test_cluster_bootstrap_against_a_naive_loop():
+    gen = torch.Generator().manual_seed(4)
+    a = (torch.rand(60, generator=gen) < 0.6).tolist()
+    b = (torch.rand(60, generator=gen) < 0.5).tolist()
+    clusters = [i % 7 for i in range(60)]  # 7 clusters of 8 or 9 questions
+    got = paired_difference(a, b, resamples=300, seed=5, clusters=clusters)
+    members = [[i for i in range(60) if i % 7 == c] for c in range(7)]  # in order of first appearance
+    draw = torch.Generator().manual_seed(5)
+    boots = []
+    for _ in range(300):
+        idx = [i for c in torch.randint(7, (7,), generator=draw).tolist() for i in members[c]]
+        boots.append(sum(float(a[i]) - float(b[i]) for i in idx) / len(idx))
+    want = torch.quantile(torch.tensor(boots, dtype=torch.float64), torch.tensor([0.025, 0.975], dtype=torch.float64))
+    assert [got["low"], got["high"]] == pytest.approx(want.tolist())
+    singletons = paired_difference(a, b, resamples=300, seed=5, clusters=list(range(60)))
+    assert singletons == paired_difference(a, b, resamples=300, seed=5)  # one question per cluster: the plain one
+    repeated = [x for x in a[:20] for _ in range(3)], [x for x in b[:20] for _ in range(3)]
+    plain, clustered = paired_difference(*repeated), paired_difference(*repeated, clusters=[i // 3 for i in range(60)])
+    assert clustered["high"] - clustered["low"] > plain["high"] - plain["low"]  # repeats are not new evidence
+    with pytest.raises(ValueError, match="one key per question"):
+        paired_difference(a, b, clusters=[0, 1])
+
+
 def test_identical_methods_differ_by_nothing_and_seeds_pool_by_concatenation():
     same = paired_difference([1, 0, 1, 1], [1, 0, 1, 1])
     assert (same["difference"], same["low"], same["high"], same["mcnemar_p"]) == (0.0, 0.0, 0.0, 1.0)
