@@ -2,6 +2,7 @@
 user scales up; self-training's is in test_self_generated.py. Each rank's part of the run is read back from the
 checkpoint, which holds every process's state."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -86,7 +87,10 @@ def _sar_worker(rank: int, port: int, out: str) -> None:
                                 backward=backward)
     torch.save({"params": [p.detach() for p in net.parameters()], "ema": ema,
                 "reliable": int((first < 0.4 * torch.log(torch.tensor(3.0))).sum())}, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    dist.barrier()
+    # leave without tearing down: the gloo group's destructor, run from the DDP reducer's dealloc with the GIL held,
+    # joins a worker thread that waits for the GIL to drop a Python object (seen hanging in CI once)
+    os._exit(0)
 
 
 def test_sar_steps_on_every_rank_when_one_ranks_reliable_set_is_empty(tmp_path):
