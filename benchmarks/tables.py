@@ -35,6 +35,9 @@ def run_in_parts(records: Path, variants: Sequence[str], seeds: Sequence[int], r
         for variant in variants:
             path = records / f"seed{seed}-{variant}.json"
             if path.exists():
+                if json.loads(path.read_text())["settings"] != settings:
+                    raise ValueError(f"{path} holds a run with other settings than {settings}: give this table its "
+                                     "own --records directory")
                 continue
             first = not any(base_key in r for r in load_records(records, settings).values())
             start = time.perf_counter()

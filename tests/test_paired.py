@@ -89,3 +89,5 @@ def test_tables_run_in_parts_and_resume_from_their_records(tmp_path):
     assert records[("b", 1)]["score"] == [False] and "base" in records[("a", 0)]
     assert {"seconds", "revision", "settings"} <= set(records[("a", 0)])
     assert load_records(tmp_path, {"n": 3}) == {}  # records of other settings are not this table's
+    with pytest.raises(ValueError, match="seed0-a.json holds a run with other settings"):
+        run_in_parts(tmp_path, ["a"], [0], run, {"n": 3}, "base")
