@@ -108,7 +108,7 @@ def find_steps(args) -> None:
     print(f"\nthe oracle (gold reward, seed 0) on {len(base)} validation questions, 2-shot greedy; base "
           f"{accuracy(base):.3f}:")
     print("| lr | steps | validation acc. | vs base |\n|---|---|---|---|")
-    chosen = None
+    chosen, best = None, (-1.0, None)
     for (variant, _), record in sorted(records.items()):
         for when, scores in record["correct"].items():
             epoch = args.max_steps // args.every if when == "fit_end" else int(when.split("-")[1])
@@ -116,7 +116,12 @@ def find_steps(args) -> None:
             print(f"| {variant[7:]} | {epoch * args.every} | {accuracy(scores):.3f} | {cell(result)} |")
             if chosen is None and result["low"] > 0:
                 chosen = (variant[7:], epoch * args.every)
-    print(f"\nfirst (lr, steps) measurably above the base model on the validation split: {chosen}")
+            best = max(best, (accuracy(scores), (variant[7:], epoch * args.every)))
+    if chosen is not None:
+        print(f"\nfirst (lr, steps) measurably above the base model on the validation split: {chosen}")
+    else:
+        print(f"\nno (lr, steps) is measurably above the base model on the validation split; the best: {best[1]} "
+              f"(validation accuracy {best[0]:.3f})")
 
 
 def table(args) -> None:

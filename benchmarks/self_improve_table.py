@@ -37,18 +37,16 @@ from lightning_modules.signals import DSWeight
 
 def _iwsi(keep: float = 0.8, reference: bool = False):
     def tweak(data):
-        for selector in data.selectors:
-            if isinstance(selector, DSWeightFilter):
-                selector.keep = keep
-                if reference:  # IWSI's filter_data.py: the reference's clip and its index cut
-                    selector.rule, selector.signal.clip_like_reference = "reference", True
+        for i, selector in enumerate(data.selectors):
+            if isinstance(selector, DSWeightFilter):  # reference: IWSI's filter_data.py clip and index cut
+                selector.signal.clip_like_reference = reference
+                data.selectors[i] = DSWeightFilter(keep, "reference" if reference else "percentile", selector.signal)
     return tweak
 
 
 def _semievol_reference(data):
-    for selector in data.selectors:
-        if isinstance(selector, EntropyThreshold):  # the official code's reading (SPEC §4)
-            selector.population, selector.percentile, selector.labeled_roles = "inconsistent", 30, frozenset()
+    data.selectors = [EntropyThreshold(population="inconsistent") if isinstance(s, EntropyThreshold) else s
+                      for s in data.selectors]  # the official code's reading (SPEC §4): 30th percentile
 
 
 # variant -> (recipe, rounds, a change to the built datamodule's selectors)

@@ -31,22 +31,24 @@ def run_in_parts(records: Path, variants: Sequence[str], seeds: Sequence[int], r
     records.mkdir(parents=True, exist_ok=True)
     revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True).stdout.strip()
+    done = load_records(records, settings)
     for seed in seeds:
         for variant in variants:
             path = records / f"seed{seed}-{variant}.json"
-            if path.exists():
-                if json.loads(path.read_text())["settings"] != settings:
-                    raise ValueError(f"{path} holds a run with other settings than {settings}: give this table its "
-                                     "own --records directory")
+            if (variant, seed) in done:
                 continue
-            first = not any(base_key in r for r in load_records(records, settings).values())
+            if path.exists():  # a record of this table under other settings
+                raise ValueError(f"{path} holds a run with other settings than {settings}: give this table its "
+                                 "own --records directory")
+            first = not any(base_key in r for r in done.values())
             start = time.perf_counter()
             record = run(variant, seed, first)
             record |= {"variant": variant, "seed": seed, "settings": settings, "revision": revision,
                        "seconds": round(time.perf_counter() - start)}
             write_atomically(path, json.dumps(record) + "\n")
+            done[(variant, seed)] = record
             print(f"seed {seed} {variant}: {record['seconds']} s", flush=True)
-    return load_records(records, settings)
+    return done
 
 
 def mean_std(values: Sequence[float | None], digits: int = 3, se: bool = False) -> str:
