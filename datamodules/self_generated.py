@@ -105,12 +105,18 @@ class SelfGeneratedDataModule(L.LightningDataModule):
     def _load_questions(self) -> tuple[list[Question], list[Question]]:
         """The unlabeled questions, SemiEvol's labeled set and each signal's labeled set (IWSI's valid set), disjoint:
         splits that read the same source are carved into consecutive slices (signals' sets, then labeled, then
-        unlabeled; see `Task.load_splits`), and a question in two of them is refused. Returns (unlabeled,
-        labeled); each signal receives its own set."""
+        unlabeled; see `Task.load_splits`), and a question in two of them is refused. Generated questions
+        (`duplicates = "skip"`) are loaded the other way round, unlabeled first, so that asking for a labeled set
+        never changes them (a labeled question equal to one of them is replaced instead): every method of a seed
+        trains on the same questions. Returns (unlabeled, labeled); each signal receives its own set."""
         hp = self.hparams
-        requests = [(hp.labeled_split, hp.labeled_questions)] * bool(hp.labeled_questions)
-        loaded = load_with_labeled(self.task, self._signals(), requests + [(hp.split, hp.num_questions)])
-        return loaded[-1], loaded[0] if hp.labeled_questions else []
+        unlabeled = [(hp.split, hp.num_questions)]
+        labeled = [(hp.labeled_split, hp.labeled_questions)] * bool(hp.labeled_questions)
+        if self.task.duplicates == "skip":
+            loaded = load_with_labeled(self.task, self._signals(), unlabeled + labeled, labeled_first=False)
+            return loaded[0], loaded[1] if labeled else []
+        loaded = load_with_labeled(self.task, self._signals(), labeled + unlabeled)
+        return loaded[-1], loaded[0] if labeled else []
 
     # ------------------------------------------------------------------ data of a round
     def _example(self, question: Question, completion: str, weight: float = 1.0, where: str = "") -> SFTExample:

@@ -117,6 +117,24 @@ def test_valid_and_labeled_sets_never_overlap_the_unlabeled_questions(tmp_path):
     assert [q.id for q in unlabeled] == ["r6", "r7", "r8", "r9", "r10"]  # r0 is the few-shot exemplar
 
 
+def test_a_labeled_set_never_changes_generated_unlabeled_questions():
+    """Generated splits may repeat a question by chance: the labeled set yields, so every method of a seed trains on
+    the questions `task.load` gives (IWSI's valid set equal to question 2 is replaced, not question 2)."""
+    from datamodules.tasks.base import ProceduralTask, Question
+
+    class Counting(Arithmetic, ProceduralTask):
+        def make(self, split, n):  # every split the same texts, so the valid set meets the unlabeled questions
+            return [Question(f"{split}-{i}", f"What is {i} + 0?", str(i), f"It is {i}. The answer is {i}.")
+                    for i in range(n)]
+
+    task, ds = Counting(few_shot=0), DSWeight(valid_questions=2)
+    data = SelfGeneratedDataModule(task, [DSWeightFilter(signal=ds)], num_questions=5, labeled_questions=1)
+    unlabeled, labeled = data._load_questions()
+    assert [q.id for q in unlabeled] == [q.id for q in task.load("train", 5)] == [f"train-{i}" for i in range(5)]
+    assert [q.id for q in labeled] == ["labeled-5"]  # the next question no other use holds
+    assert [r for _, r in ds.valid] == ["It is 6. The answer is 6.", "It is 7. The answer is 7."]
+
+
 @pytest.mark.parametrize("selector, missing", [
     (lambda: DSWeightFilter(signal=DSWeight(valid_questions=0)), "DSWeight needs a labeled valid set: valid_quest"),
     (lambda: EntropyThreshold(), "labeled_questions > 0"),
