@@ -1,5 +1,5 @@
 """IWSI's analysis at our scale (arXiv 2408.09849, its orthogonality figure and its high-DSE samples): on the
-self-improvement table's round-0 candidates of a seed (LMSI's, read from the table's generation cache), the DS weight of
+self-improvement table's round-0 candidates of a seed (read from the table's generation cache), the DS weight of
 every candidate under the pre-trained model, the share of right answers in each DS-weight interval (equal-count
 bins, with a 95% Wilson interval), the same over the candidates the majority vote keeps (what IWSI's DS filter
 actually sorts), and the candidates with the highest and the lowest DS weight. Writes a PNG and prints the
@@ -38,15 +38,13 @@ def wilson(right: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def candidates_of(seed: int, args) -> dict:
     """DS weight, correctness, majority flag and texts of one seed's round-0 candidates."""
-    cli, _ = build("lmsi", seed, args)  # the candidates every variant without a labeled set reads
+    cli, _ = build("iwsi", seed, args)  # the candidates every variant of the seed reads; IWSI's valid set
     data, policy = cli.datamodule, cli.model.policy
     data.setup("fit")
     rows = HFGenerator(batch_size=data.hparams.generation_batch_size, cache_dir=f"{args.runs}/candidates").sample(
         policy, data.questions, data.task, data.params)
     batch = to_candidates(rows, data.questions, data.task, policy.tokenizer)
-    iwsi = build("iwsi", seed, args)[0].datamodule  # IWSI's DS weight with its valid set
-    iwsi.setup("fit")
-    signal = next(s for s in iwsi.selectors if isinstance(s, DSWeightFilter)).signal
+    signal = next(s for s in data.selectors if isinstance(s, DSWeightFilter)).signal
     by_id = {q.id: q for q in data.questions}
     return {
         "ds_weight": score(signal, batch, policy),
