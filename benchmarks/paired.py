@@ -31,10 +31,12 @@ def number_clusters(questions: list, seeds: int) -> list[tuple[str, ...]]:
 def paired_rows(results: dict[str, list[dict]], key: str, baselines: dict[str, list[list[bool]]],
                 clusters: list | None = None) -> list[str]:
     """Markdown rows: each method's `key` scores (one list per seed) against each baseline's (one list per seed,
-    the same questions), pooled over seeds; `clusters`: one key per pooled question, for a cluster bootstrap."""
+    the same questions), pooled over seeds, "-" against itself; `clusters`: one key per pooled question, for a cluster
+    bootstrap."""
     rows = []
     for method, runs in results.items():
-        cells = [cell(paired_difference(*pool([(r[key], base[i]) for i, r in enumerate(runs)]), clusters=clusters))
+        cells = ["-" if name == method else
+                 cell(paired_difference(*pool([(r[key], base[i]) for i, r in enumerate(runs)]), clusters=clusters))
                  for name, base in baselines.items()]
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
     return rows
