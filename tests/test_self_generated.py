@@ -119,7 +119,7 @@ def test_valid_and_labeled_sets_never_overlap_the_unlabeled_questions(tmp_path):
 
 def test_a_labeled_set_never_changes_generated_unlabeled_questions():
     """Generated splits may repeat a question by chance: the labeled set yields, so every method of a seed trains on
-    the questions `task.load` gives (IWSI's valid set equal to question 2 is replaced, not question 2)."""
+    the questions `task.load` gives (labeled and valid questions equal to unlabeled ones are replaced instead)."""
     from datamodules.tasks.base import ProceduralTask, Question
 
     class Counting(Arithmetic, ProceduralTask):
