@@ -120,9 +120,9 @@ def test_valid_and_labeled_sets_never_overlap_the_unlabeled_questions(tmp_path):
 def test_a_labeled_set_never_changes_generated_unlabeled_questions():
     """Generated splits may repeat a question by chance: the labeled set yields, so every method of a seed trains on
     the questions `task.load` gives (labeled and valid questions equal to unlabeled ones are replaced instead)."""
-    from datamodules.tasks.base import ProceduralTask, Question
+    from datamodules.tasks.base import Question
 
-    class Counting(Arithmetic, ProceduralTask):
+    class Counting(Arithmetic):  # a ProceduralTask: generated questions, duplicates skipped
         def make(self, split, n):  # every split the same texts, so the valid set meets the unlabeled questions
             return [Question(f"{split}-{i}", f"What is {i} + 0?", str(i), f"It is {i}. The answer is {i}.")
                     for i in range(n)]
