@@ -20,10 +20,10 @@ import math
 from typing import Literal
 
 import lightning as L
-import torch
+from torch import Tensor
 
 from lightning_modules.distributed import any_rank
-from lightning_modules.optim import clear_state
+from lightning_modules.optim import restore, trainable_values
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,11 @@ class CollapseGuard(L.Callback):
         self.bands, self.patience, self.action = dict(bands), patience, action
         self.outside = 0  # consecutive out-of-band steps
         self.events: list[dict] = []
-        self.initial: dict[str, torch.Tensor] = {}
+        self.initial: dict[str, Tensor] = {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":  # before a checkpoint is restored: the run's initial trainable values
-            self.initial = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+            self.initial = trainable_values(pl_module)
 
     def _leaving(self, metrics: dict) -> list[str]:
         """'name value outside [low, high]' for each watched figure outside its band (a missing one is an error)."""
@@ -83,12 +83,7 @@ class CollapseGuard(L.Callback):
             if self.action == "stop":
                 trainer.should_stop = True
             elif self.action == "reset":
-                with torch.no_grad():
-                    for name, p in pl_module.named_parameters():
-                        if name in self.initial:
-                            p.copy_(self.initial[name])
-                for optimizer in trainer.optimizers:
-                    clear_state(optimizer)
+                restore(pl_module, self.initial, trainer.optimizers)
             self.outside = 0
         pl_module.log("collapse/events", float(len(self.events)))
 

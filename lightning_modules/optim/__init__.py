@@ -1,4 +1,7 @@
-"""Optimizers (SAM) and what the methods do to an optimizer's state."""
+"""Optimizers (SAM), what the methods do to an optimizer's state, and putting a run back to how it started."""
+
+import torch
+from torch import Tensor, nn
 
 
 def unwrap(optimizer):
@@ -13,3 +16,19 @@ def clear_state(optimizer) -> None:
     for o in (opt, getattr(opt, "base_optimizer", None)):
         if o is not None:
             o.state.clear()
+
+
+def trainable_values(module: nn.Module) -> dict[str, Tensor]:
+    """A copy of the module's trainable parameters by name: what `restore` puts back."""
+    return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def restore(module: nn.Module, values: dict[str, Tensor], optimizers=()) -> None:
+    """The named parameters back to `values` (bit-exact) and the optimizers' state cleared: training goes on as
+    from a fresh start, learning rates kept."""
+    for name, p in module.named_parameters():
+        if name in values:
+            p.copy_(values[name])
+    for optimizer in optimizers:
+        clear_state(optimizer)
