@@ -1,8 +1,9 @@
 """Self-improvement on the demo task, powered: the base model, the greedy self-training control and every method over
 several seeds, held-out greedy accuracy with the 2-shot and the zero-shot prompt on the same questions for every
 method, paired differences against the control and against LMSI (95% bootstrap interval over questions, McNemar's
-p, seeds pooled), the pseudo-label audit, LMSI and IWSI over two rounds, and IWSI's keep fraction k swept on the
-same candidates (the paper's hyper-parameter figure).
+p, seeds pooled), the pseudo-label audit, LMSI and IWSI over two rounds (LMSI's round 2 also restarted from the
+base weights, `lmsi_restart`: STaR's outer loop), and IWSI's keep fraction k swept on the same candidates (the
+paper's hyper-parameter figure).
 
 Each run is `labelfree fit -c configs/self_improve/base.yaml -c configs/self_improve/<recipe>.yaml` with the seed
 changing the unlabeled questions, the sampling and the training order; every variant of a seed reads the same
@@ -28,6 +29,7 @@ from pathlib import Path
 from paired import cell, number_clusters, paired_difference, paired_rows, pool  # benchmarks/paired.py
 from tables import ROOT, load_records, mean_std, run_in_parts  # benchmarks/tables.py
 
+from callbacks.round_restart import RestartEachRound
 from callbacks.task_evaluation import TaskEvaluation
 from datamodules.selection import DSWeightFilter, EntropyThreshold
 from datamodules.tasks import Arithmetic
@@ -36,7 +38,8 @@ from lightning_modules.signals import DSWeight
 
 
 def _iwsi(keep: float = 0.8, reference: bool = False):
-    def tweak(data):
+    def tweak(cli):
+        data = cli.datamodule
         for i, selector in enumerate(data.selectors):
             if isinstance(selector, DSWeightFilter):  # reference: IWSI's filter_data.py clip and index cut
                 selector.signal.clip_like_reference = reference
@@ -44,15 +47,21 @@ def _iwsi(keep: float = 0.8, reference: bool = False):
     return tweak
 
 
-def _semievol_reference(data):
+def _semievol_reference(cli):
+    data = cli.datamodule
     data.selectors = [EntropyThreshold(population="inconsistent") if isinstance(s, EntropyThreshold) else s
                       for s in data.selectors]  # the official code's reading (SPEC §4): 30th percentile
 
 
-# variant -> (recipe, rounds, a change to the built datamodule's selectors)
+def _restart(cli):
+    cli.trainer.callbacks.append(RestartEachRound())  # round 2 trains from the base weights (STaR)
+
+
+# variant -> (recipe, rounds, a change to the built run: its selectors or callbacks)
 VARIANTS = {
     "greedy_control": ("greedy_control", 1, None),
     "lmsi": ("lmsi", 2, None),
+    "lmsi_restart": ("lmsi", 2, _restart),
     "iwsi": ("iwsi", 2, _iwsi()),
     "iwsi_reference": ("iwsi", 1, _iwsi(reference=True)),
     "entropy_filter": ("entropy_filter", 1, None),
@@ -90,7 +99,7 @@ def build(variant: str, seed: int, args):
             if isinstance(signal, DSWeight):  # <= 5% of the unlabeled questions (SPEC §2)
                 signal.valid_questions = max(1, args.questions // 20)
     if tweak is not None:
-        tweak(data)
+        tweak(cli)
     evaluations = dict(zip(PROMPTS, [cb for cb in cli.trainer.callbacks if isinstance(cb, TaskEvaluation)]))
     for evaluation in evaluations.values():
         # held-out questions: the recipe's family with a fixed seed, the same for every method and seed
@@ -159,11 +168,14 @@ def table(records: dict[tuple[str, int], dict], seeds: list[int]) -> None:
               "95% bootstrap interval over products (cluster bootstrap), McNemar's exact p:")
         print("| method | " + " | ".join(f"vs {b}" for b in baselines) + " |\n|---|" + "---|" * len(baselines))
         print("\n".join(paired_rows(done, prompt, baselines, clusters)))
-        for method in ("lmsi", "iwsi"):
+        for method in ("lmsi", "lmsi_restart", "iwsi"):
             if f"{method} (round 2)" in done:
                 pairs = [(r2[prompt], r1[prompt]) for r2, r1 in zip(done[f"{method} (round 2)"],
                                                                     done[f"{method} (round 1)"])]
                 print(f"{method}, round 2 - round 1 of the same runs: {difference(pairs)}")
+        if {"lmsi (round 2)", "lmsi_restart (round 2)"} <= set(done):
+            pairs = [(a[prompt], b[prompt]) for a, b in zip(done["lmsi_restart (round 2)"], done["lmsi (round 2)"])]
+            print(f"LMSI round 2 from the base weights - from round 1's weights: {difference(pairs)}")
     sweep = {k: done[v] for v, k in SWEEP.items() if v in done}
     if len(sweep) > 1 and 0.8 in sweep:
         print("\nIWSI's keep fraction k (one round, the same candidates), paired difference against k = 0.8:")

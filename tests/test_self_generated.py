@@ -207,3 +207,49 @@ def test_too_few_batches_for_the_ranks_is_refused():
     with pytest.raises(ValueError, match="8 samples make 1 batches of 8, fewer than the 2 ranks"):
         LengthBucketSampler([5] * 8, 8, world_size=2, rank=1)
     assert len(LengthBucketSampler([5] * 32, 8, world_size=2, rank=1)) == 2
+
+
+def test_restart_each_round_trains_later_rounds_from_the_initial_weights(tiny_model_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from callbacks.round_restart import RestartEachRound
+    from lightning_modules.optim import trainable_values
+
+    seen = {}  # epoch -> (trainable values when its data was sampled, when its training began)
+
+    class Spy(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen[trainer.current_epoch] = (sampled[-1], trainable_values(pl_module))
+
+    sampled = []
+    real = SelfGeneratedDataModule.train_dataloader
+
+    def train_dataloader(self):
+        sampled.append(trainable_values(self.trainer.lightning_module))
+        return real(self)
+
+    module = WeightedSFTModule(Policy(tiny_model_dir), export_adapter=False,
+                               optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    data = SelfGeneratedDataModule(Arithmetic(few_shot=1), [_Everything()], num_questions=6, n=3, temperature=1.0,
+                                   max_new_tokens=8, tokenizer=tiny_model_dir, batch_size=4)
+    data.train_dataloader = train_dataloader.__get__(data)
+    restart = RestartEachRound()
+    trainer = L.Trainer(max_epochs=2, reload_dataloaders_every_n_epochs=1, default_root_dir=tmp_path, logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, callbacks=[restart, Spy()])
+    trainer.fit(module, data)
+    initial = restart.initial
+    same = lambda a, b: all(torch.equal(a[n], b[n]) for n in b)  # noqa: E731
+    assert restart.restarts == [1] and [r["round"] for r in data.reports] == [0, 1]
+    assert same(seen[0][0], initial) and same(seen[0][1], initial)
+    assert not same(seen[1][0], initial)  # round 1 sampled with round 0's model ...
+    assert same(seen[1][1], initial)  # ... and trained from the initial weights
+
+    # resumed inside round 1 (its start in the checkpoint state): not restarted again
+    resumed = RestartEachRound()
+    resumed.load_state_dict(restart.state_dict())
+    fake = SimpleNamespace(datamodule=SimpleNamespace(round=1), optimizers=[])
+    resumed.on_train_epoch_start(fake, module)
+    assert resumed.restarts == [1]
+
+    with pytest.raises(TypeError, match="RestartEachRound needs a datamodule with rounds"):
+        RestartEachRound().setup(SimpleNamespace(datamodule=object()), module, "fit")
