@@ -34,6 +34,9 @@ class RestartEachRound(L.Callback):
         if not hasattr(trainer.datamodule, "round"):
             raise TypeError(f"RestartEachRound needs a datamodule with rounds (SelfGeneratedDataModule), got "
                             f"{type(trainer.datamodule).__name__}")
+        if trainer.datamodule.hparams.get("labeled_warmup"):
+            raise ValueError("RestartEachRound would undo SemiEvol's labeled warm-up (round 0) when round 1 starts; "
+                             "use one or the other")
         self.initial = trainable_values(pl_module)  # before a checkpoint is restored
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:

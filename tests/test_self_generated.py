@@ -253,3 +253,7 @@ def test_restart_each_round_trains_later_rounds_from_the_initial_weights(tiny_mo
 
     with pytest.raises(TypeError, match="RestartEachRound needs a datamodule with rounds"):
         RestartEachRound().setup(SimpleNamespace(datamodule=object()), module, "fit")
+    warmup = SelfGeneratedDataModule(Arithmetic(), [EntropyThreshold()], labeled_questions=3, labeled_warmup=True,
+                                     tokenizer=tiny_model_dir)
+    with pytest.raises(ValueError, match="would undo SemiEvol's labeled warm-up"):
+        RestartEachRound().setup(SimpleNamespace(datamodule=warmup), module, "fit")
