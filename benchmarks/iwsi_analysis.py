@@ -98,12 +98,13 @@ def main() -> None:
         axis.errorbar(x, [b["share"] for b in table], fmt="o-",
                       yerr=[[b["share"] - b["ci"][0] for b in table], [b["ci"][1] - b["share"] for b in table]])
         axis.axhline(float(correct.float().mean()), color="grey", linestyle="--", label="overall")
-        axis.set_xticks(list(x), [f"{b['low']:.2f}-\n{b['high']:.2f}" for b in table], fontsize=7)
+        axis.set_xticks(list(x), [f"{b['low']:.3f}-\n{b['high']:.3f}" for b in table], fontsize=7)
         axis.set_xlabel("DS weight interval (equal-count bins; IWSI keeps the low end)")
         axis.set_title(f"{title} (n={len(weight)})", fontsize=9)
         axis.legend(fontsize=8)
     axes[0].set_ylabel("share of right answers")
-    figure.suptitle(f"Right answers per DS-weight interval, seeds {', '.join(map(str, args.seeds))}", fontsize=10)
+    figure.suptitle(f"Right answers per DS-weight interval, seed{'s' * (len(args.seeds) > 1)} "
+                    f"{', '.join(map(str, args.seeds))}", fontsize=10)
     figure.tight_layout()
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.plot, dpi=110)
