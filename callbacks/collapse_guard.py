@@ -83,7 +83,7 @@ class CollapseGuard(L.Callback):
             if self.action == "stop":
                 trainer.should_stop = True
             elif self.action == "reset":
-                restore(pl_module, self.initial, trainer.optimizers)
+                restore(pl_module.named_parameters(), self.initial, trainer.optimizers)
             self.outside = 0
         pl_module.log("collapse/events", float(len(self.events)))
 

@@ -42,7 +42,7 @@ class RestartEachRound(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         round_ = trainer.datamodule.round  # set when the round's data was loaded, just before this hook
         if self.round is not None and round_ > self.round:
-            restore(pl_module, self.initial, trainer.optimizers)
+            restore(pl_module.named_parameters(), self.initial, trainer.optimizers)
             self.restarts.append(round_)
             log.info("round %d trains from the initial weights (RestartEachRound)", round_)
         self.round = round_

@@ -1,5 +1,7 @@
 """Optimizers (SAM), what the methods do to an optimizer's state, and putting a run back to how it started."""
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 
@@ -24,10 +26,10 @@ def trainable_values(module: nn.Module) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def restore(module: nn.Module, values: dict[str, Tensor], optimizers=()) -> None:
-    """The named parameters back to `values` (bit-exact) and the optimizers' state cleared: training goes on as
-    from a fresh start, learning rates kept."""
-    for name, p in module.named_parameters():
+def restore(parameters: Iterable[tuple[str, Tensor]], values: dict[str, Tensor], optimizers=()) -> None:
+    """The named parameters (`module.named_parameters()`, a dict's items) that `values` holds back to those values
+    (bit-exact), and the optimizers' state cleared: training goes on as from a fresh start, learning rates kept."""
+    for name, p in parameters:
         if name in values:
             p.copy_(values[name])
     for optimizer in optimizers:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from lightning_modules.batching import pad
 from lightning_modules.distributed import all_ranks
 from lightning_modules.losses.functional import IGNORE_INDEX, entropy, predicting_labels
-from lightning_modules.optim import clear_state, unwrap
+from lightning_modules.optim import restore, unwrap
 from lightning_modules.optim.sam import SAM
 from lightning_modules.sampling import SamplingParams
 from lightning_modules.signals import Candidates, candidate_tensors, sample_candidates
@@ -199,19 +199,14 @@ class TTAMethod(nn.Module):
     def should_reset(self) -> bool:
         return False
 
-    @torch.no_grad()
     def reset(self, optimizer=None) -> None:
         """Adapted parameters back to the source values (bit-exact), the optimizer's state (momentum) cleared,
         the method's own state back to its start."""
-        self.restore_source()
-        if optimizer is not None:
-            clear_state(optimizer)
+        restore(self.adapted.items(), self.source, [] if optimizer is None else [optimizer])
         self.reset_state()
 
-    @torch.no_grad()
     def restore_source(self) -> None:
-        for name, value in self.source.items():
-            self.adapted[name].copy_(value)
+        restore(self.adapted.items(), self.source)
 
     def reset_state(self) -> None:
         pass
