@@ -18,8 +18,8 @@ the recipe's 80, cycled, from the self-improvement family (2..12 x 3..20). Every
 `benchmarks/results/rl*/` (run in parts, like the self-improvement table; `--table` prints from the records).
 
     python benchmarks/rl_table.py --find-steps --lrs 1e-4 1e-3 --max-steps 100 --every 20
-    python benchmarks/rl_table.py --steps 60 --lr 1e-3 --seeds 0 1 2
-    python benchmarks/rl_table.py --steps 60 --lr 1e-3 --seeds 0 1 2 --table
+    python benchmarks/rl_table.py --steps 20 --lr 1e-4 --seeds 0 1 2  # phase 1 chose lr 1e-4, 20 steps
+    python benchmarks/rl_table.py --steps 20 --lr 1e-4 --seeds 0 1 2 --table
 """
 
 from __future__ import annotations
@@ -168,8 +168,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(REWARDS), choices=list(REWARDS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=60, help="training steps per run (from --find-steps)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (from --find-steps)")
+    parser.add_argument("--steps", type=int, default=20, help="training steps per run (--find-steps chose 20)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (--find-steps chose 1e-4)")
     parser.add_argument("--find-steps", action="store_true", help="phase 1: the oracle on the validation split")
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-3])
     parser.add_argument("--max-steps", type=int, default=100)
