@@ -106,6 +106,7 @@ def build(variant: str, seed: int, args):
         for signal in selector.signals().values():
             if isinstance(signal, DSWeight):  # <= 5% of the unlabeled questions (SPEC §2)
                 signal.valid_questions = max(1, args.questions // 20)
+                signal.cache_dir = f"{args.runs}/scores"  # the pre-trained model's losses: scored once per seed
     if tweak is not None:
         tweak(cli)
     evaluations = dict(zip(PROMPTS, [cb for cb in cli.trainer.callbacks if isinstance(cb, TaskEvaluation)]))

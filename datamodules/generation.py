@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 
 from datamodules.tasks.base import Question, Task
 from lightning_modules.distributed import dist_info, gather_objects
-from lightning_modules.policy import hash_weights
 from lightning_modules.sampling import SamplingParams, finish_text, generate_batch, prefix_cache
 from lightning_modules.signals import Candidates
 
@@ -52,20 +51,11 @@ class Generator(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------- cache + chunks
-def model_fingerprint(policy) -> str:
-    """A content hash of the weights that sample: the frozen base model's (`Policy.base_fingerprint`, hashed once)
-    and the trainable ones' current values (the adapter), with the adaptation kind and dtype. New weights copied
-    under the same path, or another adapter, give another fingerprint."""
-    h = hashlib.sha256(f"{policy.base_fingerprint()}|{policy.adapt}|{next(policy.parameters()).dtype}".encode())
-    hash_weights(h, ((n, p) for n, p in sorted(policy.named_parameters()) if p.requires_grad))
-    return h.hexdigest()[:16]
-
-
 def cache_key(policy, task: Task, questions: Sequence[Question], params: SamplingParams, chunk_size: int) -> str:
     """What the candidates depend on: the weights, every task setting and exemplar text, the questions' ids, texts
     and options, the sampling parameters and the chunking (each chunk has its own seed)."""
     payload = {
-        "engine": ENGINE_VERSION, "model": model_fingerprint(policy), "task": task.fingerprint(),
+        "engine": ENGINE_VERSION, "model": policy.fingerprint(), "task": task.fingerprint(),
         "params": asdict(params), "chunk_size": chunk_size,
         "questions": [(q.id, q.question, q.options) for q in questions],
     }

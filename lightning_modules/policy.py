@@ -168,6 +168,19 @@ class Policy(nn.Module):
             self._base_fingerprint = h.hexdigest()
         return self._base_fingerprint
 
+    def fingerprint(self, initial: bool = False) -> str:
+        """A content hash of the weights that run: the frozen base model's (`base_fingerprint`, hashed once), the
+        adaptation kind and dtype, and the trainable weights' current values, or with `initial` those of the frozen
+        initial model (`reference()`: the initial norm gains; an adapter's are not used). New weights copied under
+        the same path, or another adapter, give another fingerprint."""
+        if initial and self.adapt == "all":
+            raise ValueError("adapt='all' keeps no copy of the initial weights, so it has no initial fingerprint")
+        header = f"{self.base_fingerprint()}|{self.adapt}|{next(self.parameters()).dtype}"
+        h = hashlib.sha256((header + ("|initial" if initial else "")).encode())
+        hash_weights(h, sorted(self._initial_norms.items()) if initial else
+                     ((n, p) for n, p in sorted(self.named_parameters()) if p.requires_grad))
+        return h.hexdigest()[:16]
+
     @contextlib.contextmanager
     def inference(self) -> Iterator[None]:
         """The one way to run a no-grad pass (generation, scoring, rewards, evaluation, TTA's answers): eval mode

@@ -207,6 +207,47 @@ def test_ds_weight_without_its_valid_set_names_the_settings():
         DSWeight(valid_questions=0)
 
 
+def test_ds_weight_cache_is_keyed_by_the_initial_weights_the_texts_and_the_settings(rollout, tmp_path, monkeypatch):
+    import lightning_modules.signals.ds_weight as module
+
+    policy, r = rollout
+
+    def signal(**kwargs):
+        ds = DSWeight(valid_questions=1, **kwargs)
+        ds.use_labeled(r.questions[:1], r.tasks[0])
+        return ds
+
+    expected, expected_clipped = signal()(r, policy), signal(clip_like_reference=True)(r, policy)
+    assert torch.equal(signal(cache_dir=str(tmp_path))(r, policy), expected)
+    assert len(list(tmp_path.glob("ds_losses-*.pt"))) == 2  # the valid set's losses and the candidates'
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr(module, "sample_losses", no_scoring)
+    assert torch.equal(signal(cache_dir=str(tmp_path))(r, policy), expected)  # read back, bit for bit
+    assert torch.equal(signal(cache_dir=str(tmp_path), clip_like_reference=True)(r, policy), expected_clipped)
+    for other in (dict(tokens="completion"), dict(batch_size=3)):  # another setting: another key
+        with pytest.raises(AssertionError, match="scored again"):
+            signal(cache_dir=str(tmp_path), **other)(r, policy)
+    with pytest.raises(AssertionError, match="scored again"):  # other texts
+        signal(cache_dir=str(tmp_path))(replace(r, texts=[t + "!" for t in r.texts]), policy)
+
+    initial, current = policy.fingerprint(initial=True), policy.fingerprint()
+    saved = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_B" in n}
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.add_(1.0)
+    try:  # training moves the adapter, not the model that judges
+        assert policy.fingerprint(initial=True) == initial and policy.fingerprint() != current
+    finally:
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+
+
 # ---------------------------------------------------------------------------------------------- the checked call
 class Length(Signal):
     """A signal defined here, in one class: shorter answers score higher. Usable everywhere with no other edit."""

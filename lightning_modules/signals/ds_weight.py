@@ -10,11 +10,18 @@ official clamps, see `functional.ds_weight`), lower is better; `output="ratio"`:
 A sample with L = 0 has no weight (NaN: never kept), as the official code drops it.
 `first_token_from_pad` also scores the first token from a pad position, as the official `record_loss.py` does
 under its left padding; it reproduces that code to 5e-7.
+`cache_dir` keeps the candidates' losses on disk, keyed by what they depend on (the initial model's weights, the
+scored texts and every scoring setting): runs that score the same candidates under the same model (a k sweep, the
+reference clip, a re-run) score them once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -53,7 +60,7 @@ class DSWeight(Signal):
     def __init__(self, valid_questions: int = 3, valid_split: str = "valid",
                  tokens: Literal["all", "completion"] = "all", clip_like_reference: bool = False,
                  first_token_from_pad: bool = False, output: Literal["weight", "ratio"] = "weight",
-                 batch_size: int = 16, max_length: int = 1024) -> None:
+                 batch_size: int = 16, max_length: int = 1024, cache_dir: str | None = None) -> None:
         super().__init__()
         if valid_questions < 1:
             raise ValueError(f"DSWeight needs a labeled valid set: valid_questions must be at least 1, "
@@ -61,7 +68,7 @@ class DSWeight(Signal):
         self.valid_questions, self.valid_split, self.tokens = valid_questions, valid_split, tokens
         self.clip_like_reference, self.first_token_from_pad = clip_like_reference, first_token_from_pad
         self.output = output
-        self.batch_size, self.max_length = batch_size, max_length
+        self.batch_size, self.max_length, self.cache_dir = batch_size, max_length, cache_dir
         self.higher_is_better = output == "ratio"
         self.valid: list[tuple[str, str]] = []  # (question, gold rationale)
         self.valid_mean: float | None = None
@@ -84,9 +91,27 @@ class DSWeight(Signal):
                              f"rationales in split {self.valid_split!r} (DSWeight.valid_split)")
 
     def losses(self, pairs: Sequence[tuple[str, str]], policy) -> Tensor:
+        """Per-pair losses under the initial model (the caller's judge), read from `cache_dir` when it holds them."""
         examples = [SFTExample(policy.format_prompt(q), a) for q, a in pairs]
-        return sample_losses(policy, examples, self.tokens, self.batch_size, self.max_length,
-                             self.first_token_from_pad)
+        path = self._cached(examples, policy)
+        if path is not None and path.exists():
+            return torch.load(path)
+        out = sample_losses(policy, examples, self.tokens, self.batch_size, self.max_length, self.first_token_from_pad)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(out, tmp := path.with_name(f".{path.name}.tmp-{os.getpid()}"))
+            os.replace(tmp, path)  # whole or absent: a kill mid-write leaves no truncated file
+        return out
+
+    def _cached(self, examples: Sequence[SFTExample], policy) -> Path | None:
+        """Where `cache_dir` keeps these losses: keyed by the initial model's weights, the texts and every setting
+        that changes a loss (the batch size too: it changes the padding, so the last bits)."""
+        if self.cache_dir is None:
+            return None
+        payload = {"model": policy.fingerprint(initial=True), "tokens": self.tokens, "max_length": self.max_length,
+                   "first_token_from_pad": self.first_token_from_pad, "batch_size": self.batch_size,
+                   "examples": [(e.prompt, e.response) for e in examples]}
+        return Path(self.cache_dir) / f"ds_losses-{hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:20]}.pt"
 
     def forward(self, candidates: Candidates, policy) -> Tensor:
         self.check()
