@@ -1,6 +1,7 @@
 """The signal library: each signal against hand values and a naive loop, the checked call, the quality metrics,
 and one new signal used as a filter, a reward and an evaluation vote weight with no other edit."""
 
+import contextlib
 import json
 import math
 import random
@@ -182,22 +183,30 @@ def test_judges_and_their_ranges(rollout):
     assert parse_rating("5", low=1, high=10) == 5 and parse_rating("none", low=1, high=10) == 1
 
 
-def test_the_initial_judge_ignores_the_adapter(rollout):
-    policy, r = rollout
-    before = {j: SelfEvaluation(judge=j)(r, policy) for j in ("initial", "current")}
+@contextlib.contextmanager
+def adapter_moved(policy):
+    """The adapter's B matrices (zero at the start) set to random values, as training would move them; restored
+    after, the tiny policy being shared."""
     saved = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_B" in n}
     with torch.no_grad():
         for n, p in policy.named_parameters():
-            if "lora_B" in n:
+            if n in saved:
                 p.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
     try:
-        assert torch.equal(SelfEvaluation(judge="initial")(r, policy), before["initial"])
-        assert not torch.equal(SelfEvaluation(judge="current")(r, policy), before["current"])
+        yield
     finally:
         with torch.no_grad():
             for n, p in policy.named_parameters():
                 if n in saved:
                     p.copy_(saved[n])
+
+
+def test_the_initial_judge_ignores_the_adapter(rollout):
+    policy, r = rollout
+    before = {j: SelfEvaluation(judge=j)(r, policy) for j in ("initial", "current")}
+    with adapter_moved(policy):
+        assert torch.equal(SelfEvaluation(judge="initial")(r, policy), before["initial"])
+        assert not torch.equal(SelfEvaluation(judge="current")(r, policy), before["current"])
 
 
 def test_ds_weight_without_its_valid_set_names_the_settings():
@@ -234,18 +243,8 @@ def test_ds_weight_cache_is_keyed_by_the_initial_weights_the_texts_and_the_setti
         signal(cache_dir=str(tmp_path))(replace(r, texts=[t + "!" for t in r.texts]), policy)
 
     initial, current = policy.fingerprint(initial=True), policy.fingerprint()
-    saved = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_B" in n}
-    with torch.no_grad():
-        for n, p in policy.named_parameters():
-            if "lora_B" in n:
-                p.add_(1.0)
-    try:  # training moves the adapter, not the model that judges
+    with adapter_moved(policy):  # training moves the adapter, not the model that judges
         assert policy.fingerprint(initial=True) == initial and policy.fingerprint() != current
-    finally:
-        with torch.no_grad():
-            for n, p in policy.named_parameters():
-                if n in saved:
-                    p.copy_(saved[n])
 
 
 # ---------------------------------------------------------------------------------------------- the checked call
