@@ -16,7 +16,7 @@ the audit, its run time); a run with a record is not run again, so the table is 
 (and sessions, the records being committed). `--table` prints the table from the records alone.
 
     python benchmarks/self_improve_table.py --seeds 0 1 2
-    python benchmarks/self_improve_table.py --table
+    python benchmarks/self_improve_table.py --table --plot docs/iwsi_k.png   # and the k sweep's figure
     python benchmarks/self_improve_table.py --variants lmsi iwsi --seeds 0 --questions 32 --eval-questions 50 \
         --records /tmp/records
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import matplotlib
 from paired import cell, number_clusters, paired_difference, paired_rows, pool  # benchmarks/paired.py
 from tables import ROOT, load_records, mean_std, run_in_parts  # benchmarks/tables.py
 
@@ -35,6 +36,9 @@ from datamodules.selection import DSWeightFilter, EntropyThreshold
 from datamodules.tasks import Arithmetic
 from lightning_modules.cli import build_cli
 from lightning_modules.signals import DSWeight
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _iwsi(keep: float = 0.8, reference: bool = False):
@@ -142,7 +146,7 @@ def accuracy(scores: list[bool]) -> float:
     return sum(scores) / len(scores)
 
 
-def table(records: dict[tuple[str, int], dict], seeds: list[int]) -> None:
+def table(records: dict[tuple[str, int], dict], seeds: list[int], plot: Path | None = None) -> None:
     base = next((r for r in records.values() if "base_few_shot" in r), None)
     done = {}  # row name -> one record-like dict per seed, with every seed present
     for variant, (_, rounds, _) in VARIANTS.items():
@@ -187,17 +191,40 @@ def table(records: dict[tuple[str, int], dict], seeds: list[int]) -> None:
             print(f"LMSI round 2 from the base weights - from round 1's weights: {difference(pairs)}")
     sweep = {k: done[v] for v, k in SWEEP.items() if v in done}
     if len(sweep) > 1 and 0.8 in sweep:
+        against = {k: {p: paired_difference(*pool([(r[p], r8[p]) for r, r8 in zip(rows, sweep[0.8])]),
+                                            clusters=clusters) for p in PROMPTS} for k, rows in sweep.items()}
         print("\nIWSI's keep fraction k (one round, the same candidates), paired difference against k = 0.8:")
         print("| k | kept | kept precision | 2-shot acc. | vs k = 0.8 | zero-shot acc. | vs k = 0.8 |\n"
               "|---|---|---|---|---|---|---|")
         for k, rows in sweep.items():
-            cells = []
-            for prompt in PROMPTS:
-                pairs = [(r[prompt], r8[prompt]) for r, r8 in zip(rows, sweep[0.8])]
-                cells += [mean_std([accuracy(r[prompt]) for r in rows]), difference(pairs)]
+            cells = [c for p in PROMPTS for c in (mean_std([accuracy(r[p]) for r in rows]), cell(against[k][p]))]
             print(f"| {k} | {mean_std([r['kept'] for r in rows], 0)} | "
                   f"{mean_std([r['precision'] for r in rows])} | " + " | ".join(cells) + " |")
+        if plot is not None:
+            plot_sweep(against, plot, len(seeds))
 
+
+def plot_sweep(against: dict[float, dict[str, dict]], path: Path, seeds: int) -> None:
+    """The paper's hyper-parameter figure at our scale: held-out accuracy against IWSI's keep fraction k, drawn as
+    the paired difference against k = 0.8 (the shipped default) with its 95% cluster-bootstrap interval."""
+    figure, axis = plt.subplots(figsize=(5.5, 3.6))
+    ks = sorted(against)
+    for shift, prompt, label in zip((-0.006, 0.006), PROMPTS, ("2-shot", "zero-shot")):
+        cells = [against[k][prompt] for k in ks]
+        middle = [c["difference"] for c in cells]
+        axis.errorbar([k + shift for k in ks], middle, fmt="o-", capsize=3, label=label,
+                      yerr=[[m - c["low"] for m, c in zip(middle, cells)],
+                            [c["high"] - m for m, c in zip(middle, cells)]])
+    axis.axhline(0, color="grey", linestyle="--", linewidth=0.8)
+    axis.set_xticks(ks)
+    axis.set_xlabel("keep fraction k (of the voted samples, lowest DS weight first)")
+    axis.set_ylabel("held-out accuracy - at k = 0.8")
+    axis.set_title(f"IWSI's k, one round, {seeds} seeds pooled (95% cluster-bootstrap intervals)", fontsize=9)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    print(f"\nplot: {path}")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,6 +236,7 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/self_improve_table")
     parser.add_argument("--records", type=Path, default=ROOT / "benchmarks/results/self_improve")
     parser.add_argument("--table", action="store_true", help="print the table from the records; run nothing")
+    parser.add_argument("--plot", type=Path, help="draw the k sweep's figure to this PNG (once k has two values)")
     args = parser.parse_args()
     settings = {"questions": args.questions, "eval_questions": args.eval_questions, "model": args.model}
     if args.table:
@@ -216,7 +244,7 @@ def main() -> None:
     else:
         records = run_in_parts(args.records, args.variants, args.seeds,
                                lambda variant, seed, first: run(variant, seed, args, first), settings, "base_few_shot")
-    table(records, args.seeds)
+    table(records, args.seeds, args.plot)
 
 
 if __name__ == "__main__":
