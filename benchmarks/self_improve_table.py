@@ -226,6 +226,7 @@ def plot_sweep(against: dict[float, dict[str, dict]], path: Path, seeds: int) ->
     figure.savefig(path, dpi=110)
     print(f"\nplot: {path}")
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
