@@ -162,7 +162,7 @@ def table(records: dict[tuple[str, int], dict], seeds: list[int], plot: Path | N
     n = len(base["base_few_shot"])
     # the held-out questions repeat products: the intervals resample products (all their questions, every seed)
     clusters = number_clusters(Arithmetic(b_range=(3, 20), seed=1234).load("test", n), len(seeds))
-    difference = lambda pairs: cell(paired_difference(*pool(pairs), clusters=clusters))  # noqa: E731
+    difference = lambda pairs: paired_difference(*pool(pairs), clusters=clusters)  # noqa: E731
     minutes = sum(r["seconds"] for r in records.values() if r["seed"] in seeds) / 60
     print(f"\n{len(seeds)} seeds ({', '.join(map(str, seeds))}), {base['settings']['questions']} unlabeled questions "
           f"per run, {n} held-out questions; {minutes:.0f} min of runs in all")
@@ -185,14 +185,14 @@ def table(records: dict[tuple[str, int], dict], seeds: list[int], plot: Path | N
             if f"{method} (round 2)" in done:
                 pairs = [(r2[prompt], r1[prompt]) for r2, r1 in zip(done[f"{method} (round 2)"],
                                                                     done[f"{method} (round 1)"])]
-                print(f"{method}, round 2 - round 1 of the same runs: {difference(pairs)}")
+                print(f"{method}, round 2 - round 1 of the same runs: {cell(difference(pairs))}")
         if {"lmsi (round 2)", "lmsi_restart (round 2)"} <= set(done):
             pairs = [(a[prompt], b[prompt]) for a, b in zip(done["lmsi_restart (round 2)"], done["lmsi (round 2)"])]
-            print(f"LMSI round 2 from the base weights - from round 1's weights: {difference(pairs)}")
+            print(f"LMSI round 2 from the base weights - from round 1's weights: {cell(difference(pairs))}")
     sweep = {k: done[v] for v, k in SWEEP.items() if v in done}
     if len(sweep) > 1 and 0.8 in sweep:
-        against = {k: {p: paired_difference(*pool([(r[p], r8[p]) for r, r8 in zip(rows, sweep[0.8])]),
-                                            clusters=clusters) for p in PROMPTS} for k, rows in sweep.items()}
+        against = {k: {p: difference([(r[p], r8[p]) for r, r8 in zip(rows, sweep[0.8])]) for p in PROMPTS}
+                   for k, rows in sweep.items()}
         print("\nIWSI's keep fraction k (one round, the same candidates), paired difference against k = 0.8:")
         print("| k | kept | kept precision | 2-shot acc. | vs k = 0.8 | zero-shot acc. | vs k = 0.8 |\n"
               "|---|---|---|---|---|---|---|")
