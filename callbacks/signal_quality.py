@@ -57,7 +57,7 @@ class SignalQuality(L.Callback):
         self.params = SamplingParams(k, temperature, top_p, max_new_tokens, seed)
         self.keep, self.vote_power, self.resamples = list(keep or [0.5, 0.8]), vote_power, resamples
         self.batch_size, self.cache_dir = batch_size, cache_dir
-        self.greedy: dict[str, str] = {}
+        self.greedy: dict[str, tuple[str, str]] = {}  # question id -> (greedy completion, why it ended)
         self.results: dict[str, dict] = {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -76,7 +76,8 @@ class SignalQuality(L.Callback):
         self.greedy = {}
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.greedy |= {q.id: g for q, g in zip(batch["questions"], outputs["greedy"])}
+        self.greedy |= {q.id: (g, end) for q, g, end in zip(batch["questions"], outputs["greedy"],
+                                                             outputs["greedy_finish"])}
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         data, policy = trainer.datamodule, pl_module.policy
@@ -86,7 +87,7 @@ class SignalQuality(L.Callback):
         candidates = to_candidates(engine.sample(policy, questions, task, self.params), questions, task,
                                    policy.tokenizer)
         judged = judge_samples(candidates, policy, self.signals, self.vote_power)
-        self.results, rows = self.measure(candidates, judged, [task.extract(self.greedy[q.id]) for q in questions])
+        self.results, rows = self.measure(candidates, judged, [task.answer(*self.greedy[q.id]) for q in questions])
         if trainer.is_global_zero:
             self.write(trainer, run_dir, candidates, judged, rows)
         pl_module.log_dict({f"signals/{name}/{metric}": value for name, r in self.results.items()

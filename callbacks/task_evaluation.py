@@ -27,11 +27,12 @@ from typing import Literal
 
 import lightning as L
 import torch
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from datamodules.generation import HFGenerator, to_candidates
 from datamodules.io import check_at_least
 from datamodules.tasks.base import Question, Task
+from lightning_modules.progress import ProgressLog
 from lightning_modules.sampling import SamplingParams
 from lightning_modules.signals import Candidates, Signal, score, signal_names
 from lightning_modules.signals.quality import best_of_k, rank_weights
@@ -40,19 +41,34 @@ from lightning_modules.signals.votes import weighted_vote
 log = logging.getLogger(__name__)
 
 
-def score_question(task: Task, question: Question, greedy: str, samples: list[str]) -> dict:
-    """One question's evaluation row."""
-    greedy_answer = task.extract(greedy)
-    answers = [task.extract(s) for s in samples]
+def score_question(task: Task, question: Question, greedy: str, samples: list[str], greedy_finish: str = "stop",
+                   sample_finish: list[str] | None = None) -> dict:
+    """One question's evaluation row; each completion is read given why it ended (`task.answer`: one that hit the
+    token limit has an answer only where it states one)."""
+    sample_finish = sample_finish or ["stop"] * len(samples)
+    greedy_answer = task.answer(greedy, greedy_finish)
+    answers = [task.answer(s, f) for s, f in zip(samples, sample_finish)]
     majority, votes, parsed = task.majority(answers)
     return {
         "id": question.id, "question": question.question, "gold": question.answer,
-        "greedy_completion": greedy, "greedy_answer": greedy_answer,
+        "greedy_completion": greedy, "greedy_finish": greedy_finish, "greedy_answer": greedy_answer,
         "greedy_correct": task.same(greedy_answer, question.answer),
-        "samples": samples, "sample_answers": answers, "majority": majority, "votes": votes, "parsed": parsed,
-        "maj_correct": task.same(majority, question.answer),
+        "samples": samples, "sample_finish": sample_finish, "sample_answers": answers, "majority": majority,
+        "votes": votes, "parsed": parsed, "maj_correct": task.same(majority, question.answer),
         "pass": any(task.same(a, question.answer) for a in answers),
     }
+
+
+def predictions_markdown(rows: list[dict]) -> str:
+    """Evaluation rows as Markdown for TensorBoard's text panel: per question its text, gold, extracted answer and
+    the greedy completion quoted line by line (a table squeezes long cells to a character a line)."""
+    blocks = []
+    for r in rows:
+        mark = "right" if r["greedy_correct"] else "wrong"
+        quoted = "\n".join(f"> {line}" if line.strip() else ">" for line in r["greedy_completion"].splitlines())
+        blocks.append(f"**{r['id']}**: {r['question']}\n\n- gold: `{r['gold']}`, extracted: `{r['greedy_answer']}` "
+                      f"({mark}; ended by {r.get('greedy_finish', 'stop')})\n\n{quoted or '> (empty)'}\n")
+    return "\n---\n\n".join(blocks)
 
 
 def judge_samples(candidates: Candidates, policy, signals: list[Signal], vote_power: float = 0.5,
@@ -87,7 +103,9 @@ def add_signal_columns(rows: list[dict], judged: dict[str, dict], task: Task) ->
 
 class TaskEvaluation(L.Callback):
     """Args:
-        task: the task for fit-time evaluation (in `labelfree test` the datamodule's task is used).
+        task: the task for fit-time evaluation; default the datamodule's task (always in `labelfree test`), so a
+            recipe that changes the data task evaluates that task, never a hidden second one.
+        task_overrides: fit-time settings that differ from that task's (e.g. `{few_shot: 0}`: zero-shot prompt).
         split, num_questions: the held-out questions.
         k, temperature, top_p, max_new_tokens, seed: the k sampled answers behind maj@k and pass@k (0 = greedy only).
         batch_size: questions per generation batch.
@@ -104,13 +122,15 @@ class TaskEvaluation(L.Callback):
     """
 
     def __init__(
-        self, task: Task | None = None, split: str = "test", num_questions: int = 100, k: int = 8,
+        self, task: Task | None = None, task_overrides: dict | None = None, split: str = "test", num_questions: int = 100, k: int = 8,
         temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0, batch_size: int = 8,
         at_fit_start: bool = True, at_fit_end: bool = True, k_at_fit_end: int | None = None, num_text_rows: int = 5,
         name: str | None = None, signals: list[Signal] | None = None, vote_power: float = 0.5,
         vote_weighting: Literal["rank", "value"] = "rank", every_n_epochs: int = 0,
     ) -> None:
         self.task, self.split, self.num_questions, self.k, self._name = task, split, num_questions, k, name
+        self.task_overrides = dict(task_overrides or {})
+        self._resolved: Task | None = None
         self.sampled = SamplingParams(max(k, 1), temperature, top_p, max_new_tokens, seed)  # n: set per evaluation
         self.greedy = SamplingParams(1, 0.0, 1.0, max_new_tokens, seed)
         self.batch_size, self.at_fit_start, self.at_fit_end = batch_size, at_fit_start, at_fit_end
@@ -122,6 +142,7 @@ class TaskEvaluation(L.Callback):
         self.rows: list[dict] = []
         self.results: dict[str, dict[str, float]] = {}  # when -> metrics
         self.predictions: dict[str, list[dict]] = {}  # when -> one row per question (for paired statistics)
+        self.counts: dict[str, dict[str, int]] = {}  # when -> questions graded and not
 
     def name(self, task: Task | None = None) -> str:
         """This evaluation's name: `name`, else derived from the task's prompt settings and the split."""
@@ -135,10 +156,19 @@ class TaskEvaluation(L.Callback):
         return f"{task.name}-{task.few_shot}shot{plain}{split}"
 
     def _task(self, trainer) -> Task:
-        task = self.task or getattr(trainer.datamodule, "task", None)
-        if task is None:
-            raise ValueError("TaskEvaluation needs a task (its `task` argument or the datamodule's)")
-        return task
+        """`task` (else the datamodule's) with `task_overrides` applied to a copy (built once)."""
+        if self._resolved is None:
+            task = self.task or getattr(trainer.datamodule, "task", None)
+            if task is None:
+                raise ValueError("TaskEvaluation needs a task (its `task` argument or the datamodule's)")
+            if self.task_overrides:
+                unknown = sorted(set(self.task_overrides) - set(task.settings()))
+                if unknown:
+                    raise ValueError(f"TaskEvaluation: task_overrides {unknown} are not settings of "
+                                     f"{type(task).__name__} (it has {sorted(task.settings())})")
+                task = type(task)(**{**task.settings(), **self.task_overrides})
+            self._resolved = task
+        return self._resolved
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Refuse two evaluations with one name (they would overwrite each other's keys and files), before any
@@ -151,8 +181,24 @@ class TaskEvaluation(L.Callback):
                              "metrics and predictions files would overwrite each other; give each its own `name`")
 
     # ------------------------------------------------------------------ metrics
+    def _counts(self, rows: list[dict], device: torch.device, skipped: int) -> dict[str, int]:
+        """Questions graded (with a gold answer) and not (without one, or left out at load for a gold that cannot
+        be read: `on_bad_row: skip`), summed over ranks."""
+        graded = sum(r["gold"] is not None for r in rows)
+        out: dict[str, int] = {}
+        for name, count in {"graded": graded, "ungraded": len(rows) - graded + skipped}.items():
+            metric = SumMetric().to(device)
+            metric.update(torch.tensor(float(count), device=device))
+            out[name] = int(metric.compute().item())
+        return out
+
     def _metrics(self, rows: list[dict], device: torch.device) -> dict[str, float]:
-        columns = {"greedy_accuracy": "greedy_correct", "greedy_parse_rate": "greedy_answer"}
+        """Rates over the questions with a gold answer."""
+        rows = [r for r in rows if r["gold"] is not None]
+        for r in rows:
+            r.setdefault("greedy_unfinished", r.get("greedy_finish") == "length" and r["greedy_answer"] is None)
+        columns = {"greedy_accuracy": "greedy_correct", "greedy_parse_rate": "greedy_answer",
+                   "greedy_unfinished": "greedy_unfinished"}
         k = len(rows[0]["samples"]) if rows else 0  # in `labelfree test` the module decides k
         if k:
             columns |= {f"maj@{k}": "maj_correct", f"pass@{k}": "pass"}
@@ -170,25 +216,24 @@ class TaskEvaluation(L.Callback):
 
     def _report(self, trainer: L.Trainer, when: str, rows: list[dict], stage: str) -> dict[str, float]:
         metrics = self._metrics(rows, trainer.strategy.root_device)
-        self.results[when], self.predictions[when] = metrics, rows
+        counts = self._counts(rows, trainer.strategy.root_device, self._task(trainer).skipped_gold)
+        self.results[when], self.counts[when], self.predictions[when] = metrics, counts, rows
         name = self.name(self._task(trainer))
         prefix = f"{stage}/{name}"
         summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
         log.info("evaluation %s (%s, %d questions): %s", name, when, len(rows), summary)
         if trainer.is_global_zero:
-            print(f"[{name} {when}] {len(rows)} questions: {summary}")
+            ungraded = f" ({counts['ungraded']} not graded: no readable gold)" if counts["ungraded"] else ""
+            print(f"[{name} {when}] {counts['graded']} questions graded{ungraded}: {summary}")
             directory = Path(trainer.log_dir or trainer.default_root_dir)
             directory.mkdir(parents=True, exist_ok=True)
             with open(directory / f"predictions-{name}-{when}.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
             experiment = getattr(trainer.logger, "experiment", None)
             if hasattr(experiment, "add_text"):
-                table = "| question | greedy completion | extracted | gold |\n|---|---|---|---|\n" + "".join(
-                    f"| {r['question']} | {r['greedy_completion']!r} | {r['greedy_answer']} | {r['gold']} |\n"
-                    for r in rows[: self.num_text_rows]
-                )
-                experiment.add_text(f"{prefix}/predictions_{when}", table, trainer.global_step)
-        return {f"{prefix}/{k}": v for k, v in metrics.items()}
+                experiment.add_text(f"{prefix}/predictions_{when}", predictions_markdown(rows[: self.num_text_rows]),
+                                    trainer.global_step)
+        return {f"{prefix}/{k}": v for k, v in (metrics | counts).items()}
 
     def before_after(self, title: str = "held-out") -> str:
         """The fit-start and fit-end figures side by side, as a Markdown table."""
@@ -201,22 +246,25 @@ class TaskEvaluation(L.Callback):
     # ------------------------------------------------------------------ labelfree test
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         self.rows = []
+        self.progress = ProgressLog("test", len(trainer.datamodule.questions))
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         task = trainer.datamodule.task
-        rows = [score_question(task, q, greedy, samples)
-                for q, greedy, samples in zip(batch["questions"], outputs["greedy"], outputs["samples"])]
+        rows = [score_question(task, q, *completions) for q, completions in zip(
+            batch["questions"], zip(outputs["greedy"], outputs["samples"], outputs["greedy_finish"],
+                                    outputs["sample_finish"]))]
         if self.signals and outputs["samples"] and outputs["samples"][0]:
             k, p = len(outputs["samples"][0]), len(rows)
-            texts = [t for s in outputs["samples"] for t in s]
             candidates = Candidates(
                 questions=batch["questions"], tasks=[task] * p, group=torch.arange(p).repeat_interleave(k),
-                texts=texts, answers=[task.extract(t) for t in texts], prompt_ids=batch["suffix_ids"],
+                texts=[t for s in outputs["samples"] for t in s],
+                answers=[a for row in rows for a in row["sample_answers"]], prompt_ids=batch["suffix_ids"],
                 response_ids=outputs["sample_tokens"], logprobs=outputs["sample_logprobs"],
                 prefix_ids=batch["prefix_ids"])
             add_signal_columns(rows, judge_samples(candidates, pl_module.policy, self.signals, self.vote_power,
                                                          self.vote_weighting), task)
         self.rows += rows
+        self.progress.update(len(rows), outputs["num_tokens"])
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         pl_module.log_dict(self._report(trainer, "test", self.rows, "test"))
@@ -226,11 +274,12 @@ class TaskEvaluation(L.Callback):
         k = self.k if k is None else k
         # as many rows per batch for the greedy pass (1 per question) as for the sampled one (k per question)
         greedy_engine = HFGenerator(batch_size=self.batch_size * max(self.k, 1), chunk_size=10**9, progress=False)
-        greedy = greedy_engine.sample(policy, questions, task, self.greedy)["completion"]
+        greedy = greedy_engine.sample(policy, questions, task, self.greedy)
         engine = HFGenerator(batch_size=self.batch_size, chunk_size=10**9, progress=False)
         sampled = engine.sample(policy, questions, task, replace(self.sampled, n=k)) if k else None
-        samples = sampled["completion"] if k else []
-        rows = [score_question(task, q, greedy[i], samples[i * k : (i + 1) * k]) for i, q in enumerate(questions)]
+        samples, ends = (sampled["completion"], sampled["finish_reason"]) if k else ([], [])
+        rows = [score_question(task, q, greedy[i]["completion"], samples[i * k : (i + 1) * k],
+                               greedy[i]["finish_reason"], ends[i * k : (i + 1) * k]) for i, q in enumerate(questions)]
         if self.signals and k:
             candidates = to_candidates(sampled, questions, task, policy.tokenizer)
             judged = judge_samples(candidates, policy, self.signals, self.vote_power, self.vote_weighting)

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -36,11 +37,12 @@ from tqdm.auto import tqdm
 
 from datamodules.tasks.base import Question, Task
 from lightning_modules.distributed import dist_info, gather_objects
+from lightning_modules.progress import ProgressLog
 from lightning_modules.sampling import SamplingParams, finish_text, generate_batch, prefix_cache
 from lightning_modules.signals import Candidates
 
 log = logging.getLogger(__name__)
-ENGINE_VERSION = 2  # 2: answers read with math-verify
+ENGINE_VERSION = 3  # 2: answers read with math-verify; 3: as a human grader reads them, unfinished unparsed
 
 
 class Generator(Protocol):
@@ -123,7 +125,9 @@ class HFGenerator:
             log.info("generation: reusing %d of %d chunks from %s", len(done), len(mine), directory)
         with policy.inference():
             prefix = self._prefix(policy, task, questions[0])
-            bar = tqdm(total=sum(len(chunks[i]) for i in todo), desc="generate", unit="q", disable=not self.progress)
+            total = sum(len(chunks[i]) for i in todo)
+            bar = tqdm(total=total, desc="generate", unit="q", disable=not self.progress or not sys.stderr.isatty())
+            lines = ProgressLog("generate", total) if self.progress else None  # a log file gets lines, not a bar
             start, generated = time.perf_counter(), 0
             for i in todo:
                 rows = self._chunk(policy, task, chunks[i], params, prefix, seed=(params.seed, i))
@@ -133,6 +137,8 @@ class HFGenerator:
                 done[i] = rows
                 bar.update(len(chunks[i]))
                 bar.set_postfix(tok_per_s=f"{generated / (time.perf_counter() - start):.0f}")
+                if lines is not None:
+                    lines.update(len(chunks[i]), sum(r["num_tokens"] for r in rows))
             bar.close()
             self.stats = {"generated_tokens": generated, "seconds": time.perf_counter() - start}
         all_rows = {i: rows for part in gather_objects(done) for i, rows in part.items()}
@@ -159,7 +165,7 @@ class HFGenerator:
                     text, c = finish_text(tokenizer, completions[k * params.n + j], task.stop)
                     rows[qi].append({
                         "question_id": questions[qi].id, "sample_index": j, "completion": text,
-                        "answer": task.extract(text), "num_tokens": len(c.tokens), "token_ids": c.tokens,
+                        "answer": task.answer(text, c.finish_reason), "num_tokens": len(c.tokens), "token_ids": c.tokens,
                         "token_logprobs": c.logprobs,
                         "finish_reason": c.finish_reason,
                     })

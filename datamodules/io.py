@@ -95,10 +95,13 @@ def _jsonl(path: Path, skipped: list[str] | None) -> list[Row]:
 
 
 def _json(path: Path) -> list[Row]:
+    """A JSON list (or `{"data": [...]}`); a `.json` file of one object per line (AQuA's release) as JSON lines."""
     text = "".join(line for _, line in _lines(path, None))
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):
+            return _jsonl(path, None)
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]

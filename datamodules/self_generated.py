@@ -156,6 +156,8 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         correct = torch.tensor([self.task.same(r["answer"], by_id[r["question_id"]].answer) for r in rows])
         report = {"round": self.round, "questions": len(questions), "candidates": len(candidates),
                   "parsed_fraction": _global_sum(sum(r["answer"] is not None for r in rows)) / len(candidates),
+                  "unfinished_unparsed": _global_sum(sum(r["finish_reason"] == "length" and r["answer"] is None
+                                                         for r in rows)),
                   "selectors": []}
         report["selectors"].append({"name": "all candidates", **_audit(keep, correct)})
         computed = {id(s): signals[s.name] for s in ALWAYS}  # signal -> values, and where they were asked for
@@ -201,7 +203,8 @@ class SelfGeneratedDataModule(L.LightningDataModule):
             audit = "; ".join(f"{s['name']} keeps {s['kept']} (precision {s['precision']:.2f}, recall "
                               f"{s['recall']:.2f})" for s in report["selectors"])
             print(f"[round {self.round}] {len(questions)} questions, {len(candidates)} candidates, "
-                  f"{report['parsed_fraction']:.0%} parsed; kept {len(kept_rows)} "
+                  f"{report['parsed_fraction']:.0%} parsed ({report['unfinished_unparsed']} hit the token limit "
+                  f"without an answer); kept {len(kept_rows)} "
                   f"({len(kept_rows) / len(candidates):.0%}). Audit against gold: {audit}")
         return [self._example(by_id[r["question_id"]], r["completion"], r["weight"], f"round-{self.round}")
                 for r in kept_rows]

@@ -44,16 +44,20 @@ class AnswerSamplingModule(TrainableStateMixin, L.LightningModule):
         return [finish_text(self.policy.tokenizer, c, batch["stop"]) for c in completions]
 
     def test_step(self, batch: dict, batch_idx: int) -> dict:
-        """Greedy texts (P,), sampled texts per prompt (P lists of k), and the samples' tokens and log-probs
-        (P x k, flat) for the signals that judge them."""
+        """Greedy texts (P,) and why each ended ("eos", "stop", "length"), sampled texts and their ends per prompt
+        (P lists of k), the samples' tokens and log-probs (P x k, flat) for the signals that judge them, and the
+        number of tokens generated."""
         generator = torch.Generator().manual_seed(self.sampled.seed * 1_000_003 + batch_idx)
         n, k = len(batch["suffix_ids"]), self.k
         with self.policy.inference():
-            greedy = [t for t, _ in self._completions(batch, self.greedy, None)]
+            greedy = self._completions(batch, self.greedy, None)
             sampled = self._completions(batch, self.sampled, generator) if k else []
-        texts = [t for t, _ in sampled]
-        return {"greedy": greedy, "samples": [texts[i * k : (i + 1) * k] for i in range(n)] if k else [[]] * n,
-                "sample_tokens": [c.tokens for _, c in sampled], "sample_logprobs": [c.logprobs for _, c in sampled]}
+        texts, ends = [t for t, _ in sampled], [c.finish_reason for _, c in sampled]
+        per_prompt = (lambda flat: [flat[i * k : (i + 1) * k] for i in range(n)]) if k else (lambda flat: [[]] * n)
+        return {"greedy": [t for t, _ in greedy], "greedy_finish": [c.finish_reason for _, c in greedy],
+                "samples": per_prompt(texts), "sample_finish": per_prompt(ends),
+                "sample_tokens": [c.tokens for _, c in sampled], "sample_logprobs": [c.logprobs for _, c in sampled],
+                "num_tokens": sum(len(c.tokens) for _, c in greedy + sampled)}
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         return self.test_step(batch, batch_idx)

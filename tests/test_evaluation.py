@@ -48,7 +48,7 @@ def test_fit_time_evaluation_logs_before_and_after(tiny_model_dir, tmp_path):
     module = WeightedSFTModule(Policy(tiny_model_dir), export_adapter=False)
     trainer.fit(module, LabeledDataModule(str(ROOT / "configs/data/arithmetic_sft.jsonl"), tokenizer=tiny_model_dir))
     assert set(evaluation.results) == set(evaluation.predictions) == {"fit_start", "fit_end"}
-    assert set(evaluation.results["fit_end"]) == {"greedy_accuracy", "greedy_parse_rate", "maj@2", "pass@2"}
+    assert set(evaluation.results["fit_end"]) == {"greedy_accuracy", "greedy_parse_rate", "greedy_unfinished", "maj@2", "pass@2"}
     rows = evaluation.predictions["fit_end"]  # one per question, for paired statistics
     accuracy = evaluation.results["fit_end"]["greedy_accuracy"]
     assert len(rows) == 3 and accuracy == sum(r["greedy_correct"] for r in rows) / 3
@@ -57,7 +57,7 @@ def test_fit_time_evaluation_logs_before_and_after(tiny_model_dir, tmp_path):
     assert module.policy.model.training  # evaluation put the policy back in train mode
     assert torch.is_grad_enabled()
     table = evaluation.before_after().splitlines()
-    assert table[2].startswith("| greedy_accuracy |") and len(table) == 6
+    assert table[2].startswith("| greedy_accuracy |") and len(table) == 7
 
 
 def test_fit_end_evaluation_can_skip_sampling(tiny_model_dir, tmp_path):
@@ -71,7 +71,7 @@ def test_fit_end_evaluation_can_skip_sampling(tiny_model_dir, tmp_path):
     trainer.fit(WeightedSFTModule(Policy(tiny_model_dir), export_adapter=False),
                 LabeledDataModule(str(ROOT / "configs/data/arithmetic_sft.jsonl"), tokenizer=tiny_model_dir))
     assert "maj@2" in evaluation.results["fit_start"]
-    assert set(evaluation.results["fit_end"]) == {"greedy_accuracy", "greedy_parse_rate"}
+    assert set(evaluation.results["fit_end"]) == {"greedy_accuracy", "greedy_parse_rate", "greedy_unfinished"}
     last_row = evaluation.before_after().splitlines()[-1]
     assert last_row == f"| pass@2 | {evaluation.results['fit_start']['pass@2']:.3f} | - |"
 
@@ -89,7 +89,7 @@ def test_every_n_epochs_evaluates_each_rounds_model(every, evaluated, tiny_model
     trainer.fit(WeightedSFTModule(Policy(tiny_model_dir), export_adapter=False),
                 LabeledDataModule(str(ROOT / "configs/data/arithmetic_sft.jsonl"), tokenizer=tiny_model_dir))
     assert list(evaluation.predictions) == evaluated  # the last epoch once, as fit_end
-    assert all(set(evaluation.results[w]) == {"greedy_accuracy", "greedy_parse_rate"} for w in evaluated)
+    assert all(set(evaluation.results[w]) == {"greedy_accuracy", "greedy_parse_rate", "greedy_unfinished"} for w in evaluated)
     with pytest.raises(ValueError, match="every_n_epochs"):
         TaskEvaluation(Arithmetic(), every_n_epochs=-1)
 

@@ -358,7 +358,8 @@ def test_the_signal_quality_report_end_to_end(tiny_model_dir, tmp_path, monkeypa
     cli = build_cli(["test", "-c", "configs/eval/signals.yaml",
                      f"--model.init_args.policy.init_args.model={tiny_model_dir}",
                      f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-                     "--data.init_args.num_questions=4", "--data.init_args.batch_size=4"])
+                     "--data.init_args.num_questions=4", "--data.init_args.batch_size=4",
+                     "--data.init_args.task.init_args.unfinished=read"])  # the tiny model never finishes an answer
     run = Path(cli.trainer.log_dir)
     report = json.loads((run / "signal_quality.json").read_text())
     names = ["majority_answer", "cluster_share", "answer_entropy", "token_nll", "self_certainty", "negative_entropy",

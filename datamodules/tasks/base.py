@@ -20,6 +20,7 @@ from datamodules.io import DataError, read_rows
 from datamodules.tasks.extract import Comparison, extract_math, is_number, parse_gold, same_math
 
 log = logging.getLogger(__name__)
+MIN_MAJORITY_VOTES = 2  # a lone vote is no majority (SPEC §10)
 
 
 @dataclass
@@ -49,7 +50,8 @@ class Task:
     read the same source (one file without `{split}`, or `exemplar_split` = the split evaluated) are carved into
     disjoint consecutive slices, exemplars first (`load_splits`), so exemplars never sit among the questions
     evaluated or trained on; the same question text in two different sources is refused.
-    Gold answers are normalised at load (`gold_answer`); gold that cannot be parsed is counted and logged.
+    Gold answers are normalised at load (`gold_answer`); a gold that cannot be read is an error naming its file
+    and line (or, with `on_bad_row: skip`, a counted and logged skip).
 
     Args:
         few_shot: number of exemplars with gold rationales placed before the question (0 = zero-shot).
@@ -60,6 +62,11 @@ class Task:
             `{split}` in the path is replaced by the split name.
         exemplar_split: the split whose first rows are the few-shot exemplars (default: the task's own,
             `train` for dataset tasks, `exemplars` for procedural ones).
+        on_bad_row: a gold answer that cannot be read stops the load naming the file, line and value (`error`),
+            or the question is left out, counted (`skipped_gold`) and logged (`skip`).
+        unfinished: a completion that hit the token limit has an answer only where it states one (`\\boxed{}`
+            or an answer marker; `unparsed`, the default), or is read like a finished one (`read`: a trailing
+            "= x" counts too).
     """
 
     name = "task"
@@ -76,15 +83,25 @@ class Task:
         system_prompt: str | None = None,
         data_path: str | None = None,
         exemplar_split: str | None = None,
+        on_bad_row: Literal["error", "skip"] = "error",
+        unfinished: Literal["unparsed", "read"] = "unparsed",
     ) -> None:
         self.few_shot, self.template, self.system_prompt, self.data_path = few_shot, template, system_prompt, data_path
         self.exemplar_split = exemplar_split or self.default_exemplar_split
+        self.on_bad_row, self.unfinished = on_bad_row, unfinished
+        self.skipped_gold = 0  # questions left out for a gold that cannot be read (`on_bad_row: skip`)
         self._exemplar_cache: dict[tuple, list[Question]] = {}
 
     # ----------------------------------------------------------------- what subclasses define
-    def extract(self, completion: str) -> str | None:
-        """The answer in a completion, normalised; None when there is none. Never raises."""
+    def extract(self, completion: str, finished: bool = True) -> str | None:
+        """The answer in a completion, normalised; None when there is none. Never raises. An unfinished completion
+        (it hit the token limit) is read only from an explicit answer (a box, an answer marker)."""
         raise NotImplementedError
+
+    def answer(self, completion: str, finish_reason: str = "stop") -> str | None:
+        """The answer of a sampled completion given why it ended ("eos", "stop" or "length"): with
+        `unfinished="unparsed"` one that hit the token limit is read only from an explicit answer."""
+        return self.extract(completion, finished=finish_reason != "length" or self.unfinished == "read")
 
     def same(self, a: str | None, b: str | None) -> bool:
         return a is not None and b is not None and a == b
@@ -120,20 +137,24 @@ class Task:
                 groups.append([a, 1])
         return [(a, n) for a, n in groups]
 
-    def majority(self, answers: Sequence[str | None]) -> tuple[str | None, int, int]:
-        """(majority answer, its votes, parsed answers); ties go to the answer seen first (SPEC §1)."""
+    def majority(self, answers: Sequence[str | None], min_votes: int = MIN_MAJORITY_VOTES
+                 ) -> tuple[str | None, int, int]:
+        """(majority answer, its votes, parsed answers). A majority needs `min_votes` votes (two: when every parsed
+        answer is different there is none, (None, 1, parsed)). Ties between answers with the most votes go to the
+        answer seen first (SPEC §1)."""
         counts = self.answer_counts(answers)
         if not counts:
             return None, 0, 0
         best = max(counts, key=lambda c: c[1])  # max keeps the first of equals
-        return best[0], best[1], sum(n for _, n in counts)
+        parsed = sum(n for _, n in counts)
+        return (best[0] if best[1] >= min_votes else None), best[1], parsed
 
     def exemplars(self) -> list[Question]:
         """The first `few_shot` rows of `exemplar_split` (loaded once per setting)."""
         key = (self.exemplar_split, self.few_shot, self.data_path)
         if key not in self._exemplar_cache:
             rows = self._load(self.exemplar_split, self.few_shot) if self.few_shot else []
-            self._exemplar_cache[key] = self._normalise_gold(rows, self.source(self.exemplar_split))
+            self._exemplar_cache[key] = self._normalise_gold(rows, skip=False)
         return self._exemplar_cache[key]
 
     def load(self, split: str, limit: int | None = None) -> list[Question]:
@@ -179,28 +200,32 @@ class Task:
                          self.name, skipped, split)
             handed[source] = offset + len(questions) + skipped
             owner |= {self._text_key(q): f"questions of split {split!r}" for q in questions}
-            out.append(self._normalise_gold(questions, source))
+            out.append(self._normalise_gold(questions, skip=self.on_bad_row == "skip"))
         return out
 
     def _text_key(self, q: Question) -> str:
         return " ".join(self.format_question(q).split())
 
-    def _normalise_gold(self, questions: list[Question], source: str) -> list[Question]:
-        """Gold answers as `gold_answer` reads them; those it cannot read are counted and logged, never dropped."""
-        bad = []
+    def _normalise_gold(self, questions: list[Question], skip: bool) -> list[Question]:
+        """Gold answers as `gold_answer` reads them. One it cannot read is a `DataError` naming the row and the
+        value, or with `skip` the question is left out, counted (`skipped_gold`) and logged."""
+        kept, bad = [], []
         for q in questions:
-            if q.answer is None:
+            gold = None if q.answer is None else self.gold_answer(q.answer)
+            if q.answer is not None and gold is None:
+                where = q.meta.get("where", f"question {q.id!r}")
+                if not skip:
+                    raise DataError(f"{where}: task {self.name!r} cannot read the gold answer {q.answer!r} (question "
+                                    f"{q.id!r}); fix the row, or set on_bad_row: skip to leave such questions out")
+                bad.append(where)
                 continue
-            gold = self.gold_answer(q.answer)
-            if gold is None:
-                bad.append(q)
-            else:
-                q.answer = gold
+            q.answer = gold
+            kept.append(q)
         if bad:
-            log.warning("task %s: %d of %d gold answers in %s cannot be parsed, so no answer can match them "
-                        "(first: question %r, gold %r)", self.name, len(bad), len(questions), source, bad[0].id,
-                        bad[0].answer)
-        return questions
+            self.skipped_gold += len(bad)
+            log.warning("task %s: left out %d of %d questions whose gold answer cannot be read (first: %s)",
+                        self.name, len(bad), len(questions), bad[0])
+        return kept
 
     # ----------------------------------------------------------------- shared behaviour
     def format_question(self, q: Question) -> str:
@@ -328,8 +353,8 @@ class MathAnswers:
     comparison: Comparison = "value"
     numeric_gold = True
 
-    def extract(self, completion: str) -> str | None:
-        return extract_math(completion)
+    def extract(self, completion: str, finished: bool = True) -> str | None:
+        return extract_math(completion, finished)
 
     def same(self, a: str | None, b: str | None) -> bool:
         return same_math(a, b, self.comparison)
@@ -352,7 +377,7 @@ def load_questions(source: str, limit: int | None = None) -> list[Question]:
         answer = d.get("answer")
         questions.append(Question(
             id=str(d.get("id", i)), question=d["question"], answer=None if answer is None else str(answer),
-            rationale=d.get("rationale"), options=options,
+            rationale=d.get("rationale"), options=options, meta={"where": row.where},
         ))
         if limit is not None and len(questions) >= limit:
             break

@@ -37,5 +37,5 @@ class Comparison(ProceduralTask):
             ))
         return out
 
-    def extract(self, completion: str) -> str | None:
-        return extract_choice(completion, 2)
+    def extract(self, completion: str, finished: bool = True) -> str | None:
+        return extract_choice(completion, 2, finished)

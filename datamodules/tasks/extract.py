@@ -1,14 +1,18 @@
 """Answer extractors: total functions from arbitrary text to a normalised answer or None. They never raise.
 
-Math answers (numbers, fractions, LaTeX) are read and compared with math-verify, the library TRL, open-r1 and
-verl recipes use:
-- where: the last `\\boxed{...}` when there is one, else the text after the last "the answer is"
-  (case-insensitive), else after the last "="; that span ends at the first sentence end or line break, so a
-  number in a following sentence is never read as the answer. Without LaTeX in it, the span's first arithmetic
-  expression is read ("11 x 18 = 228 stickers" -> 228; "36 ways to choose 7" -> 36). No marker: no answer.
-- what: math-verify parses the span (LaTeX or a plain expression: thousands separators, currency, units, "3/4",
-  "\\frac{3}{4}", a Unicode minus read as "-"). The answer is stored as a canonical string: an integer ("2000"),
-  a fraction ("3/4"), a decimal ("84.3"), or for anything else the parsed LaTeX between "$" signs.
+Answers are read the way a human grader reads them (SPEC §10), and math answers (numbers, fractions, LaTeX) are
+parsed and compared with math-verify, the library TRL, open-r1 and verl recipes use:
+- where: the last `\\boxed{...}` when there is one; else the text after the last answer marker ("The answer is",
+  "The final answer is", "Final Answer:", "Answer:", "#### "; case-insensitive); else, for a finished completion
+  only, a trailing "= x": the text after the last "=" when no other number follows it. A completion that hit the
+  token limit (`finished=False`) has an answer only where it states one (a box or a marker). The span ends at the
+  first sentence end or line break outside `$...$`, so a number in a following sentence is never read.
+- what: in the span, the first `$...$` math (a lone or wordy "$" is a currency sign, not LaTeX), else bare LaTeX,
+  else the first arithmetic expression ("11 x 18 = 228 stickers" -> 228; "36 ways to choose 7" -> 36). A comma
+  is a thousands separator only before exactly three digits: "1,200" is 1200, "-2,1" and "2, 3, 5" are lists.
+  A number with an attached "i", "π" or root ("2i", "6+9i", "18√17") is read as that expression, never as its
+  first number. math-verify parses what was read; the answer is stored as a canonical string: an integer
+  ("2000"), a fraction ("3/4"), a decimal ("84.3"), or for anything else the parsed LaTeX between "$" signs.
 - comparison (`same_math`): numbers by value, exact for integers and fractions, relative tolerance 1e-6 when a
   decimal is involved; anything else by math-verify's symbolic `verify`. Option `comparison="truncate"`: the
   IWSI paper's `int(float(a)) == int(float(b))` (84.3 counts as 84.7).
@@ -27,25 +31,32 @@ from typing import Literal
 
 log = logging.getLogger(__name__)
 
-_MARKER = "the answer is"
+_MARKER = re.compile(r"the\s+(?:final\s+)?answer\s+is\b|final\s+answer\s*:|\banswer\s*:|####", re.IGNORECASE)
 _LETTER = re.compile(r"\(([A-J])\)")
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
 _INTEGER, _FRACTION, _DECIMAL = re.compile(r"-?\d+"), re.compile(r"-?\d+/\d+"), re.compile(r"-?\d*\.\d+")
 _DASHES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2014": "-", "\ufe63": "-", "\uff0d": "-", '"': None,
                          "\u201c": None, "\u201d": None})
+_THOUSANDS = r",(?=\d{3}(?!\d))"  # "1,200": a separator; "1,5" and "-2,1" are lists
 # an arithmetic expression: digits, operators (x and × as times), parentheses, decimals, thousands separators
-_ARITHMETIC = re.compile(r"[-+]?[\d(](?:[\d\s./+\-*×÷x=^()%]|,(?=\d))*")
+_ARITHMETIC = re.compile(r"[-+]?[\d(](?:[\d\s./+\-*×÷x=^()%]|" + _THOUSANDS + r")*")
+_LIST_TAIL = re.compile(r"\s*,\s*[-+]?\d")  # what follows a number that makes it the first of a list
+_SYMBOLIC_TAIL = re.compile(r"(?:i|π|√|\\sqrt|sqrt)(?![a-zA-Z])")  # "2i", "6+9i", "3π", "18√17"
+_EXPRESSION_RUN = re.compile(r"[-+]?[\w.()+\-*/^√π{}\\]+(?:\s*[-+*/^]\s*[\w.()√π{}\\]+)*")
+_LIST_RUN = re.compile(r"[-+]?\d+(?:\.\d+)?(?:\s*,\s*[-+]?\d+(?:\.\d+)?)+")
+_DIGIT = re.compile(r"\d")
+_COMMAND = re.compile(r"\\text\{[^}]*\}|\\[a-zA-Z]+")
 REL_TOL = 1e-6
 Comparison = Literal["value", "truncate"]
 
 
-def answer_span(text: str) -> str | None:
-    """Text after the last "the answer is" (case-insensitive), else after the last "=", else None."""
-    low = text.lower()
-    at = low.rfind(_MARKER)
-    if at >= 0:
-        return text[at + len(_MARKER) :]
-    at = text.rfind("=")
+def answer_span(text: str, finished: bool = True) -> str | None:
+    """Text after the last answer marker (case-insensitive), else (finished completions only) after the last "=",
+    else None."""
+    markers = list(_MARKER.finditer(text))
+    if markers:
+        return text[markers[-1].end() :]
+    at = text.rfind("=") if finished else -1
     return text[at + 1 :] if at >= 0 else None
 
 
@@ -102,45 +113,101 @@ def _canonical(parsed: list) -> str | None:
 
 
 def _prepare(span: str) -> str:
-    """Unicode dashes as "-", double quotes and escaped dollar signs (currency) dropped, before math-verify reads
-    the span."""
-    return span.translate(_DASHES).replace("\\$", "")
+    """Unicode dashes as "-", double quotes and escaped dollar signs (currency) dropped, "√x" and "π" as LaTeX,
+    before math-verify reads the span."""
+    span = span.translate(_DASHES).replace("\\$", "")
+    return re.sub(r"√\s*(\d+(?:\.\d+)?|[a-zA-Z])", r"\\sqrt{\1}", span).replace("π", "\\pi ")
+
+
+def _is_math(content: str) -> bool:
+    """Whether the text between two "$" is math: not empty, and no word of two letters outside LaTeX commands
+    ("$5 per hour for 8 hours, so $" is two currency signs)."""
+    return bool(content.strip()) and not re.search(r"[A-Za-z]{2,}", _COMMAND.sub("", content))
+
+
+def _drop_currency(text: str) -> str:
+    """The text with its currency signs removed: a "$" that does not open `$math$` is currency."""
+    out, i = [], 0
+    while (at := text.find("$", i)) >= 0:
+        close = text.find("$", at + 1)
+        if close >= 0 and _is_math(text[at + 1 : close]):
+            out.append(text[i : close + 1])
+            i = close + 1
+        else:
+            out.append(text[i:at])
+            i = at + 1
+    return "".join(out) + text[i:]
+
+
+def _sentence(span: str) -> str:
+    """The span up to its first sentence end (". " or a final ".") or line break outside `$...$`."""
+    inside = False
+    for i, ch in enumerate(span):
+        if ch == "$":
+            inside = not inside
+        elif not inside and (ch == "\n" or (ch == "." and (i + 1 == len(span) or span[i + 1].isspace()))):
+            return span[:i]
+    return span
 
 
 def _answer_text(span: str) -> str | None:
-    """What of an answer span math-verify reads: up to the sentence's end; without LaTeX, its first arithmetic
-    expression (math-verify alone would take the last number of "36 ways to choose 7")."""
-    span = _prepare(span).lstrip(" :")
-    end = _SENTENCE_END.search(span)
-    span = span[: end.start()] if end else span
-    if "$" in span or "\\" in span:
-        return span if span.strip() else None
+    """What of an answer span math-verify reads (see the module docstring): its first `$math$`, else bare LaTeX,
+    else its first arithmetic expression, widened to a list ("-2, 1") or an expression ("6+9i") where one
+    follows."""
+    span = _sentence(_drop_currency(_prepare(span)).lstrip(" \t\n:*"))
+    math_ = re.search(r"\$([^$]+)\$", span)
+    if math_:
+        return f"${math_.group(1)}$"
+    if "\\" in span:
+        run = _EXPRESSION_RUN.search(span)
+        return f"${run.group().rstrip('.,')}$" if run else None
     match = _ARITHMETIC.search(span)
-    return match.group().rstrip(" +-*/=x×÷^") if match else None
+    if not match:
+        return None
+    tail = span[match.end() :]
+    expression = match.group().rstrip(" +-*/=x×÷^%")
+    if _LIST_TAIL.match(span, match.start() + len(expression)):
+        listed = _LIST_RUN.match(span, match.start())
+        if listed:
+            return f"${listed.group()}$"
+    if _SYMBOLIC_TAIL.match(tail):
+        run = _EXPRESSION_RUN.match(span, match.start())
+        return f"${run.group().rstrip('.,')}$"
+    return expression
 
 
-@functools.lru_cache(maxsize=65536)
-def extract_math(text: str) -> str | None:
-    """The math answer of a completion as a canonical string (see the module docstring); None when absent."""
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return _canonical(_parse(f"${_prepare(boxed)}$", latex_only=True)) or _canonical(_parse(_prepare(boxed)))
-    span = answer_span(text)
-    answer = None if span is None else _answer_text(span)
+def _read(span: str) -> str | None:
+    answer = _answer_text(span)
     return _canonical(_parse(answer)) if answer else None
 
 
 @functools.lru_cache(maxsize=65536)
+def extract_math(text: str, finished: bool = True) -> str | None:
+    """The math answer of a completion as a canonical string (see the module docstring); None when absent."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return _canonical(_parse(f"${_prepare(boxed)}$", latex_only=True)) or _canonical(_parse(_prepare(boxed)))
+    markers = list(_MARKER.finditer(text))
+    if markers:
+        return _read(text[markers[-1].end() :])
+    at = text.rfind("=")
+    if not finished or at < 0:
+        return None
+    span = text[at + 1 :]  # a trailing "= x": no other number after it
+    return _read(span) if len(_ARITHMETIC.findall(_drop_currency(_prepare(span)))) == 1 else None
+
+
+@functools.lru_cache(maxsize=65536)
 def parse_gold(raw: str) -> str | None:
-    """A gold answer ("2,000", "$18", "\\boxed{12}", "3/4", "\\frac{\\sqrt{2}}{2}") as the same canonical string
-    that `extract_math` gives; None when it cannot be parsed."""
+    """A gold answer ("2,000", "$18", "\\boxed{12}", "3/4", "\\frac{\\sqrt{2}}{2}", "-2,1") as the same canonical
+    string that `extract_math` gives; None when it cannot be parsed."""
     text = _prepare(raw.strip())
     if not text:
         return None
     boxed = last_boxed(text)
     if boxed is not None:
         text = boxed
-    plain = text.replace(",", "").replace("$", "").strip()
+    plain = re.sub(_THOUSANDS, "", text).replace("$", "").strip()
     if is_number(plain):  # "2000", "3/4", "84.30": no LaTeX to read
         return _canonical(_parse(plain))
     return _canonical(_parse(f"${text}$", latex_only=True)) or _canonical(_parse(text))
@@ -189,23 +256,24 @@ def same_math(a: str | None, b: str | None, comparison: Comparison = "value") ->
 
 
 # ---------------------------------------------------------------------------------------------- other answers
-def extract_choice(text: str, n_options: int = 5) -> str | None:
-    """The first letter "(x)" in the answer span, else the last one anywhere; only the first `n_options` letters."""
+def extract_choice(text: str, n_options: int = 5, finished: bool = True) -> str | None:
+    """The first letter "(x)" in the answer span, else (finished completions) the last one anywhere; only the
+    first `n_options` letters."""
 
     def letters(source: str) -> list[str]:
         return [m for m in _LETTER.findall(source.upper()) if ord(m) - ord("A") < n_options]
 
-    span = answer_span(text)
+    span = answer_span(text, finished)
     in_span = letters(span) if span is not None else []
     if in_span:
         return in_span[0]
-    anywhere = letters(text)
+    anywhere = letters(text) if finished else []
     return anywhere[-1] if anywhere else None
 
 
-def extract_word(text: str, words: tuple[str, ...]) -> str | None:
+def extract_word(text: str, words: tuple[str, ...], finished: bool = True) -> str | None:
     """Whichever of `words` (whole word, case-insensitive) comes first in the answer span; None when absent."""
-    span = answer_span(text)
+    span = answer_span(text, finished)
     if span is None:
         return None
     positions = []

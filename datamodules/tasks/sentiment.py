@@ -48,7 +48,8 @@ class Sentiment(ProceduralTask):
             ))
         return out
 
-    def extract(self, completion: str) -> str | None:
-        """The label after "the answer is", else the first label word anywhere (free-form replies)."""
+    def extract(self, completion: str, finished: bool = True) -> str | None:
+        """The label after "the answer is", else (finished replies) the first label word anywhere."""
         words = ("positive", "negative")
-        return extract_word(completion, words) or extract_word(f"the answer is {completion}", words)
+        found = extract_word(completion, words, finished)
+        return found or (extract_word(f"the answer is {completion}", words) if finished else None)

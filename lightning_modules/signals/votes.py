@@ -3,8 +3,10 @@
 
 - `MajorityAnswer` (LMSI, SPEC §1; TTRL, arXiv 2504.16084): 1 if the candidate's answer equals its question's
   majority answer (ties go to the answer seen first), else 0. A question with fewer than `min_parsed` parsed
-  answers has no vote: NaN for all its candidates (no selector keeps it; as an RL reward it counts 0).
-  `min_parsed=1` lets a lone parsed answer win, as TTRL's official code does.
+  answers has no vote: NaN for all its candidates (no selector keeps it; as an RL reward it counts 0); a question
+  whose parsed answers all differ has no majority (a majority needs two votes): every candidate gets 0.
+  `min_parsed=1` lets a lone answer win (one parsed, or one vote among different ones), as TTRL's official code
+  does.
 - `VoteShare`: the majority's votes / parsed answers, one value per question (NaN below two parsed answers).
 - `AnswerEntropy` (Entropy-filter, SPEC §3): -sum_a p(a) log p(a) / log(parsed) over the parsed votes, lower
   is better (NaN below two parsed answers, never the "certain" 0 of one answer).
@@ -57,7 +59,8 @@ class MajorityAnswer(Signal):
         out = torch.full((len(candidates),), math.nan)
         for g, rows in enumerate(candidates.members()):
             task = candidates.tasks[g]
-            majority, _, parsed = task.majority([candidates.answers[i] for i in rows])
+            majority, _, parsed = task.majority([candidates.answers[i] for i in rows],
+                                                min_votes=1 if self.min_parsed == 1 else 2)
             if parsed >= self.min_parsed:
                 for i in rows:
                     out[i] = float(task.same(candidates.answers[i], majority))
