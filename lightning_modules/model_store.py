@@ -28,28 +28,73 @@ def cache_dir() -> Path:
 
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+_TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+HUB_HOST = "huggingface.co"
 
 
 def resolve_model(name: str) -> str:
-    """Map a model name to what `from_pretrained` takes: an embedded alias becomes its cached directory;
-    existing local paths and hub ids (`org/name`, for users online) pass through unchanged. Anything else (a
-    missing directory, a mistyped alias) is a `FileNotFoundError` that names the known aliases."""
+    """Map a model name to what `from_pretrained` takes: an embedded alias becomes its cached directory; an
+    existing local directory (with config.json, weights and a tokenizer) or `.gguf` file passes through; a hub id
+    (`org/name`) passes through when it is in the local hub cache or the hub can be reached. Anything else is a
+    `FileNotFoundError` at once, naming what is wrong: a name that looks like a path (`./`, `/`, `~`, `.gguf`,
+    more than one `/`, or its parent directory exists) is never sent to the hub, and offline a hub id says what to
+    do instead of waiting on the network."""
     if name in _GGUF_PACKAGES:
         path = cache_dir() / "models" / name
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"model {name!r} is not in the cache ({path}); fetch it with: {FETCH_COMMAND}")
         return str(path)
     path = Path(name).expanduser()
-    if path.exists():
-        if path.is_dir() and not (path / "config.json").exists():
-            raise FileNotFoundError(f"model directory {name} has no config.json (not a Hugging Face model directory)")
+    if path.is_dir():
+        needed = {"config.json": ("config.json",), "weight files (*.safetensors, *.bin)": _WEIGHTS,
+                  "tokenizer files (tokenizer.json, tokenizer_config.json)": _TOKENIZER}
+        missing = [what for what, patterns in needed.items() if not any(any(path.glob(p)) for p in patterns)]
+        if missing:
+            raise FileNotFoundError(f"model directory {name} is not a Hugging Face model directory: it lacks "
+                                    f"{', '.join(missing)} (write one with save_pretrained() of the model and of "
+                                    "its tokenizer)")
         return str(path)
-    in_a_local_dir = str(path.parent) != "." and path.parent.is_dir()
-    looks_local = name.startswith((".", "/", "~")) or name.endswith((".gguf", "/")) or in_a_local_dir
+    if path.exists():
+        return str(path)
+    looks_local = (name.startswith((".", "/", "~")) or name.endswith((".gguf", "/")) or name.count("/") > 1
+                   or (str(path.parent) != "." and path.parent.is_dir()))
     if looks_local or not _HUB_ID.fullmatch(name):
         raise FileNotFoundError(f"model {name!r}: no such model directory or .gguf file, and not a known alias "
                                 f"(known aliases: {', '.join(_GGUF_PACKAGES)}) or a hub id (org/name)")
+    if not _hub_cached(name) and not _hub_reachable():
+        raise FileNotFoundError(
+            f"model {name!r}: no local directory of that name, and as a hub id it is not in the local hub cache and "
+            f"the hub cannot be reached ({'HF_HUB_OFFLINE is set' if _offline() else f'{HUB_HOST} is unreachable'}). "
+            f"Download it where there is a network (huggingface-cli download {name} --local-dir DIR) and give DIR, "
+            f"or use a .gguf file or the embedded alias {DEFAULT_MODEL!r}")
     return name
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether the hub id's config.json is in the local hub cache (then loading works offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - a malformed id or cache: not cached
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if _offline():
+        return False
+    import socket
+
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def split_gguf(name: str) -> tuple[str, str | None]:

@@ -130,11 +130,35 @@ def test_a_question_with_fewer_than_two_parsed_answers_has_no_vote(rollout):
 
 
 # ---------------------------------------------------------------------------------------------- models
-@pytest.mark.parametrize("name", ["smollm2-135m-instruc", "{tmp}/no-such-model", "./no-such-model", "/no/such/model"])
-def test_a_missing_model_or_mistyped_alias_names_the_known_aliases(name, tmp_path):
+@pytest.mark.parametrize("name", ["smollm2-135m-instruc", "{tmp}/no-such-model", "./no-such-model", "/no/such/model",
+                                  "models/smollm2/135m", "{tmp}/x.gguf"])
+def test_a_missing_model_or_mistyped_alias_names_the_known_aliases(name, tmp_path, monkeypatch):
+    import lightning_modules.model_store as store
+
+    monkeypatch.setattr(store, "_hub_reachable", lambda: pytest.fail("a path-like name was sent to the hub"))
     with pytest.raises(FileNotFoundError, match="known aliases: smollm2-135m-instruct"):
         resolve_model(name.format(tmp=tmp_path))
-    assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # a hub id, for users online
+
+
+def test_a_hub_id_passes_online_and_fails_at_once_offline(monkeypatch):
+    import time
+
+    import lightning_modules.model_store as store
+
+    monkeypatch.setattr(store, "_hub_reachable", lambda: True)
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # for users online
+    monkeypatch.undo()  # the real probe, which reads HF_HUB_OFFLINE first
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"HF_HUB_OFFLINE is set.*--local-dir DIR"):
+        resolve_model("no-org/no-such-model")
+    assert time.perf_counter() - start < 2
+
+
+def test_a_model_directory_names_what_it_lacks(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"lacks weight files .*, tokenizer files"):
+        resolve_model(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------- training
