@@ -35,7 +35,7 @@ from tables import ROOT, load_records, mean_std, run_in_parts  # benchmarks/tabl
 from callbacks.collapse_guard import CollapseGuard
 from callbacks.task_evaluation import TaskEvaluation
 from datamodules.tasks import Arithmetic
-from lightning_modules.cli import build_cli
+from lightning_modules.cli import build_cli, exit_status_on_signal
 
 REWARDS = {  # method -> (recipe, the reward that replaces the recipe's; None keeps it)
     "gold": ("ttrl", "GoldAnswer"),
@@ -185,4 +185,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_status_on_signal():
+        main()

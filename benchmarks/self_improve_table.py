@@ -34,7 +34,7 @@ from callbacks.round_restart import RestartEachRound
 from callbacks.task_evaluation import TaskEvaluation
 from datamodules.selection import DSWeightFilter, EntropyThreshold
 from datamodules.tasks import Arithmetic
-from lightning_modules.cli import build_cli
+from lightning_modules.cli import build_cli, exit_status_on_signal
 from lightning_modules.signals import DSWeight
 
 matplotlib.use("Agg")
@@ -249,4 +249,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_status_on_signal():
+        main()

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from callbacks.statistics import cell, paired_difference, pool
-from lightning_modules.cli import build_cli
+from lightning_modules.cli import build_cli, exit_status_on_signal
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL = {"none": "tent", "tent": "tent", "infomax": "infomax", "batch_calibration": "batch_calibration",
@@ -154,4 +154,5 @@ def table(stream: str, result: dict, seeds) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_status_on_signal():
+        main()

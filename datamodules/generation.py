@@ -26,13 +26,14 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
 
 import datasets
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tqdm.auto import tqdm
 
 from datamodules.tasks.base import Question, Task
@@ -101,11 +102,14 @@ class HFGenerator:
         chunk_size: questions per cached chunk (the unit of resumption and of sharding over ranks).
         cache_dir: where chunks are written; None keeps everything in memory (no resume).
         progress: show a progress bar with generated tokens/s.
+        should_stop: asked after each chunk (e.g. "did the run receive SIGTERM?"); when it says so, sampling ends
+            there with `SIGTERMException`, the chunks written so far kept for the next run.
     """
 
     def __init__(self, batch_size: int = 8, chunk_size: int = 32, cache_dir: str | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, should_stop: Callable[[], bool] | None = None) -> None:
         self.batch_size, self.chunk_size, self.cache_dir, self.progress = batch_size, chunk_size, cache_dir, progress
+        self.should_stop = should_stop
         self.stats: dict[str, float] = {}
 
     def sample(self, policy, questions: Sequence[Question], task: Task, params: SamplingParams) -> datasets.Dataset:
@@ -139,6 +143,11 @@ class HFGenerator:
                 bar.set_postfix(tok_per_s=f"{generated / (time.perf_counter() - start):.0f}")
                 if lines is not None:
                     lines.update(len(chunks[i]), sum(r["num_tokens"] for r in rows))
+                if self.should_stop is not None and self.should_stop():
+                    log.warning("generation: stopped after chunk %d (%d of %d done); %s", i, len(done), len(mine),
+                                f"the chunks written are in {directory}, a rerun reuses them" if directory else
+                                "nothing is cached (no cache_dir)")
+                    raise SIGTERMException
             bar.close()
             self.stats = {"generated_tokens": generated, "seconds": time.perf_counter() - start}
         all_rows = {i: rows for part in gather_objects(done) for i, rows in part.items()}

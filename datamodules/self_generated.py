@@ -144,7 +144,8 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         # shared by every version of the experiment: a re-run after an interruption finds what was generated
         # (the key hashes model, adapter, prompts, sampling and questions, so sharing is safe)
         cache = hp.cache_dir or str(run_dir.parent / "candidates")
-        engine = HFGenerator(batch_size=hp.generation_batch_size, cache_dir=cache)
+        engine = HFGenerator(batch_size=hp.generation_batch_size, cache_dir=cache,
+                             should_stop=lambda: self.trainer is not None and self.trainer.received_sigterm)
         candidates = engine.sample(policy, questions, self.task, self.params)
         mine = {q.id for q in questions[rank::world]}
         rows = [r for r in candidates if r["question_id"] in mine]

@@ -13,20 +13,30 @@ The data side's tokenizer is linked to the policy's model, so a config names the
 - `test`, `validate`, `predict` keep the command's own module (the eval recipe's `AnswerSamplingModule`) and take
   the checkpoint's policy (base model, adaptation, LoRA settings) into it; the trained tensors are then loaded;
 - every module refuses a checkpoint of another base model (`TrainableStateMixin.on_load_checkpoint`).
+
+Signals: a run stopped by SIGTERM (at the next batch, or during self-training generation at the next chunk, the
+chunks written so far cached) exits with status 143, and by SIGINT (Ctrl-C) with 1 (Lightning's), each after one
+line saying which checkpoint was saved and how to resume (`StopNote`); Lightning alone exits 0 on SIGTERM, so
+schedulers and `fit && test` chains would read success. Scripts that run fits themselves wrap them in
+`exit_status_on_signal()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
+import sys
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 # RL and TTA step by hand and checkpoint after each step: the state after the step is the one to resume from, which
@@ -59,7 +69,41 @@ def read_checkpoint(path: str) -> dict:
                               f"file): {type(e).__name__}: {e}") from None
 
 
+SIGTERM_EXIT_STATUS = 128 + 15  # the shell's status for a process ended by SIGTERM
+
+
+class StopNote(L.Callback):
+    """On SIGTERM or SIGINT, one line on stderr: the checkpoint saved last and how to resume from it."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException | KeyboardInterrupt):
+            return
+        name = "SIGTERM" if isinstance(exception, SIGTERMException) else "SIGINT"
+        saved = [c.last_model_path or c.best_model_path for c in trainer.checkpoint_callbacks]
+        saved = [p for p in saved if p and Path(p).is_file()]
+        if saved:
+            what = f"the last checkpoint is {saved[0]}: resume with the same command and --ckpt_path last"
+        elif trainer.state.fn == "fit":
+            what = "no checkpoint was written yet: a rerun starts over (cached candidates are reused)"
+        else:
+            what = f"nothing to resume: run `{trainer.state.fn}` again"
+        if trainer.is_global_zero:
+            print(f"labelfree: stopped by {name} at step {trainer.global_step}; {what}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def exit_status_on_signal() -> Iterator[None]:
+    """Lightning ends a run stopped by SIGTERM with `SIGTERMException`, a `SystemExit` of status 0: make it 143."""
+    try:
+        yield
+    except SIGTERMException:
+        raise SystemExit(SIGTERM_EXIT_STATUS) from None
+
+
 class LabelfreeCLI(LightningCLI):
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+        return super()._instantiate_trainer(config, [*callbacks, StopNote()])
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.policy.init_args.model", "data.init_args.tokenizer", apply_on="parse")
 
@@ -152,7 +196,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LabelfreeCLI:
 
 
 def main() -> None:
-    build_cli()
+    with exit_status_on_signal():
+        build_cli()
 
 
 if __name__ == "__main__":
