@@ -121,7 +121,8 @@ def run_trl(args, meter: Meter) -> None:
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
     trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(resolve_model(model_path(args.model)), dtype=args.dtype),
+        model=AutoModelForCausalLM.from_pretrained(resolve_model(model_path(args.model)), dtype=args.dtype,
+                                                   trust_remote_code=False),
         reward_funcs=[majority_vote],
         args=config, train_dataset=datasets.Dataset.from_list([{"prompt": p} for p in prompts]),
         processing_class=load_tokenizer(model_path(args.model)), peft_config=peft_config, callbacks=[Timer()],

@@ -100,7 +100,8 @@ def run_trl(args, meter: Meter) -> None:
         for r in rows
     ])
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(model_path(args.model)), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(model_path(args.model)), dtype=dtype,
+                                                 trust_remote_code=False)
     model.get_decoder().register_forward_pre_hook(meter.hook, with_kwargs=True)
     config = SFTConfig(
         output_dir=str(Path(args.tmp) / "trl"), per_device_train_batch_size=args.batch_size, max_length=args.max_length,

@@ -46,6 +46,9 @@ def read_rows(source: str, split: str = "train", skipped: list[str] | None = Non
     there (its message) and left out."""
     path = Path(source)
     if path.suffix in FILE_SUFFIXES or path.exists():
+        if path.is_dir():
+            raise DataError(f"{source} is a directory; data_path names a file ({', '.join(FILE_SUFFIXES)}), with "
+                            "`{split}` where the split's name goes (e.g. data/{split}.jsonl)")
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: {source}")
         reader = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet}.get(path.suffix)

@@ -54,6 +54,7 @@ def resolve_model(name: str) -> str:
             raise FileNotFoundError(f"model directory {name} is not a Hugging Face model directory: it lacks "
                                     f"{', '.join(missing)} (write one with save_pretrained() of the model and of "
                                     "its tokenizer)")
+        _refuse_remote_code(path)
         return str(path)
     if path.exists():
         return str(path)
@@ -69,6 +70,24 @@ def resolve_model(name: str) -> str:
             f"Download it where there is a network (huggingface-cli download {name} --local-dir DIR) and give DIR, "
             f"or use a .gguf file or the embedded alias {DEFAULT_MODEL!r}")
     return name
+
+
+def _refuse_remote_code(path: Path) -> None:
+    """A directory whose model type transformers does not know and whose config points at its own Python files
+    (`auto_map`) could only load by running them: refused here, before transformers would ask on a terminal. Every
+    load passes `trust_remote_code=False`."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"model directory {path}: config.json cannot be read ({e})") from None
+    if isinstance(config, dict) and config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING:
+        raise ValueError(f"model directory {path} needs its own Python code (config.json has auto_map and model_type "
+                         f"{config.get('model_type')!r}, which transformers does not know): labelfree loads models "
+                         "with trust_remote_code=False and never runs a model directory's code")
 
 
 def _offline() -> bool:
@@ -113,8 +132,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(gguf_file=gguf_path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kwargs).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kwargs, trust_remote_code=False).eval()
     # The GGUF loader marks the model as quantized; the dequantised weights are plain tensors.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -123,7 +142,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     probe = tokenizer("The answer is 42.", return_tensors="pt")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, trust_remote_code=False).eval()
     with torch.no_grad():
         diff = (model(**probe).logits - reloaded(**probe).logits).abs().max().item()
     if diff != 0.0:

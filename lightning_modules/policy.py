@@ -51,7 +51,7 @@ def load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
     path, gguf_file = split_gguf(resolve_model(model))
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -109,7 +109,8 @@ class Policy(nn.Module):
         self.name, self.adapt, self.nll_chunk_size = model, adapt, nll_chunk_size
         self.tokenizer = load_tokenizer(model)
         path, gguf_file = split_gguf(resolve_model(model))
-        base = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=_DTYPES[dtype])
+        base = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=_DTYPES[dtype],
+                                                    trust_remote_code=False)
         if getattr(base.config, "quantization_config", None) is not None and gguf_file:
             del base.config.quantization_config  # GGUF weights arrive dequantised
             base.hf_quantizer = None

@@ -314,3 +314,35 @@ def test_ckpt_path_last_finds_a_model_checkpoint_dirpath(tiny_model_dir, tmp_pat
     cli = _sft_cli(tiny_model_dir, tmp_path, "--trainer.callbacks=[]", *callbacks, "--ckpt_path=last",
                    "--trainer.max_steps=3")
     assert cli.trainer.global_step == 3
+
+
+def test_a_model_directory_that_needs_its_own_code_is_refused_without_a_prompt(tiny_model_dir, tmp_path):
+    """config.json with auto_map and a model type transformers does not know: refused at once, its code never run
+    (transformers would otherwise ask "Do you wish to run the custom code?" on a terminal)."""
+    import json
+    import shutil
+
+    from lightning_modules.policy import Policy
+
+    model = tmp_path / "remote"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config |= {"model_type": "my_custom_lm", "auto_map": {"AutoConfig": "configuration_my.MyConfig",
+                                                           "AutoModelForCausalLM": "modeling_my.MyModel"}}
+    (model / "config.json").write_text(json.dumps(config))
+    ran = tmp_path / "ran"
+    for name in ("configuration_my.py", "modeling_my.py"):
+        (model / name).write_text(f"open({str(ran)!r}, 'w').write('ran')\n")
+    with pytest.raises(ValueError, match="never runs a model directory's code"):
+        Policy(str(model))
+    assert not ran.exists()
+
+
+def test_a_directory_as_data_path_says_so(tmp_path):
+    from datamodules.io import DataError, read_rows
+
+    (tmp_path / "data.jsonl").mkdir()
+    with pytest.raises(DataError, match=r"data.jsonl is a directory; data_path names a file"):
+        read_rows(str(tmp_path / "data.jsonl"))
+    with pytest.raises(DataError, match="is a directory"):
+        read_rows(str(tmp_path))

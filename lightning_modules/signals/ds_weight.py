@@ -95,7 +95,7 @@ class DSWeight(Signal):
         examples = [SFTExample(policy.format_prompt(q), a) for q, a in pairs]
         path = self._cached(examples, policy)
         if path is not None and path.exists():
-            return torch.load(path)
+            return torch.load(path, weights_only=True)  # a tensor: never unpickle objects
         out = sample_losses(policy, examples, self.tokens, self.batch_size, self.max_length, self.first_token_from_pad)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

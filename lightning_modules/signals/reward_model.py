@@ -17,7 +17,7 @@ def check_reward_model(model_dir: str) -> None:
     label: read from its config alone."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(resolve_model(model_dir))
+    config = AutoConfig.from_pretrained(resolve_model(model_dir), trust_remote_code=False)
     architectures = config.architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise ValueError(f"reward model {model_dir} is not a sequence classifier (architectures: {architectures})")
@@ -42,8 +42,8 @@ class RewardModelScore(Signal):
 
             self.check()
             path = resolve_model(self.model_dir)
-            tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+            model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=False).eval()
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
                 model.config.pad_token_id = tok.pad_token_id
