@@ -30,6 +30,7 @@ import torch
 
 from callbacks.statistics import cell, paired_difference, pool
 from lightning_modules.cli import build_cli, exit_status_on_signal
+from lightning_modules.storage import write_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL = {"none": "tent", "tent": "tent", "infomax": "infomax", "batch_calibration": "batch_calibration",
@@ -125,7 +126,7 @@ def main() -> None:
                       f"entropy {r['entropy']:.3f} resets {r['resets']}", flush=True)
         results[stream] = {"lr": chosen, "rows": rows}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results))
+        write_atomically(Path(args.out), json.dumps(results))
         print(table(stream, results[stream], args.seeds), flush=True)
     print(f"{time.perf_counter() - start:.0f} s on this machine ({platform.machine()}, {torch.get_num_threads()} "
           f"threads, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'})")

@@ -35,6 +35,7 @@ from datamodules.selection import PercentileFilter, load_with_labeled
 from lightning_modules.sampling import SamplingParams
 from lightning_modules.signals import Candidates, Signal, signal_names
 from lightning_modules.signals.quality import auroc
+from lightning_modules.storage import write_atomically
 
 
 class SignalQuality(L.Callback):
@@ -83,7 +84,8 @@ class SignalQuality(L.Callback):
         data, policy = trainer.datamodule, pl_module.policy
         task, questions = data.task, data.questions
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        engine = HFGenerator(batch_size=self.batch_size, cache_dir=self.cache_dir or str(run_dir.parent / "candidates"))
+        engine = HFGenerator(batch_size=self.batch_size, cache_dir=self.cache_dir or str(run_dir.parent / "candidates"),
+                             check_chunk=check_parse_rate)
         candidates = to_candidates(engine.sample(policy, questions, task, self.params), questions, task,
                                    policy.tokenizer)
         judged = judge_samples(candidates, policy, self.signals, self.vote_power)
@@ -157,10 +159,9 @@ class SignalQuality(L.Callback):
         run_dir.mkdir(parents=True, exist_ok=True)
         table = self.table()
         print(table)
-        (run_dir / "signal_quality.md").write_text(table + "\n")
-        (run_dir / "signal_quality.json").write_text(json.dumps(self.results, indent=2))
-        with open(run_dir / "signal_quality.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        write_atomically(run_dir / "signal_quality.md", table + "\n")
+        write_atomically(run_dir / "signal_quality.json", json.dumps(self.results, indent=2))
+        write_atomically(run_dir / "signal_quality.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         task = candidates.tasks[0]
         correct = torch.tensor([task.same(a, candidates.questions[int(g)].answer)
                                 for a, g in zip(candidates.answers, candidates.group)])
@@ -172,6 +173,19 @@ class SignalQuality(L.Callback):
                 experiment.add_figure(f"signals/{name}", figure, trainer.global_step)
         if hasattr(experiment, "add_text"):
             experiment.add_text("signals/table", table, trainer.global_step)
+
+
+def check_parse_rate(rows: list[dict]) -> None:
+    """Before the rest of the sampling: when no question of the first chunk has two readable answers, no vote can
+    be taken and every kept set would be empty; the figures say why."""
+    parsed: dict[str, int] = {}
+    for r in rows:
+        parsed[r["question_id"]] = parsed.get(r["question_id"], 0) + (r["answer"] is not None)
+    if max(parsed.values(), default=0) < 2:
+        unfinished = sum(r["finish_reason"] == "length" for r in rows)
+        raise ValueError(f"signal quality: no question among the first {len(parsed)} has two readable answers "
+                         f"(parse rate {sum(parsed.values())}/{len(rows)}; {unfinished} answers hit max_new_tokens): "
+                         "check the task's answer format against the model's answers, or raise max_new_tokens")
 
 
 def plot(name: str, values: Tensor, correct: Tensor, higher_is_better: bool):

@@ -37,6 +37,7 @@ from lightning_modules.sampling import SamplingParams
 from lightning_modules.signals import Candidates, Signal, score, signal_names
 from lightning_modules.signals.quality import best_of_k, rank_weights
 from lightning_modules.signals.votes import weighted_vote
+from lightning_modules.storage import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,8 @@ class TaskEvaluation(L.Callback):
     """
 
     def __init__(
-        self, task: Task | None = None, task_overrides: dict | None = None, split: str = "test", num_questions: int = 100, k: int = 8,
+        self, task: Task | None = None, task_overrides: dict | None = None, split: str = "test",
+        num_questions: int = 100, k: int = 8,
         temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0, batch_size: int = 8,
         at_fit_start: bool = True, at_fit_end: bool = True, k_at_fit_end: int | None = None, num_text_rows: int = 5,
         name: str | None = None, signals: list[Signal] | None = None, vote_power: float = 0.5,
@@ -216,7 +218,8 @@ class TaskEvaluation(L.Callback):
 
     def _report(self, trainer: L.Trainer, when: str, rows: list[dict], stage: str) -> dict[str, float]:
         metrics = self._metrics(rows, trainer.strategy.root_device)
-        counts = self._counts(rows, trainer.strategy.root_device, self._task(trainer).skipped_gold)
+        task = self._task(trainer)
+        counts = self._counts(rows, trainer.strategy.root_device, task.skipped_gold + task.skipped_prompts)
         self.results[when], self.counts[when], self.predictions[when] = metrics, counts, rows
         name = self.name(self._task(trainer))
         prefix = f"{stage}/{name}"
@@ -227,8 +230,8 @@ class TaskEvaluation(L.Callback):
             print(f"[{name} {when}] {counts['graded']} questions graded{ungraded}: {summary}")
             directory = Path(trainer.log_dir or trainer.default_root_dir)
             directory.mkdir(parents=True, exist_ok=True)
-            with open(directory / f"predictions-{name}-{when}.jsonl", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+            write_atomically(directory / f"predictions-{name}-{when}.jsonl",
+                             "".join(json.dumps(r) + "\n" for r in rows))
             experiment = getattr(trainer.logger, "experiment", None)
             if hasattr(experiment, "add_text"):
                 experiment.add_text(f"{prefix}/predictions_{when}", predictions_markdown(rows[: self.num_text_rows]),
@@ -289,7 +292,10 @@ class TaskEvaluation(L.Callback):
     def _fit_eval(self, trainer, pl_module, when: str) -> None:
         task = self._task(trainer)
         k = self.k if when == "fit_start" else self.k_at_fit_end
-        rows = self.evaluate(pl_module.policy, task, task.load(self.split, self.num_questions), k)
+        policy = pl_module.policy
+        questions = task.fit_prompts(policy.tokenizer, task.load(self.split, self.num_questions),
+                                     getattr(policy.model.config, "max_position_embeddings", None))
+        rows = self.evaluate(policy, task, questions, k)
         metrics = self._report(trainer, when, rows, "eval")
         if when == "fit_end" and "fit_start" in self.results and trainer.is_global_zero:
             print(self.before_after(f"{len(rows)} held-out, {task.few_shot}-shot prompt"))

@@ -41,6 +41,7 @@ from lightning_modules.distributed import dist_info, gather_objects
 from lightning_modules.progress import ProgressLog
 from lightning_modules.sampling import SamplingParams, finish_text, generate_batch, prefix_cache
 from lightning_modules.signals import Candidates
+from lightning_modules.storage import content_hash, fsync_directory, move_aside, write_atomically
 
 log = logging.getLogger(__name__)
 ENGINE_VERSION = 3  # 2: answers read with math-verify; 3: as a human grader reads them, unfinished unparsed
@@ -65,20 +66,64 @@ def cache_key(policy, task: Task, questions: Sequence[Question], params: Samplin
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+CHECKSUM = "content.sha256"  # in each chunk: the hash of its other files, written with them
+
+
+def _digest(chunk: Path) -> str:
+    files = sorted(p for p in chunk.iterdir() if p.name != CHECKSUM)
+    return content_hash(*(p.name.encode() + b"\0" + p.read_bytes() for p in files))
+
+
 def _write_chunk(directory: Path, index: int, rows: list[dict]) -> None:
+    """The chunk as an Arrow table with its content hash, written under a temporary name, flushed to disk, then
+    renamed whole."""
     final = directory / f"chunk-{index:05d}"
     tmp = directory / f".tmp-chunk-{index:05d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     datasets.Dataset.from_list(rows, features=FEATURES).save_to_disk(str(tmp))
+    for f in tmp.iterdir():
+        with open(f, "rb+") as handle:
+            os.fsync(handle.fileno())
+    write_atomically(tmp / CHECKSUM, _digest(tmp))
     if final.exists():  # another rank or an earlier run wrote it first: identical content, keep that one
         shutil.rmtree(tmp)
     else:
         os.replace(tmp, final)
+        fsync_directory(directory)
 
 
 def _read_chunk(directory: Path, index: int) -> list[dict] | None:
+    """The chunk's rows when its files match the hash written with them; a chunk that fails the check or cannot be
+    read is named in a warning, moved aside and generated again (None)."""
     path = directory / f"chunk-{index:05d}"
-    return datasets.load_from_disk(str(path)).to_list() if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        expected = (path / CHECKSUM).read_text().strip()
+        if _digest(path) != expected:
+            raise ValueError("its content does not match the hash written with it")
+        return datasets.load_from_disk(str(path)).to_list()
+    except Exception as e:  # noqa: BLE001 - any unreadable chunk is regenerated, never trusted
+        move_aside(path, e)
+        return None
+
+
+def _clean_leftovers(directory: Path) -> None:
+    """Temporary chunks of processes that are gone (killed mid-write, a full disk) are removed."""
+    for tmp in directory.glob(".tmp-chunk-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 FEATURES = datasets.Features({
@@ -104,12 +149,15 @@ class HFGenerator:
         progress: show a progress bar with generated tokens/s.
         should_stop: asked after each chunk (e.g. "did the run receive SIGTERM?"); when it says so, sampling ends
             there with `SIGTERMException`, the chunks written so far kept for the next run.
+        check_chunk: called with each chunk's rows as soon as they exist (cached or new); it may raise to stop
+            early (the signal-quality report refuses a model whose first chunk parses nothing).
     """
 
     def __init__(self, batch_size: int = 8, chunk_size: int = 32, cache_dir: str | None = None,
-                 progress: bool = True, should_stop: Callable[[], bool] | None = None) -> None:
+                 progress: bool = True, should_stop: Callable[[], bool] | None = None,
+                 check_chunk: Callable[[list[dict]], None] | None = None) -> None:
         self.batch_size, self.chunk_size, self.cache_dir, self.progress = batch_size, chunk_size, cache_dir, progress
-        self.should_stop = should_stop
+        self.should_stop, self.check_chunk = should_stop, check_chunk
         self.stats: dict[str, float] = {}
 
     def sample(self, policy, questions: Sequence[Question], task: Task, params: SamplingParams) -> datasets.Dataset:
@@ -121,10 +169,13 @@ class HFGenerator:
         if self.cache_dir is not None:
             directory = Path(self.cache_dir) / cache_key(policy, task, questions, params, self.chunk_size)
             directory.mkdir(parents=True, exist_ok=True)
+            _clean_leftovers(directory)
         chunks = [questions[i : i + self.chunk_size] for i in range(0, len(questions), self.chunk_size)]
         mine = [i for i in range(len(chunks)) if i % world == rank]
         done = {i: rows for i in mine if directory is not None and (rows := _read_chunk(directory, i)) is not None}
         todo = [i for i in mine if i not in done]
+        if self.check_chunk is not None and done:
+            self.check_chunk(done[min(done)])
         if done:
             log.info("generation: reusing %d of %d chunks from %s", len(done), len(mine), directory)
         with policy.inference():
@@ -135,6 +186,8 @@ class HFGenerator:
             start, generated = time.perf_counter(), 0
             for i in todo:
                 rows = self._chunk(policy, task, chunks[i], params, prefix, seed=(params.seed, i))
+                if self.check_chunk is not None and not done:
+                    self.check_chunk(rows)
                 generated += sum(r["num_tokens"] for r in rows)
                 if directory is not None:
                     _write_chunk(directory, i, rows)
@@ -174,7 +227,8 @@ class HFGenerator:
                     text, c = finish_text(tokenizer, completions[k * params.n + j], task.stop)
                     rows[qi].append({
                         "question_id": questions[qi].id, "sample_index": j, "completion": text,
-                        "answer": task.answer(text, c.finish_reason), "num_tokens": len(c.tokens), "token_ids": c.tokens,
+                        "answer": task.answer(text, c.finish_reason), "num_tokens": len(c.tokens),
+                        "token_ids": c.tokens,
                         "token_logprobs": c.logprobs,
                         "finish_reason": c.finish_reason,
                     })

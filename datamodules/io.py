@@ -11,10 +11,11 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lightning_modules.storage import write_atomically  # noqa: F401 - re-exported: results are written atomically
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +127,3 @@ def _parquet(path: Path) -> list[Row]:
     import pyarrow.parquet as pq
 
     return [Row(r, f"{path} row {i}") for i, r in enumerate(pq.read_table(path).to_pylist())]
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """`path` holds `text` whole or keeps what it held before: written beside it, then renamed (a kill mid-write
-    leaves no truncated file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

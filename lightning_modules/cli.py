@@ -38,6 +38,8 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_modules.storage import atomic_checkpoint_io
+
 log = logging.getLogger(__name__)
 # RL and TTA step by hand and checkpoint after each step: the state after the step is the one to resume from, which
 # is what Lightning's warning about manual optimisation says it saves.
@@ -102,6 +104,9 @@ def exit_status_on_signal() -> Iterator[None]:
 
 class LabelfreeCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+        """Every trainer gets `StopNote` and, unless a config names plugins, checkpoints written atomically."""
+        if not config.get("plugins"):
+            config = {**config, "plugins": [atomic_checkpoint_io()]}
         return super()._instantiate_trainer(config, [*callbacks, StopNote()])
 
     def add_arguments_to_parser(self, parser) -> None:

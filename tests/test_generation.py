@@ -1,6 +1,7 @@
 """The generation engine: equivalence with model.generate, log-probs, determinism, caching, resume, DDP gather."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -214,3 +215,57 @@ def test_sampler_draws_from_the_tempered_top_p_distribution():
     torch.testing.assert_close(freq(0.5, 1.0), probs**2 / (probs**2).sum(), atol=0.01, rtol=0)
     torch.testing.assert_close(freq(1.0, 0.7), torch.tensor([0.625, 0.375, 0, 0]), atol=0.01, rtol=0)
     assert torch.equal(sampling.choose_tokens(logits[:3], 0.0, 1.0, g), torch.zeros(3, dtype=torch.long))
+
+
+def _arrow_file(chunk):
+    return next(chunk.glob("*.arrow"))
+
+
+@pytest.mark.parametrize("damage", ["changed", "garbled", "cut short", "hash missing"])
+def test_a_damaged_cached_chunk_is_named_moved_aside_and_generated_again(policy, task, tmp_path, caplog, damage):
+    """Five bytes of a cached completion changed, 400 bytes garbled, a chunk cut short, its hash gone: never read
+    as data, a warning names the chunk, it is moved aside, and the rerun's candidates equal the first run's."""
+    qs = task.load("test", 6)
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=1)
+    engine = HFGenerator(chunk_size=3, cache_dir=str(tmp_path), progress=False)
+    first = engine.sample(policy, qs, task, params)
+    chunk = next(tmp_path.glob("*/chunk-00001"))
+    arrow = _arrow_file(chunk)
+    data = bytearray(arrow.read_bytes())
+    if damage == "changed":
+        text = first[3]["completion"].encode()
+        at = data.find(text[:5]) if len(text) >= 5 else -1
+        data[at if at >= 0 else len(data) // 2 : (at if at >= 0 else len(data) // 2) + 5] = b"HACKD"
+    elif damage == "garbled":
+        data[len(data) // 3 : len(data) // 3 + 400] = b"\x11" * 400
+    elif damage == "cut short":
+        data = data[: len(data) // 2]
+    else:
+        (chunk / generation.CHECKSUM).unlink()
+    arrow.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        again = engine.sample(policy, qs, task, params)
+    assert "chunk-00001 failed its check" in caplog.text and list(tmp_path.glob("*/chunk-00001.bad-*"))
+    assert again["completion"] == first["completion"] and again["token_ids"] == first["token_ids"]
+    assert all("HACKD" not in c for c in again["completion"])
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        engine.sample(policy, qs, task, params)  # the regenerated chunk passes its check
+    assert "failed its check" not in caplog.text
+
+
+def test_leftover_temporary_chunks_of_dead_processes_are_cleaned(policy, task, tmp_path):
+    import subprocess
+
+    qs = task.load("test", 3)
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=4)
+    engine = HFGenerator(chunk_size=3, cache_dir=str(tmp_path), progress=False)
+    engine.sample(policy, qs, task, params)
+    directory = next(tmp_path.iterdir())
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (directory / f".tmp-chunk-00007-{dead.pid}").mkdir()
+    (directory / f".tmp-chunk-00008-{os.getpid()}").mkdir()  # a live process's: left alone
+    engine.sample(policy, qs, task, params)
+    assert not (directory / f".tmp-chunk-00007-{dead.pid}").exists()
+    assert (directory / f".tmp-chunk-00008-{os.getpid()}").exists()

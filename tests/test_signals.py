@@ -370,3 +370,23 @@ def test_the_signal_quality_report_end_to_end(tiny_model_dir, tmp_path, monkeypa
     assert all(f"| {n} |" in table for n in names)
     assert len((run / "signal_quality.jsonl").read_text().splitlines()) == 4
     assert (tmp_path / "signals" / "candidates").exists()  # the cached engine: a re-run reuses the samples
+
+
+def test_the_signal_quality_report_stops_after_the_first_chunk_when_nothing_parses(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):
+    """The tiny model's answers almost never parse, and never agree: the report says so with the figures after the
+    first chunk, not after all the sampling."""
+    from datamodules.generation import HFGenerator
+    from lightning_modules.cli import build_cli
+
+    chunks = []
+    original = HFGenerator._chunk
+    monkeypatch.setattr(HFGenerator, "_chunk", lambda self, *a, **k: chunks.append(1) or original(self, *a, **k))
+    monkeypatch.chdir(ROOT)
+    readable = r"no question among the first 32 has two readable answers \(parse rate \d+/256"
+    with pytest.raises(ValueError, match=readable):
+        build_cli(["test", "-c", "configs/eval/signals.yaml",
+                   f"--model.init_args.policy.init_args.model={tiny_model_dir}",
+                   f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+                   "--data.init_args.num_questions=64", "--data.init_args.batch_size=32"])
+    assert len(chunks) == 1  # 64 questions are 2 chunks of 32: it stopped after the first

@@ -18,8 +18,8 @@ reference clip, a re-run) score them once.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from lightning_modules.batching import SFTExample, collate, tokenize_example, with_leading_pad
 from lightning_modules.losses.functional import IGNORE_INDEX, ds_weight
 from lightning_modules.signals.base import Candidates, Signal
+from lightning_modules.storage import read_verified, write_verified
 
 
 def sample_losses(policy, examples: Sequence[SFTExample], tokens: Literal["all", "completion"] = "all",
@@ -94,13 +95,15 @@ class DSWeight(Signal):
         """Per-pair losses under the initial model (the caller's judge), read from `cache_dir` when it holds them."""
         examples = [SFTExample(policy.format_prompt(q), a) for q, a in pairs]
         path = self._cached(examples, policy)
-        if path is not None and path.exists():
-            return torch.load(path, weights_only=True)  # a tensor: never unpickle objects
+        data = read_verified(path) if path is not None else None  # checked against its content hash
+        if data is not None:
+            return torch.load(io.BytesIO(data), weights_only=True)  # a tensor: never unpickle objects
         out = sample_losses(policy, examples, self.tokens, self.batch_size, self.max_length, self.first_token_from_pad)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(out, tmp := path.with_name(f".{path.name}.tmp-{os.getpid()}"))
-            os.replace(tmp, path)  # whole or absent: a kill mid-write leaves no truncated file
+            buffer = io.BytesIO()
+            torch.save(out, buffer)
+            write_verified(path, buffer.getvalue())
         return out
 
     def _cached(self, examples: Sequence[SFTExample], policy) -> Path | None:
