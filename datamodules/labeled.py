@@ -134,7 +134,7 @@ class LabeledDataModule(L.LightningDataModule):
                 skipped.append(str(e))
                 continue
             text = format_prompt(self.tokenizer, prompt, hp.system_prompt)
-            example = SFTExample(text, response, weight, row.where)
+            example = SFTExample(text, response, weight, row.where, user_text=prompt)
             examples.append(tokenize_example(self.tokenizer, example, hp.max_length))
         n_skipped = len(skipped or [])
         if n_skipped:

@@ -18,7 +18,7 @@ from datamodules.collate import ShardedBatchSampler, ranks, train_loader
 from datamodules.io import check_at_least
 from datamodules.tasks.base import Question, Task
 from lightning_modules.model_store import DEFAULT_MODEL
-from lightning_modules.policy import load_tokenizer
+from lightning_modules.policy import load_tokenizer, model_context
 
 
 def collate_questions(questions: list[Question], task: Task, tokenizer) -> dict:
@@ -49,10 +49,13 @@ class QuestionDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.tokenizer = load_tokenizer(self.tokenizer_name)
+        context = model_context(self.tokenizer_name)
         if stage == "fit":
-            self.train_questions = self.task.load(self.hparams.train_split, self.num_questions)
+            self.train_questions = self.task.fit_prompts(
+                self.tokenizer, self.task.load(self.hparams.train_split, self.num_questions), context)
         else:
-            self.questions = self.task.load(self.split, self.num_questions)
+            self.questions = self.task.fit_prompts(self.tokenizer, self.task.load(self.split, self.num_questions),
+                                                   context)
 
     def _loader(self, questions: list[Question]) -> DataLoader:
         collate = functools.partial(collate_questions, task=self.task, tokenizer=self.tokenizer)

@@ -41,7 +41,7 @@ from datamodules.selection import Selector, load_with_labeled
 from datamodules.tasks.base import Question, Task
 from lightning_modules.distributed import dist_info, gather_objects
 from lightning_modules.model_store import DEFAULT_MODEL
-from lightning_modules.policy import format_prompt, load_tokenizer
+from lightning_modules.policy import format_prompt, load_tokenizer, model_context
 from lightning_modules.sampling import SamplingParams
 from lightning_modules.signals import AnswerEntropy, Candidates, MajorityAnswer, Signal, TokenNLL, VoteShare, score
 
@@ -89,7 +89,8 @@ class SelfGeneratedDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.tokenizer = load_tokenizer(self.hparams.tokenizer)
-        self.questions, self.labeled = self._load_questions()
+        questions, self.labeled = self._load_questions()
+        self.questions = self.task.fit_prompts(self.tokenizer, questions, model_context(self.hparams.tokenizer))
         for selector in self.selectors:
             if selector.labeled_roles and not self.labeled:
                 raise ValueError(f"{type(selector).__name__} compares with the labeled set: set labeled_questions > 0 "
@@ -120,8 +121,8 @@ class SelfGeneratedDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ data of a round
     def _example(self, question: Question, completion: str, weight: float = 1.0, where: str = "") -> SFTExample:
-        prompt = format_prompt(self.tokenizer, self.task.format_question(question))
-        return SFTExample(prompt, completion, weight, where)
+        text = self.task.format_question(question)
+        return SFTExample(format_prompt(self.tokenizer, text), completion, weight, where, user_text=text)
 
     def _labeled(self) -> list[SFTExample]:
         return [self._example(q, self.task.format_rationale(q), where=f"labeled:{q.id}") for q in self.labeled]

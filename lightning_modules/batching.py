@@ -8,6 +8,7 @@ the boundary between them is exact whatever the tokenizer merges across it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ class SFTExample:
     response: str
     weight: float = 1.0
     where: str = ""  # file:line it came from
+    user_text: str = ""  # the user's text inside `prompt` (from a data file): tokenised as plain text
 
 
 @dataclass
@@ -32,11 +34,31 @@ class TokenizedExample:
     truncated: bool
 
 
+def encode(tokenizer, text: str, user_texts: Sequence[str] = (), add_special_tokens: bool = False) -> list[int]:
+    """`text`'s token ids, where the `user_texts` inside it (questions, prompts, exemplars from data files, in
+    order) stay text: a special token's string in them ("<|im_end|>") is tokenised as plain characters, never as
+    the token, so a data file cannot forge a chat turn. Without such a string in them the ids are exactly
+    `tokenizer(text)`'s."""
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values()} | set(tokenizer.all_special_tokens)
+    if not any(s in u for u in user_texts for s in specials):
+        return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    ids, at = [], 0
+    for i, user in enumerate(user_texts):
+        start = text.find(user, at)
+        if start < 0:
+            raise ValueError(f"user text {user[:40]!r} is not in the rendered prompt")
+        ids += tokenizer(text[at:start], add_special_tokens=add_special_tokens and i == 0)["input_ids"]
+        ids += tokenizer(user, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        at = start + len(user)
+    return ids + tokenizer(text[at:], add_special_tokens=False)["input_ids"]
+
+
 def tokenize_example(tokenizer, example: SFTExample, max_length: int) -> TokenizedExample:
     """Prompt ids + response ids + eos, cut to `max_length`: the response loses its end first; a prompt
     too long to leave one response token loses its beginning. A special token's text inside the response (say
     "<|im_end|>") is read as plain text, so the only end-of-sequence target is the real one at the end."""
-    prompt = tokenizer(example.prompt, add_special_tokens=not tokenizer.chat_template)["input_ids"]
+    prompt = encode(tokenizer, example.prompt, [example.user_text] if example.user_text else [],
+                    add_special_tokens=not tokenizer.chat_template)
     response = tokenizer(example.response, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     response += [tokenizer.eos_token_id]
     truncated = len(prompt) + len(response) > max_length

@@ -57,6 +57,16 @@ def load_tokenizer(model: str):
     return tokenizer
 
 
+def model_context(model: str) -> int | None:
+    """The model's context length in tokens (`max_position_embeddings` of its config), None when it has none."""
+    if split_gguf(resolve_model(model))[1] is not None:
+        return None  # a .gguf file: its config is read when the model loads
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(model), trust_remote_code=False)
+    return getattr(config, "max_position_embeddings", None)
+
+
 def format_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
     """The text the model sees before its answer: the chat template with a generation prompt when the
     tokenizer has one, else `PLAIN_TEMPLATE` (the system text, if any, on the line before)."""
@@ -106,7 +116,7 @@ class Policy(nn.Module):
         from transformers import AutoModelForCausalLM
 
         lora = lora or LoraSettings()
-        self.name, self.adapt, self.nll_chunk_size = model, adapt, nll_chunk_size
+        self.name, self.adapt, self.nll_chunk_size, self.lora = model, adapt, nll_chunk_size, lora
         self.tokenizer = load_tokenizer(model)
         path, gguf_file = split_gguf(resolve_model(model))
         base = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=_DTYPES[dtype],
@@ -156,6 +166,15 @@ class Policy(nn.Module):
         if not gains:
             raise ValueError(f"adapt='norm' found no norm layers in {type(self.causal_lm).__name__}")
         return gains
+
+    def adapter_shape(self) -> dict:
+        """What a checkpoint's trained tensors must match, beside the base model: the adaptation kind, the LoRA
+        settings, and each trainable tensor's name and shape (the rank and the target modules show there)."""
+        shape = {"adapt": self.adapt, "trainable": {n: list(p.shape) for n, p in self.named_parameters()
+                                                     if p.requires_grad}}
+        if self.adapt == "lora":
+            shape["lora"] = {"r": self.lora.r, "alpha": self.lora.alpha, "target_modules": self.lora.target_modules}
+        return shape
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

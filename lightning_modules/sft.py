@@ -39,6 +39,25 @@ def save_config_hyperparameters(module: L.LightningModule) -> None:
     module.save_hyperparameters(ignore=[] if from_cli else ["policy", "loss", "method"], frame=caller)
 
 
+def adapter_differences(saved: dict, ours: dict, shown: int = 3) -> list[str]:
+    """What differs between a checkpoint's `Policy.adapter_shape()` and this run's, in a few words each."""
+    out = []
+    for key in ("adapt", "lora"):
+        if saved.get(key) != ours.get(key):
+            out.append(f"{key} is {saved.get(key)!r} in the checkpoint, {ours.get(key)!r} here")
+    theirs, mine = saved["trainable"], ours["trainable"]
+    only_saved, only_ours = sorted(set(theirs) - set(mine)), sorted(set(mine) - set(theirs))
+    shapes = [n for n in sorted(set(theirs) & set(mine)) if theirs[n] != mine[n]]
+    if only_saved:
+        out.append(f"{len(only_saved)} trained tensors only in the checkpoint (e.g. {', '.join(only_saved[:shown])})")
+    if only_ours:
+        out.append(f"{len(only_ours)} trainable tensors only here (e.g. {', '.join(only_ours[:shown])})")
+    if shapes:
+        out.append(f"{len(shapes)} tensors of another shape (e.g. {shapes[0]}: {theirs[shapes[0]]} in the checkpoint, "
+                   f"{mine[shapes[0]]} here)")
+    return out
+
+
 class TrainableStateMixin:
     """Checkpoint only what trains: parameters with requires_grad and buffers outside the policy, never a
     non-finite value, and the base model's identity (its name and the content hash of its frozen weights): loading
@@ -71,10 +90,16 @@ class TrainableStateMixin:
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         check_finite(checkpoint["state_dict"].items(), "a checkpoint")
         checkpoint["labelfree"] = {"base_model": self.policy.name, "base_fingerprint": self.policy.base_fingerprint(),
-                                   "ranks": gather_objects(self.run_state())}
+                                   "adapter": self.policy.adapter_shape(), "ranks": gather_objects(self.run_state())}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("labelfree")
+        if saved is not None and saved.get("adapter") is not None:
+            differences = adapter_differences(saved["adapter"], self.policy.adapter_shape())
+            if differences:
+                raise ValueError("the checkpoint's adapter has another shape than this run's (the base model is not "
+                                 "compared until the adapters match): " + "; ".join(differences)
+                                 + ". Give this run the checkpoint's adapter settings (policy.adapt, policy.lora).")
         if saved is not None and saved["base_fingerprint"] != self.policy.base_fingerprint():
             raise ValueError(
                 f"the checkpoint was trained on base model {saved['base_model']!r} (weights "

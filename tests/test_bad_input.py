@@ -1,6 +1,7 @@
 """What bad input gets: one test per row of the README's table (the rows tested elsewhere name their test there)."""
 
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -16,7 +17,7 @@ from lightning_modules.cli import CheckpointError, build_cli
 from lightning_modules.guard import NonFiniteTrainingError
 from lightning_modules.losses.base import LossOutput
 from lightning_modules.model_store import resolve_model
-from lightning_modules.policy import Policy
+from lightning_modules.policy import LoraSettings, Policy
 from lightning_modules.sampling import SamplingParams
 from lightning_modules.sft import WeightedSFTModule
 
@@ -288,6 +289,22 @@ def test_an_adapter_never_loads_onto_another_base_model(tiny_model_dir, tmp_path
     module.on_load_checkpoint(checkpoint)  # its own base model: fine
 
 
+@pytest.mark.parametrize("lora, says", [
+    (LoraSettings(r=4), r"lora is \{'r': 8, .*\} in the checkpoint, \{'r': 4, .*\} here; .* tensors of another shape"),
+    (LoraSettings(target_modules=["q_proj", "v_proj"]), r"target_modules.*trained tensors only in the checkpoint"),
+])
+def test_an_adapter_of_another_shape_is_named_as_such_not_as_another_base_model(tiny_model_dir, lora, says):
+    """Other LoRA targets or rank on the same base model: the message names what differs in the adapter (it once
+    blamed the base model, or printed raw size-mismatch lines)."""
+    module = WeightedSFTModule(Policy(tiny_model_dir), export_adapter=False)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    other = WeightedSFTModule(Policy(tiny_model_dir, lora=lora), export_adapter=False)
+    with pytest.raises(ValueError, match="adapter has another shape") as raised:
+        other.on_load_checkpoint(checkpoint)
+    assert re.search(says, str(raised.value)) and "base model" not in str(raised.value).split("(")[0]
+
+
 def test_labelfree_test_evaluates_a_trained_adapter(tiny_model_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(ROOT)
     _sft_cli(tiny_model_dir, tmp_path)
@@ -346,3 +363,25 @@ def test_a_directory_as_data_path_says_so(tmp_path):
         read_rows(str(tmp_path / "data.jsonl"))
     with pytest.raises(DataError, match="is a directory"):
         read_rows(str(tmp_path))
+
+
+def test_a_prompt_over_the_context_is_refused_before_generation_naming_its_line(tiny_model_dir, tmp_path):
+    """One 100k-character question: a DataError with file and line (no allocator failure mid-generation), or left
+    out and counted with on_bad_row: skip; max_prompt_tokens sets a lower limit."""
+    from datamodules.io import DataError
+    from datamodules.questions import QuestionDataModule
+    from datamodules.tasks import GSM8K
+
+    rows = ['{"question": "What is 2 + 2?", "answer": "4"}', '{"question": "' + "long " * 20000 + '", "answer": "1"}']
+    (tmp_path / "q.jsonl").write_text("\n".join(rows) + "\n")
+    data = QuestionDataModule(GSM8K(data_path=str(tmp_path / "q.jsonl"), few_shot=0), tokenizer=tiny_model_dir)
+    with pytest.raises(DataError, match=r"q.jsonl:2: the prompt of question '1' is \d+ tokens, over the limit of 512 "
+                                        r"\(the model context\)"):
+        data.setup("test")
+    task = GSM8K(data_path=str(tmp_path / "q.jsonl"), few_shot=0, on_bad_row="skip")
+    data = QuestionDataModule(task, tokenizer=tiny_model_dir)
+    data.setup("test")
+    assert [q.id for q in data.questions] == ["0"] and task.skipped_prompts == 1
+    short = GSM8K(data_path=str(tmp_path / "q.jsonl"), few_shot=0, max_prompt_tokens=5)
+    with pytest.raises(DataError, match=r"q.jsonl:1: .* over the limit of 5 \(max_prompt_tokens\)"):
+        QuestionDataModule(short, tokenizer=tiny_model_dir).setup("test")

@@ -9,7 +9,17 @@ from hypothesis import strategies as st
 from callbacks.task_evaluation import score_question as score
 from datamodules.io import DataError
 from datamodules.tasks import (
-    ANLI, GSM8K, MATH, SVAMP, AQuA, Arithmetic, OpenBookQA, Question, Sentiment, StrategyQA, Task,
+    ANLI,
+    GSM8K,
+    MATH,
+    SVAMP,
+    AQuA,
+    Arithmetic,
+    OpenBookQA,
+    Question,
+    Sentiment,
+    StrategyQA,
+    Task,
 )
 from datamodules.tasks.extract import extract_choice, extract_math, extract_word, parse_gold, same_math
 
@@ -94,7 +104,8 @@ def test_unfinished_completions_are_read_only_from_an_explicit_answer():
     assert GSM8K(few_shot=0, unfinished="read").answer("Then 7 + 1 = 8", "length") == "8"  # the old reading
     mc = AQuA(few_shot=0)
     assert mc.answer("I pick (B) because", "stop") == "B" and mc.answer("I pick (B) because", "length") is None
-    row = score(task, Question("q", "?", "8"), "7 + 1 = 8", ["7 + 1 = 8", "7 + 1 = 8", "so 8 + 1 ="], "length", ["stop", "length", "stop"])
+    row = score(task, Question("q", "?", "8"), "7 + 1 = 8", ["7 + 1 = 8", "7 + 1 = 8", "so 8 + 1 ="], "length",
+                ["stop", "length", "stop"])
     assert row["greedy_answer"] is None and row["sample_answers"] == ["8", None, None] and row["majority"] is None
 
 
@@ -148,7 +159,8 @@ def test_math500_golds_are_read_as_released(caplog):
     assert task.same(task.extract("\\boxed{-2,1}"), gold) and task.same(task.extract("\\boxed{-2, 1}"), gold)
     assert not task.same(task.extract("\\boxed{-21}"), gold)
     complex_gold = {q.id: q for q in qs}["test/precalculus/990.json"].answer
-    assert task.same(task.extract("\\boxed{6-5i}"), complex_gold) and not task.same(task.extract("\\boxed{6}"), complex_gold)
+    assert task.same(task.extract("\\boxed{6-5i}"), complex_gold)
+    assert not task.same(task.extract("\\boxed{6}"), complex_gold)
 
 
 def test_a_row_in_no_known_format_is_named(tmp_path):

@@ -18,6 +18,7 @@ from typing import Literal
 
 from datamodules.io import DataError, read_rows
 from datamodules.tasks.extract import Comparison, extract_math, is_number, parse_gold, same_math
+from lightning_modules.batching import encode
 
 log = logging.getLogger(__name__)
 MIN_MAJORITY_VOTES = 2  # a lone vote is no majority (SPEC §10)
@@ -67,6 +68,8 @@ class Task:
         unfinished: a completion that hit the token limit has an answer only where it states one (`\\boxed{}`
             or an answer marker; `unparsed`, the default), or is read like a finished one (`read`: a trailing
             "= x" counts too).
+        max_prompt_tokens: the longest prompt (exemplars included) in tokens; default the model's context. A longer
+            one is refused before any generation naming its file and line, or left out and counted (`skip`).
     """
 
     name = "task"
@@ -85,11 +88,13 @@ class Task:
         exemplar_split: str | None = None,
         on_bad_row: Literal["error", "skip"] = "error",
         unfinished: Literal["unparsed", "read"] = "unparsed",
+        max_prompt_tokens: int | None = None,
     ) -> None:
         self.few_shot, self.template, self.system_prompt, self.data_path = few_shot, template, system_prompt, data_path
         self.exemplar_split = exemplar_split or self.default_exemplar_split
-        self.on_bad_row, self.unfinished = on_bad_row, unfinished
+        self.on_bad_row, self.unfinished, self.max_prompt_tokens = on_bad_row, unfinished, max_prompt_tokens
         self.skipped_gold = 0  # questions left out for a gold that cannot be read (`on_bad_row: skip`)
+        self.skipped_prompts = 0  # and for a prompt over the length limit
         self._exemplar_cache: dict[tuple, list[Question]] = {}
 
     # ----------------------------------------------------------------- what subclasses define
@@ -203,6 +208,31 @@ class Task:
             out.append(self._normalise_gold(questions, skip=self.on_bad_row == "skip"))
         return out
 
+    def fit_prompts(self, tokenizer, questions: list[Question], context: int | None) -> list[Question]:
+        """The questions whose prompt fits `max_prompt_tokens` (default `context`, the model's). A longer one is a
+        `DataError` naming its row and length, before any generation, or with `on_bad_row: skip` it is left out,
+        counted (`skipped_prompts`) and logged."""
+        limit = self.max_prompt_tokens or context
+        if limit is None:
+            return questions
+        kept, long = [], []
+        for q in questions:
+            n = len(self.prompt_parts(tokenizer, q).ids)
+            if n <= limit:
+                kept.append(q)
+                continue
+            where = q.meta.get("where", f"question {q.id!r}")
+            if self.on_bad_row != "skip":
+                raise DataError(f"{where}: the prompt of question {q.id!r} is {n} tokens, over the limit of {limit} "
+                                f"({'max_prompt_tokens' if self.max_prompt_tokens else 'the model context'}); shorten "
+                                "it, or set on_bad_row: skip to leave such questions out")
+            long.append(where)
+        if long:
+            self.skipped_prompts += len(long)
+            log.warning("task %s: left out %d of %d questions whose prompt is over %d tokens (first: %s)", self.name,
+                        len(long), len(questions), limit, long[0])
+        return kept
+
     def _text_key(self, q: Question) -> str:
         return " ".join(self.format_question(q).split())
 
@@ -248,6 +278,7 @@ class Task:
 
     def prompt_parts(self, tokenizer, q: Question) -> PromptParts:
         shots = self.exemplars()[: self.few_shot]
+        shot_texts = [t for ex in shots for t in (self.format_question(ex), self.format_rationale(ex))]
         if self.template == "chat" and tokenizer.chat_template:
             prefix_msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
             for ex in shots:
@@ -267,9 +298,10 @@ class Task:
             prefix = head + "".join(blocks)
             full = prefix + f"Q: {self.format_question(q)}\nA:"
             special = True
-        prefix_ids = tokenizer(prefix, add_special_tokens=special)["input_ids"] if prefix else []
+        # the questions and exemplars are text: a special token's string in them stays plain characters
+        prefix_ids = encode(tokenizer, prefix, shot_texts, add_special_tokens=special) if prefix else []
         add_bos = special and not prefix
-        suffix_ids = tokenizer(full[len(prefix) :], add_special_tokens=add_bos)["input_ids"]
+        suffix_ids = encode(tokenizer, full[len(prefix) :], [self.format_question(q)], add_special_tokens=add_bos)
         return PromptParts(prefix_ids, suffix_ids)
 
     def _answer_start(self, tokenizer) -> str:

@@ -156,7 +156,8 @@ def sample_candidates(policy, questions: Sequence[Any], tasks: Sequence[Any], su
     group = torch.arange(len(suffix_ids)).repeat_interleave(params.n)
     return Candidates(
         questions=list(questions), tasks=list(tasks), group=group, texts=[t for t, _ in finished],
-        answers=[tasks[int(g)].answer(t, c.finish_reason) for g, (t, c) in zip(group, finished)], prompt_ids=list(suffix_ids),
+        answers=[tasks[int(g)].answer(t, c.finish_reason) for g, (t, c) in zip(group, finished)],
+        prompt_ids=list(suffix_ids),
         response_ids=[c.tokens for _, c in finished], logprobs=[c.logprobs for _, c in finished],
         prefix_ids=list(prefix_ids),
     )
