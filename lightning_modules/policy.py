@@ -128,7 +128,7 @@ class Policy(nn.Module):
             base.config.pad_token_id = self.tokenizer.pad_token_id
         base.requires_grad_(False)
         if gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
         self._initial_norms: dict[str, Tensor] = {}
         self._base_fingerprint: str | None = None
@@ -256,11 +256,11 @@ class Policy(nn.Module):
         if not prefix_ids:
             return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         prefix = torch.tensor([list(prefix_ids)], device=input_ids.device)
-        cache = self.causal_lm.get_decoder()(input_ids=prefix, use_cache=True).past_key_values
+        cache = self.causal_lm.get_decoder()(input_ids=prefix, use_cache=True).cache
         cache.batch_repeat_interleave(len(input_ids))
         n, width = len(prefix_ids), input_ids.shape[1]
         return {
-            "input_ids": input_ids, "past_key_values": cache, "use_cache": True,
+            "input_ids": input_ids, "cache": cache, "use_cache": True,
             "attention_mask": torch.cat([attention_mask.new_ones(len(input_ids), n), attention_mask], 1),
             "position_ids": torch.arange(n, n + width, device=input_ids.device).expand(len(input_ids), -1),
         }

@@ -111,7 +111,7 @@ def prefix_cache(model, prefix_ids: Sequence[int]):
         return None
     device = next(model.parameters()).device
     return model(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True,
-                 logits_to_keep=1).past_key_values
+                 logits_to_keep=1).cache
 
 
 def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
@@ -170,9 +170,9 @@ def generate_batch(
     positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, prefix_len:]  # (B, S) over real tokens only
     n_layers = model.config.get_text_config().num_hidden_layers
     cache = reserved_cache(prefix_cache if prefix_len else None, b, n_layers, prefix_len + s + params.max_new_tokens)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits[:, -1].float()  # (B, V)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1)
+    cache, logits = out.cache, out.logits[:, -1].float()  # (B, V)
     # prefill once per prompt, then n rows per prompt
     n = params.n
     cache.batch_repeat_interleave(n)
@@ -208,9 +208,9 @@ def generate_batch(
             chosen, mask, next_pos = chosen[index], mask[index], next_pos[index]
             rows, alive = [rows[j] for j in keep], [True] * len(keep)
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_pos, cache=cache,
                     use_cache=True)
-        cache, logits, next_pos = out.past_key_values, out.logits[:, -1].float(), next_pos + 1
+        cache, logits, next_pos = out.cache, out.logits[:, -1].float(), next_pos + 1
     return [Completion(t, lp, r) for t, lp, r in zip(tokens, logprobs, reasons)]
 
 

@@ -100,20 +100,18 @@ def test_a_resume_on_another_number_of_processes_is_refused(tiny_model_dir, tmp_
 
 
 def test_a_kill_while_selected_jsonl_is_written_leaves_the_previous_file_whole(tmp_path, monkeypatch):
-    from pathlib import Path as P
+    import os
 
     from datamodules.io import write_atomically
 
     target = tmp_path / "selected.jsonl"
     write_atomically(target, '{"a": 1}\n')
-    original = P.write_text
 
-    def killed(self, text, *args, **kwargs):
-        original(self, text[:3], *args, **kwargs)  # part of the file reaches the disk, then the process dies
+    def killed(fd):  # the new bytes are written, then the process dies before the rename
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(P, "write_text", killed)
+    monkeypatch.setattr(os, "fsync", killed)
     with pytest.raises(KeyboardInterrupt):
         write_atomically(target, '{"a": 2}\n{"b": 3}\n')
     monkeypatch.undo()
-    assert target.read_text() == '{"a": 1}\n'
+    assert target.read_text() == '{"a": 1}\n' and [p.name for p in tmp_path.iterdir()] == ["selected.jsonl"]
