@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 _MARKER = re.compile(r"the\s+(?:final\s+)?answer\s+is\b|final\s+answer\s*:|\banswer\s*:|####", re.IGNORECASE)
 _LETTER = re.compile(r"\(([A-J])\)")
-_SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
 _INTEGER, _FRACTION, _DECIMAL = re.compile(r"-?\d+"), re.compile(r"-?\d+/\d+"), re.compile(r"-?\d*\.\d+")
 _DASHES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2014": "-", "\ufe63": "-", "\uff0d": "-", '"': None,
                          "\u201c": None, "\u201d": None})
@@ -44,18 +43,22 @@ _LIST_TAIL = re.compile(r"\s*,\s*[-+]?\d")  # what follows a number that makes i
 _SYMBOLIC_TAIL = re.compile(r"(?:i|π|√|\\sqrt|sqrt)(?![a-zA-Z])")  # "2i", "6+9i", "3π", "18√17"
 _EXPRESSION_RUN = re.compile(r"[-+]?[\w.()+\-*/^√π{}\\]+(?:\s*[-+*/^]\s*[\w.()√π{}\\]+)*")
 _LIST_RUN = re.compile(r"[-+]?\d+(?:\.\d+)?(?:\s*,\s*[-+]?\d+(?:\.\d+)?)+")
-_DIGIT = re.compile(r"\d")
 _COMMAND = re.compile(r"\\text\{[^}]*\}|\\[a-zA-Z]+")
 REL_TOL = 1e-6
 Comparison = Literal["value", "truncate"]
 
 
-def answer_span(text: str, finished: bool = True) -> str | None:
-    """Text after the last answer marker (case-insensitive), else (finished completions only) after the last "=",
-    else None."""
+def _after_marker(text: str) -> str | None:
+    """Text after the last answer marker (case-insensitive), None without one."""
     markers = list(_MARKER.finditer(text))
-    if markers:
-        return text[markers[-1].end() :]
+    return text[markers[-1].end() :] if markers else None
+
+
+def answer_span(text: str, finished: bool = True) -> str | None:
+    """Text after the last answer marker, else (finished completions only) after the last "=", else None."""
+    span = _after_marker(text)
+    if span is not None:
+        return span
     at = text.rfind("=") if finished else -1
     return text[at + 1 :] if at >= 0 else None
 
@@ -187,9 +190,9 @@ def extract_math(text: str, finished: bool = True) -> str | None:
     boxed = last_boxed(text)
     if boxed is not None:
         return _canonical(_parse(f"${_prepare(boxed)}$", latex_only=True)) or _canonical(_parse(_prepare(boxed)))
-    markers = list(_MARKER.finditer(text))
-    if markers:
-        return _read(text[markers[-1].end() :])
+    span = _after_marker(text)
+    if span is not None:
+        return _read(span)
     at = text.rfind("=")
     if not finished or at < 0:
         return None
