@@ -78,6 +78,7 @@ def test_gold_and_answers_compare_by_value(completion, gold):
     ("The answer is $18 every day for 3 days.", "18", True),  # a currency sign is not LaTeX
     ("The answer is $5 per hour for 8 hours.", "5", True),
     ("It takes 2/2 = 1 bolt of white fiber, which is 10 bolts total", "1", False),  # "=" is no answer mid-text
+    ("= 160 books.\nTherefore, Goran has a total of 160 books.", "160", True),  # the conclusion is
     ("So 1000 meals = 1000 meals\n#### 1001", "1001", True),  # "####" is an answer marker
     ("\\boxed{-2,1}", "-2,1", True),  # tuples and lists are not thousands-separated numbers
     ("\\boxed{-21}", "-2,1", False),

@@ -3,12 +3,14 @@
 Answers are read the way a human grader reads them (SPEC §10), and math answers (numbers, fractions, LaTeX) are
 parsed and compared with math-verify, the library TRL, open-r1 and verl recipes use:
 - where: the last `\\boxed{...}` when there is one; else the text after the last answer marker ("The answer is",
-  "The final answer is", "Final Answer:", "Answer:", "#### "; case-insensitive); else, for a finished completion
-  only, a trailing "= x": the text after the last "=" when no other number follows it. A completion that hit the
-  token limit (`finished=False`) has an answer only where it states one (a box or a marker). The span ends at the
-  first sentence end or line break outside `$...$`, so a number in a following sentence is never read.
+  "The final answer is", "Final Answer:", "Answer:", "#### "; case-insensitive), up to its sentence's end or line
+  break outside `$...$`, so a number in a following sentence is never read; else, for a finished completion that
+  computes ("="), what its last sentence with a number states: that sentence's last expression ("= 160 books.
+  Therefore, Goran has a total of 160 books." -> 160; "2/2 = 1 bolt, which is 10 bolts total" -> 10). A completion
+  that hit the token limit (`finished=False`) has an answer only where it states one (a box or a marker).
 - what: in the span, the first `$...$` math (a lone or wordy "$" is a currency sign, not LaTeX), else bare LaTeX,
-  else the first arithmetic expression ("11 x 18 = 228 stickers" -> 228; "36 ways to choose 7" -> 36). A comma
+  else the first arithmetic expression, after the sentence's last "=" when it has one ("11 x 18 = 228 stickers"
+  -> 228; "2 weeks * $24 = $56" -> 56; "36 ways to choose 7" -> 36). A comma
   is a thousands separator only before exactly three digits: "1,200" is 1200, "-2,1" and "2, 3, 5" are lists.
   A number with an attached "i", "π" or root ("2i", "6+9i", "18√17") is read as that expression, never as its
   first number. math-verify parses what was read; the answer is stored as a canonical string: an integer
@@ -43,6 +45,7 @@ _LIST_TAIL = re.compile(r"\s*,\s*[-+]?\d")  # what follows a number that makes i
 _SYMBOLIC_TAIL = re.compile(r"(?:i|π|√|\\sqrt|sqrt)(?![a-zA-Z])")  # "2i", "6+9i", "3π", "18√17"
 _EXPRESSION_RUN = re.compile(r"[-+]?[\w.()+\-*/^√π{}\\]+(?:\s*[-+*/^]\s*[\w.()√π{}\\]+)*")
 _LIST_RUN = re.compile(r"[-+]?\d+(?:\.\d+)?(?:\s*,\s*[-+]?\d+(?:\.\d+)?)+")
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")  # "12.5 cards" stays whole: a sentence end needs a space
 _COMMAND = re.compile(r"\\text\{[^}]*\}|\\[a-zA-Z]+")
 REL_TOL = 1e-6
 Comparison = Literal["value", "truncate"]
@@ -123,9 +126,10 @@ def _prepare(span: str) -> str:
 
 
 def _is_math(content: str) -> bool:
-    """Whether the text between two "$" is math: not empty, and no word of two letters outside LaTeX commands
-    ("$5 per hour for 8 hours, so $" is two currency signs)."""
-    return bool(content.strip()) and not re.search(r"[A-Za-z]{2,}", _COMMAND.sub("", content))
+    """Whether the text between two "$" is math: not empty, no space just inside the signs, and no word of two
+    letters outside LaTeX commands ("$5 per hour for 8 hours, so $" and "$24 = $" are currency signs)."""
+    return (bool(content.strip()) and content == content.strip()
+            and not re.search(r"[A-Za-z]{2,}", _COMMAND.sub("", content)))
 
 
 def _drop_currency(text: str) -> str:
@@ -164,10 +168,14 @@ def _answer_text(span: str) -> str | None:
     if "\\" in span:
         run = _EXPRESSION_RUN.search(span)
         return f"${run.group().rstrip('.,')}$" if run else None
+    if "=" in span:  # "The answer is 2 weeks * 24 = 56": the value the sentence arrives at
+        span = span[span.rindex("=") + 1 :] if span[span.rindex("=") + 1 :].strip() else span
     match = _ARITHMETIC.search(span)
     if not match:
         return None
     tail = span[match.end() :]
+    if not tail.strip() and match.group().rstrip().endswith("="):  # "The answer is 800 + 800 =": cut off, no answer
+        return None
     expression = match.group().rstrip(" +-*/=x×÷^%")
     if _LIST_TAIL.match(span, match.start() + len(expression)):
         listed = _LIST_RUN.match(span, match.start())
@@ -193,11 +201,25 @@ def extract_math(text: str, finished: bool = True) -> str | None:
     span = _after_marker(text)
     if span is not None:
         return _read(span)
-    at = text.rfind("=")
-    if not finished or at < 0:
+    if not finished or "=" not in text:
         return None
-    span = text[at + 1 :]  # a trailing "= x": no other number after it
-    return _read(span) if len(_ARITHMETIC.findall(_drop_currency(_prepare(span)))) == 1 else None
+    return _last_statement(text)
+
+
+def _last_statement(text: str) -> str | None:
+    """A finished completion without box or marker that computes ("="): the answer its last sentence with a number
+    states, that sentence's last expression ("... = 160 books. Therefore, Goran has a total of 160 books." -> 160;
+    "2/2 = 1 bolt of white fiber, which is 10 bolts total" -> 10)."""
+    prepared = _drop_currency(_prepare(text))
+    sentences = [s for s in _SENTENCE_SPLIT.split(prepared) if _ARITHMETIC.search(s)]
+    if not sentences:
+        return None
+    last = sentences[-1]
+    if "$" in last:
+        segments = re.findall(r"\$[^$]+\$", last)
+        return _read(segments[-1]) if segments else None
+    *_, final = _ARITHMETIC.finditer(last)
+    return _read(last[final.start() :])  # "so 8 + 1 =": a sum left open states nothing (`_answer_text`)
 
 
 @functools.lru_cache(maxsize=65536)
