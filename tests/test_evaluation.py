@@ -138,3 +138,26 @@ def test_labelfree_test_on_math_from_a_local_file(tiny_model_dir, tmp_path, monk
     rows = [json.loads(x) for x in next(tmp_path.rglob("predictions-math-0shot-test.jsonl")).read_text().splitlines()]
     assert [r["gold"] for r in rows][:3] == ["3/4", "$2\\sqrt{2}$", "4"]  # gold normalised at load
     assert "test/math-0shot/greedy_accuracy" in cli.trainer.callback_metrics
+
+
+def test_the_tensorboard_predictions_are_readable_markdown():
+    """Question, gold, extracted answer and the completion quoted line by line (no repr with literal \\n, no table
+    that squeezes a long cell to a character a line)."""
+    from callbacks.task_evaluation import predictions_markdown
+
+    rows = [{"id": "q1", "question": "What is 2 + 2?", "gold": "4", "greedy_answer": "4", "greedy_correct": True,
+             "greedy_finish": "eos", "greedy_completion": "2 + 2 = 4.\n\nThe answer is 4."}]
+    text = predictions_markdown(rows)
+    assert "**q1**: What is 2 + 2?" in text and "gold: `4`, extracted: `4` (right; ended by eos)" in text
+    assert "> 2 + 2 = 4.\n>\n> The answer is 4." in text and "\\n" not in text and "|---|" not in text
+
+
+def test_progress_lines_reach_a_log_file(capsys):
+    from lightning_modules.progress import ProgressLog
+
+    progress = ProgressLog("test", 3, every_s=0.0, force=True)
+    progress.update(2, 100)
+    progress.update(1, 50)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("test: 2/3 questions, ") and lines[-1].startswith("test: 3/3 questions, ")
+    assert "tokens/s" in lines[-1]
