@@ -3,7 +3,7 @@ the default model's real completions, and an evaluation's accuracy with its 95% 
 
     python benchmarks/grading.py --gsm8k grade_school_math/data/test.jsonl --math500 math500.jsonl
     python benchmarks/grading.py --labels tests/fixtures/graded_completions.jsonl
-    python benchmarks/grading.py --task gsm8k --predictions runs/eval_gsm8k/version_0/predictions-gsm8k-4shot-test.jsonl
+    python benchmarks/grading.py --task gsm8k --predictions benchmarks/results/grading/gsm8k-4shot-test-greedy.jsonl
 
 `--labels` reads rows {task, id, gold, completion, finish_reason, human_answer, human_correct} (a person read each
 completion as a grader would: the answer it states, right or wrong against the gold) and prints every row where the
@@ -70,15 +70,17 @@ def agreement(path: str) -> tuple[int, int]:
     return agree, len(rows)
 
 
-def predictions(path: str, task_name: str) -> str:
-    """An evaluation's greedy completions graded again with this grader (the gold in the file is already read)."""
+def predictions(paths: list[str], task_name: str) -> str:
+    """Greedy completions graded again with this grader, pooled over files: `labelfree test`'s predictions files or
+    the committed records of `benchmarks/results/grading/` (id, gold as read, completion, finish_reason)."""
     task = TASKS[task_name]
-    rows = [r.data for r in read_rows(path) if r.data["gold"] is not None]
-    answers = [task.answer(r["greedy_completion"], r.get("greedy_finish", "stop")) for r in rows]
+    rows = [r.data for path in paths for r in read_rows(path) if r.data["gold"] is not None]
+    answers = [task.answer(r.get("completion", r.get("greedy_completion")),
+                           r.get("finish_reason", r.get("greedy_finish", "stop"))) for r in rows]
     right = [task.same(a, r["gold"]) for a, r in zip(answers, rows)]
-    unfinished = sum(r.get("greedy_finish") == "length" for r in rows)
-    return (f"{path}: greedy accuracy {mean_interval(right)}; {sum(a is not None for a in answers)} parsed, "
-            f"{unfinished} hit the token limit")
+    unfinished = sum(r.get("finish_reason", r.get("greedy_finish")) == "length" for r in rows)
+    return (f"{task_name} ({len(paths)} file(s)): greedy accuracy {mean_interval(right)}; "
+            f"{sum(a is not None for a in answers)} parsed, {unfinished} hit the token limit")
 
 
 def main() -> None:
@@ -93,8 +95,8 @@ def main() -> None:
         print(gsm8k_golds(args.gsm8k))
     if args.math500:
         print(math500_golds(args.math500))
-    for path in args.predictions:
-        print(predictions(path, args.task))
+    if args.predictions:
+        print(predictions(args.predictions, args.task))
     if args.labels:
         agree, n = agreement(args.labels)
         print(f"grader agreement with the human labels: {agree}/{n} = {agree / n:.3f}")
