@@ -64,3 +64,25 @@ def test_sigterm_during_generation_stops_at_the_next_chunk(tiny_model_dir, tmp_p
     assert "generation: stopped after chunk" in err and "a rerun reuses them" in err
     assert 1 <= len(chunks()) < 10  # 320 questions are 10 chunks: it did not finish the round
     assert "labelfree: stopped by SIGTERM at step 0; no checkpoint was written yet" in err
+
+
+def test_a_script_that_runs_fits_itself_exits_143(tiny_model_dir, tmp_path):
+    """The table scripts build their runs with `build_cli(run=False)` and call `trainer.fit` inside
+    `exit_status_on_signal()`: a SIGTERM during a fit ends the script at once with 143 (it exited 0 before)."""
+    script = tmp_path / "table.py"
+    script.write_text(
+        "import sys\n"
+        "from lightning_modules.cli import build_cli, exit_status_on_signal\n"
+        "with exit_status_on_signal():\n"
+        f"    cli = build_cli(['-c', 'configs/sft.yaml', '--model.init_args.policy.init_args.model={tiny_model_dir}',\n"
+        f"                     '--trainer.logger.init_args.save_dir={tmp_path}', '--trainer.max_steps=100000',\n"
+        "                     '--trainer.enable_progress_bar=false'], run=False)\n"
+        "    cli.trainer.fit(cli.model, cli.datamodule)\n"
+        "    print('the next variant would start here')\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    log = (tmp_path / "err.log").open("w")
+    run = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    _wait_for(run, lambda: any(tmp_path.glob("sft/version_*/checkpoints/last.ckpt")))
+    err = _stop(run, tmp_path)
+    assert run.returncode == 143, err
+    assert "labelfree: stopped by SIGTERM" in err and "the next variant would start here" not in err
