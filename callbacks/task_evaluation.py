@@ -54,6 +54,7 @@ def score_question(task: Task, question: Question, greedy: str, samples: list[st
         "id": question.id, "question": question.question, "gold": question.answer,
         "greedy_completion": greedy, "greedy_finish": greedy_finish, "greedy_answer": greedy_answer,
         "greedy_correct": task.same(greedy_answer, question.answer),
+        "greedy_unfinished": greedy_finish == "length" and greedy_answer is None,
         "samples": samples, "sample_finish": sample_finish, "sample_answers": answers, "majority": majority,
         "votes": votes, "parsed": parsed, "maj_correct": task.same(majority, question.answer),
         "pass": any(task.same(a, question.answer) for a in answers),
@@ -197,8 +198,6 @@ class TaskEvaluation(L.Callback):
     def _metrics(self, rows: list[dict], device: torch.device) -> dict[str, float]:
         """Rates over the questions with a gold answer."""
         rows = [r for r in rows if r["gold"] is not None]
-        for r in rows:
-            r.setdefault("greedy_unfinished", r.get("greedy_finish") == "length" and r["greedy_answer"] is None)
         columns = {"greedy_accuracy": "greedy_correct", "greedy_parse_rate": "greedy_answer",
                    "greedy_unfinished": "greedy_unfinished"}
         k = len(rows[0]["samples"]) if rows else 0  # in `labelfree test` the module decides k
@@ -221,7 +220,7 @@ class TaskEvaluation(L.Callback):
         task = self._task(trainer)
         counts = self._counts(rows, trainer.strategy.root_device, task.skipped_gold + task.skipped_prompts)
         self.results[when], self.counts[when], self.predictions[when] = metrics, counts, rows
-        name = self.name(self._task(trainer))
+        name = self.name(task)
         prefix = f"{stage}/{name}"
         summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
         log.info("evaluation %s (%s, %d questions): %s", name, when, len(rows), summary)
