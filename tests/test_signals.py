@@ -374,16 +374,17 @@ def test_the_signal_quality_report_end_to_end(tiny_model_dir, tmp_path, monkeypa
 
 def test_the_signal_quality_report_stops_after_the_first_chunk_when_nothing_parses(tiny_model_dir, tmp_path,
                                                                                   monkeypatch):
-    """The tiny model's answers almost never parse, and never agree: the report says so with the figures after the
-    first chunk, not after all the sampling."""
+    """A model none of whose answers can be read (the tiny model's, read as unreadable): the report says so with the
+    figures after the first chunk, not after all the sampling."""
     from datamodules.generation import HFGenerator
     from lightning_modules.cli import build_cli
 
     chunks = []
     original = HFGenerator._chunk
-    monkeypatch.setattr(HFGenerator, "_chunk", lambda self, *a, **k: chunks.append(1) or original(self, *a, **k))
+    monkeypatch.setattr(HFGenerator, "_chunk", lambda self, *a, **k: chunks.append(1) or [
+        {**r, "answer": None} for r in original(self, *a, **k)])
     monkeypatch.chdir(ROOT)
-    readable = r"no question among the first 32 has two readable answers \(parse rate \d+/256"
+    readable = r"no question among the first 32 has two readable answers \(parse rate 0/256; \d+ answers hit"
     with pytest.raises(ValueError, match=readable):
         build_cli(["test", "-c", "configs/eval/signals.yaml",
                    f"--model.init_args.policy.init_args.model={tiny_model_dir}",
