@@ -149,8 +149,8 @@ class HFGenerator:
         progress: show a progress bar with generated tokens/s.
         should_stop: asked after each chunk (e.g. "did the run receive SIGTERM?"); when it says so, sampling ends
             there with `SIGTERMException`, the chunks written so far kept for the next run.
-        check_chunk: called with each chunk's rows as soon as they exist (cached or new); it may raise to stop
-            early (the signal-quality report refuses a model whose first chunk parses nothing).
+        check_chunk: called with the first chunk's rows as soon as they exist (cached or new); it may raise to
+            stop early (the signal-quality report refuses a model whose first chunk has no readable vote).
     """
 
     def __init__(self, batch_size: int = 8, chunk_size: int = 32, cache_dir: str | None = None,

@@ -396,21 +396,29 @@ class MathAnswers:
         return gold if gold is None or not self.numeric_gold or is_number(gold) else None
 
 
+def common_question(d: dict, i: int) -> Question:
+    """Row `i` in the common schema (question, answer, rationale, options, id) as a `Question`; a `ValueError`
+    naming the field that is wrong."""
+    if not isinstance(d.get("question"), str) or not d["question"].strip():
+        raise ValueError("missing or empty field 'question'")
+    options = d.get("options")
+    if options is not None and not (isinstance(options, list) and all(isinstance(o, str) for o in options)):
+        raise ValueError("'options' must be a list of strings")
+    answer = d.get("answer")
+    return Question(id=str(d.get("id", i)), question=d["question"], answer=None if answer is None else str(answer),
+                    rationale=d.get("rationale"), options=options)
+
+
 def load_questions(source: str, limit: int | None = None) -> list[Question]:
     """Questions from a file or `datasets` name in the common schema (question, answer, rationale, options, id)."""
     questions = []
     for i, row in enumerate(read_rows(source)):
-        d = row.data
-        if not isinstance(d.get("question"), str) or not d["question"].strip():
-            raise DataError(f"{row.where}: missing or empty field 'question'")
-        options = d.get("options")
-        if options is not None and not (isinstance(options, list) and all(isinstance(o, str) for o in options)):
-            raise DataError(f"{row.where}: 'options' must be a list of strings")
-        answer = d.get("answer")
-        questions.append(Question(
-            id=str(d.get("id", i)), question=d["question"], answer=None if answer is None else str(answer),
-            rationale=d.get("rationale"), options=options, meta={"where": row.where},
-        ))
+        try:
+            q = common_question(row.data, i)
+        except ValueError as e:
+            raise DataError(f"{row.where}: {e}") from None
+        q.meta["where"] = row.where
+        questions.append(q)
         if limit is not None and len(questions) >= limit:
             break
     ids = [q.id for q in questions]

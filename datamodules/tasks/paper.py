@@ -28,7 +28,7 @@ import logging
 import re
 
 from datamodules.io import DataError, Row, read_rows
-from datamodules.tasks.base import MathAnswers, Question, Task
+from datamodules.tasks.base import MathAnswers, Question, Task, common_question
 from datamodules.tasks.extract import Comparison, extract_choice, extract_word, last_boxed, parse_gold, same_math
 
 log = logging.getLogger(__name__)
@@ -79,13 +79,6 @@ class HubTask(Task):
         return f"hub:{path}:{config}:{self.hub_splits.get(split, split)}"
 
 
-def _common(row: dict, i: int) -> Question:
-    """A row of the common schema (question, answer, rationale, options, id)."""
-    answer = row.get("answer")
-    return Question(str(row.get("id", i)), row["question"], None if answer is None else str(answer),
-                    row.get("rationale"), row.get("options"))
-
-
 class NumericTask(MathAnswers, HubTask):
     """Args:
         comparison: `value` (math-verify equivalence) or `truncate` (the IWSI paper's int(float(x))).
@@ -118,7 +111,7 @@ class GSM8K(NumericTask):
     def from_row(self, row: dict, i: int) -> Question:
         solution = row.get("answer")
         if not isinstance(solution, str) or "####" not in solution:  # the common schema
-            return _common(row, i)
+            return common_question(row, i)
         rationale, _, answer = solution.rpartition("####")
         rationale = _CALCULATOR.sub("", rationale).strip()
         answer = answer.strip().replace(",", "")
@@ -132,7 +125,7 @@ class SVAMP(NumericTask):
 
     def from_row(self, row: dict, i: int) -> Question:
         if "Question" not in row:
-            return _common(row, i)
+            return common_question(row, i)
         body = row["Body"].strip()
         question = f"{body} {row['Question'].strip()}" if body else row["Question"].strip()
         value = float(row["Answer"])
@@ -146,7 +139,7 @@ class AQuA(MultipleChoiceTask):
 
     def from_row(self, row: dict, i: int) -> Question:
         if "correct" not in row:
-            return _common(row, i)
+            return common_question(row, i)
         options = [re.sub(r"^\s*[A-E]\s*\)\s*", "", o) for o in row["options"]]
         return Question(str(row.get("id", f"aqua-{i}")), row["question"], row["correct"], row.get("rationale"), options)
 
@@ -158,7 +151,7 @@ class OpenBookQA(MultipleChoiceTask):
 
     def from_row(self, row: dict, i: int) -> Question:
         if "answerKey" not in row:
-            return _common(row, i)
+            return common_question(row, i)
         if isinstance(row.get("question"), dict):  # the release: question {stem, choices [{text, label}]}
             stem, choices = row["question"]["stem"], row["question"]["choices"]
             pairs = [(c["label"], c["text"]) for c in choices]
@@ -188,7 +181,7 @@ class ANLI(MultipleChoiceTask):
 
     def from_row(self, row: dict, i: int) -> Question:
         if "hypothesis" not in row:
-            return _common(row, i)
+            return common_question(row, i)
         premise = row["context"] if "context" in row else row["premise"]
         label = row["label"]
         index = self.RELEASE_LABELS[label] if isinstance(label, str) else int(label)
@@ -203,7 +196,7 @@ class StrategyQA(HubTask):
 
     def from_row(self, row: dict, i: int) -> Question:
         if "qid" not in row and "facts" not in row:
-            return _common(row, i)
+            return common_question(row, i)
         answer = row.get("answer")
         if answer is not None and not isinstance(answer, bool):
             raise ValueError(f"answer {answer!r} is not true/false")
@@ -239,7 +232,7 @@ class MATH(NumericTask):
 
     def from_row(self, row: dict, i: int) -> Question:
         if "problem" not in row:
-            return _common(row, i)
+            return common_question(row, i)
         solution, answer = row.get("solution"), row.get("answer")
         boxed = last_boxed(solution) if isinstance(solution, str) else None
         if answer is None:
