@@ -45,7 +45,8 @@ REWARDS = {  # method -> (recipe, the reward that replaces the recipe's; None ke
     "empo": ("ttrl", "ClusterShare"),
     "rent": ("ttrl", "NegativeEntropy"),
 }
-FIGURES = ("rl/sample_accuracy", "rl/reward_ranking", "rl/entropy", "rl/response_length", "rl/kl")
+FIGURES = ("rl/sample_accuracy", "rl/reward_ranking", "rl/entropy", "rl/response_length", "rl/kl",
+           "rl/parsed_fraction")
 GUARD = {"rl/entropy": (0.05, None), "rl/response_length": (4, None)}
 
 

@@ -299,8 +299,8 @@ class Policy(nn.Module):
         return out, torch.zeros_like(out).masked_scatter(labelled, ent)
 
     def _head_map(self, rows: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
-        """`fn(logits (n, V)) -> (n,)` over the rows `_rows` returned, the head applied `nll_chunk_size` rows at a
-        time. (N,) float32."""
+        """`fn(logits (n, V)) -> (n,)` or `(n, m)` over the rows `_rows` returned, the head applied `nll_chunk_size`
+        rows at a time. (N,) or (N, m) float32."""
         if not self._fused_head_supported():
             return fn(rows).float()
         weight = self.causal_lm.get_output_embeddings().weight
@@ -322,10 +322,11 @@ class Policy(nn.Module):
     @torch.no_grad()
     def token_map(self, input_ids: Tensor, attention_mask: Tensor, mask: Tensor,
                   fn: Callable[[Tensor], Tensor], prefix_ids: Sequence[int] = ()) -> Tensor:
-        """`fn(logits (n, V)) -> (n,)` at each position where `mask` (B, T) is set, without gradient, the output
-        head applied `nll_chunk_size` rows at a time; 0 elsewhere. (B, T) float32."""
+        """`fn(logits (n, V)) -> (n,)` or `(n, m)` at each position where `mask` (B, T) is set, without gradient,
+        the output head applied `nll_chunk_size` rows at a time; 0 elsewhere. (B, T) or (B, T, m) float32."""
         values = self._head_map(self._rows(input_ids, attention_mask, mask, prefix_ids), fn)
-        return torch.zeros(mask.shape, device=values.device).masked_scatter(mask, values)
+        out = torch.zeros(mask.shape + values.shape[1:], device=values.device)
+        return out.masked_scatter(mask.view(mask.shape + (1,) * (values.dim() - 1)).expand_as(out), values)
 
     def sequence_nll(self, batch: dict[str, Tensor]) -> Tensor:
         """Mean NLL over each sample's labelled tokens: (B,). Samples with no label tokens give 0."""

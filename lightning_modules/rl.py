@@ -7,8 +7,9 @@ Each training step, for a batch of P unlabeled prompts:
    weighted sum; a signal that has no value for a response (NaN: a vote with fewer than two parsed answers)
    rewards it 0, counted in `reward/<name>_no_value`;
 3. advantages are normalised within each prompt's group (`grpo` or `rloo`): the weighted sum of the rewards
-   (`reward_combination: sum_then_normalize`), or the weighted sum of each reward normalised on its own
-   (`normalize_each`, Intuitor's reading when several rewards combine);
+   (`reward_combination: sum_then_normalize`); Intuitor's combination (`normalize_each`, sunblaze-ucb/Intuitor
+   `intuitor_trainer.py`): self-certainty normalised on its own, plus the weighted sum of the other rewards
+   normalised once; or each reward normalised on its own before the weighted sum (`normalize_every_reward`, ours);
 4. `ppo_epochs` passes of the PPO-clip loss on the response tokens, plus beta x KL(pi || pi_ref) per token (k3) to
    the reference = the adapter-disabled model (`policy.reference()`), whose log-probs are computed once.
    These teacher-forced passes run the shared few-shot prefix once too (`prefix_ids`); the first PPO pass also
@@ -38,7 +39,8 @@ from lightning_modules.losses.policy_gradient import PPOClipLoss, group_advantag
 from lightning_modules.policy import Policy
 from lightning_modules.sampling import SamplingParams
 from lightning_modules.sft import TrainableStateMixin, save_config_hyperparameters
-from lightning_modules.signals import Candidates, Signal, candidate_tensors, sample_candidates, score, signal_names
+from lightning_modules.signals import (Candidates, SelfCertainty, Signal, candidate_tensors, sample_candidates, score,
+                                      signal_names)
 from lightning_modules.signals.quality import ranking_auc
 
 PROGRESS_BAR = ("rl/loss", "rl/reward", "rl/sample_accuracy")
@@ -50,7 +52,8 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
         rewards: the signals that reward; `reward_weights` (default all 1) weigh their sum.
         group_size, temperature, top_p, max_new_tokens: the G sampled responses per prompt.
         advantage, advantage_eps: `grpo` ((r - mean) / (std + eps), eps 1e-4 as TRL and Intuitor) or `rloo`.
-        reward_combination: `sum_then_normalize` (default) or `normalize_each` (see step 3).
+        reward_combination: `sum_then_normalize` (default), `normalize_each` (Intuitor's: needs a `SelfCertainty`
+            reward; its weight multiplies its advantage, 1 in Intuitor) or `normalize_every_reward` (see step 3).
         loss: the policy loss (default `PPOClipLoss(clip_eps=0.2, kl_beta=0.04, loss_type="bnpo")`).
         ppo_epochs: optimisation passes over each rollout.
         max_nonfinite_steps: skipped non-finite updates in a row before the run stops (`guard.py`).
@@ -60,7 +63,8 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
         self, policy: Policy, rewards: list[Signal], reward_weights: list[float] | None = None,
         group_size: int = 4, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 96,
         advantage: Literal["grpo", "rloo"] = "grpo", advantage_eps: float = 1e-4,
-        reward_combination: Literal["sum_then_normalize", "normalize_each"] = "sum_then_normalize",
+        reward_combination: Literal["sum_then_normalize", "normalize_each", "normalize_every_reward"] =
+            "sum_then_normalize",
         loss: nn.Module | None = None, ppo_epochs: int = 1,
         optimizer: OptimizerCallable = torch.optim.AdamW, seed: int = 0, max_nonfinite_steps: int = 5,
     ) -> None:
@@ -78,6 +82,10 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
         if ppo_epochs < 1:
             raise ValueError(f"ppo_epochs must be at least 1, got {ppo_epochs}")
         self.advantage, self.advantage_eps, self.ppo_epochs = advantage, advantage_eps, ppo_epochs
+        if reward_combination == "normalize_each" and not any(isinstance(r, SelfCertainty) for r in rewards):
+            raise ValueError("reward_combination: normalize_each normalises self-certainty on its own and the other "
+                             "rewards' weighted sum once (Intuitor); the rewards hold no SelfCertainty: use "
+                             "normalize_every_reward or sum_then_normalize")
         self.reward_combination = reward_combination
         self.loss = loss if loss is not None else PPOClipLoss()
         self.optimizer_factory = optimizer
@@ -114,19 +122,24 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
         self.policy.eval()  # the mode rule: dropout off for sampling, reference and PPO passes alike
         rollout = self.rollout(batch)
         n = len(rollout)
-        rewards, advantages = torch.zeros(n), torch.zeros(n)
+        rewards, rest, advantages = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+        normalize = lambda r: group_advantages(r, rollout.group, self.advantage, self.advantage_eps)  # noqa: E731
         for module, weight, name in zip(self.rewards, self.reward_weights, signal_names(self.rewards)):
             r = score(module, rollout, self.policy)
             no_value = torch.isnan(r)
             r = r.nan_to_num(0.0)
             rewards += weight * r
-            if self.reward_combination == "normalize_each":
-                advantages += weight * group_advantages(r, rollout.group, self.advantage, self.advantage_eps)
+            alone = self.reward_combination == "normalize_every_reward" or (
+                self.reward_combination == "normalize_each" and isinstance(module, SelfCertainty))
+            if alone:
+                advantages += weight * normalize(r)
+            else:
+                rest += weight * r
             self.log(f"reward/{name}_mean", r.mean(), batch_size=n)
             self.log(f"reward/{name}_std", r.std() if n > 1 else 0.0, batch_size=n)
             self.log(f"reward/{name}_no_value", no_value.float().mean(), batch_size=n)
-        if self.reward_combination == "sum_then_normalize":
-            advantages = group_advantages(rewards, rollout.group, self.advantage, self.advantage_eps)
+        if self.reward_combination != "normalize_every_reward":
+            advantages += normalize(rest)
         advantages = advantages.to(self.device)
         ids, mask, labels = candidate_tensors(rollout, self.policy.tokenizer.pad_token_id, self.device)
         response = labels != IGNORE_INDEX  # (N, T)

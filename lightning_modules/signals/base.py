@@ -175,9 +175,9 @@ def candidate_tensors(candidates: Candidates, pad_token_id: int, device) -> tupl
 
 def response_values(candidates: Candidates, policy, fn: Callable[[Tensor], Tensor] | None,
                     batch_size: int = 16) -> list[Tensor]:
-    """`fn(logits (n, V)) -> (n,)` of the distribution that produced each response token (None: the token's NLL),
-    under the model as it is now (the caller picks it), batched by length: one 1-D float32 tensor per candidate,
-    in response order."""
+    """`fn(logits (n, V)) -> (n,)` (or `(n, m)`) of the distribution that produced each response token (None: the
+    token's NLL), under the model as it is now (the caller picks it), batched by length: one float32 tensor (T,)
+    (or (T, m)) per candidate, in response order."""
     device = next(policy.parameters()).device
     order = sorted(range(len(candidates)), key=lambda i: len(candidates.response_ids[i]))
     out: list[Tensor] = [torch.empty(0)] * len(candidates)

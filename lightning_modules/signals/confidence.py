@@ -7,12 +7,16 @@ the prompt that sampled it (`Candidates.prompt_ids`, shared prefix included), by
 - `SelfCertainty` (Intuitor, arXiv 2505.19590): mean_t KL(U || p_t) = mean_t [-log|V| - (1/|V|) sum_v log p_t(v)].
 - `NegativeEntropy`: minus the token entropy H(p_t) of the response, `reduction="mean"` (RENT, arXiv
   2505.22660: -(1/T) sum_t H(p_t), the default) or `"sum"` (EM-RL, arXiv 2505.15134); `last_k` keeps only the
-  response's last k tokens (RENT's "last chunk" option); `unparsable_value` is the value of an unparsable answer
-  (RENT's fixed penalty; default -log|V|, the lowest mean the signal can take; None keeps its entropy).
-- `DeepConf` (arXiv 2508.15260): token confidence C_t = -(1/k) sum_{j<=k} log p_t(j) over the top-k tokens
-  (k = 20); group confidence = the mean of C over a sliding window of `window` tokens (the paper's 2048; a trace
-  shorter than the window is one group); trace score = the lowest group confidence (`reduce="lowest"`), the mean
-  of the last `window` tokens (`"tail"`) or the mean over the trace (`"mean"`). An empty response scores 0.
+  response's last k tokens (RENT's "last chunk" option); `unparsable_value` is the value of an unparsable answer:
+  RENT's fixed penalty -7.0 (`entropy_base` with its `format` experiment, satrams/rent-rl), `"lowest"` for
+  -log|V| (the lowest mean the signal can take), None to keep its entropy.
+- `DeepConf` (arXiv 2508.15260; facebookresearch/deepconf `utils.py`): token confidence C_t = -(1/k) sum_{j<=k}
+  log p_t(j) over the top-k tokens (k = 20; `include_sampled: true` adds the sampled token when it is not among
+  them, as the official vLLM path's 21 values do; the default keeps exactly k, a deviation); group confidence =
+  the mean of C over a sliding window of `window` tokens (the paper's 2048; a trace shorter than the window is one
+  group); trace score = the lowest group confidence (`reduce="lowest"`), the mean of the lowest `bottom_percent`
+  of the group confidences (`"bottom"`, at least one: the official `bottom_window`, 10%), the mean of the last
+  `window` tokens (`"tail"`) or the mean over the trace (`"mean"`). An empty response scores 0.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def kl_from_uniform(logits: Tensor) -> Tensor:
 
 class NegativeEntropy(Signal):
     def __init__(self, reduction: Literal["mean", "sum"] = "mean", last_k: int | None = None,
-                 unparsable_value: float | None | Literal["lowest"] = "lowest", batch_size: int = 16) -> None:
+                 unparsable_value: float | None | Literal["lowest"] = -7.0, batch_size: int = 16) -> None:
         super().__init__()
         if last_k is not None and last_k < 1:
             raise ValueError(f"NegativeEntropy: last_k must be at least 1, got {last_k}")
@@ -81,16 +85,28 @@ class NegativeEntropy(Signal):
 
 
 class DeepConf(Signal):
-    def __init__(self, top_k: int = 20, window: int = 2048, reduce: Literal["lowest", "tail", "mean"] = "lowest",
-                 batch_size: int = 16) -> None:
+    def __init__(self, top_k: int = 20, window: int = 2048,
+                 reduce: Literal["lowest", "bottom", "tail", "mean"] = "lowest", bottom_percent: float = 0.1,
+                 include_sampled: bool = False, batch_size: int = 16) -> None:
         super().__init__()
         if top_k < 1 or window < 1:
             raise ValueError(f"DeepConf: top_k and window must be at least 1, got {top_k} and {window}")
-        self.top_k, self.window, self.reduce, self.batch_size = top_k, window, reduce, batch_size
+        if not 0 < bottom_percent <= 1:
+            raise ValueError(f"DeepConf: bottom_percent must be in (0, 1], got {bottom_percent}")
+        self.top_k, self.window, self.reduce, self.bottom_percent = top_k, window, reduce, bottom_percent
+        self.include_sampled, self.batch_size = include_sampled, batch_size
 
-    def token_confidence(self, logits: Tensor) -> Tensor:
-        """C_t = -(1/k) sum of the top-k log-probs. (n, V) -> (n,)."""
-        return -logits.float().log_softmax(-1).topk(self.top_k, dim=-1).values.mean(-1)
+    def top_logprobs(self, logits: Tensor) -> Tensor:
+        """The k largest log-probs, descending. (n, V) -> (n, k)."""
+        return logits.float().log_softmax(-1).topk(self.top_k, dim=-1).values
+
+    def token_confidence(self, top: Tensor, sampled: Tensor | None = None) -> Tensor:
+        """C_t from the top-k log-probs (T, k), with the sampled token's log-prob (T,) when it falls below them
+        (`include_sampled`). (T,)."""
+        if sampled is None:
+            return -top.mean(-1)
+        outside = sampled < top[:, -1]
+        return torch.where(outside, -(top.sum(-1) + sampled) / (self.top_k + 1), -top.mean(-1))
 
     def trace_score(self, confidence: Tensor) -> float:
         """One trace's score from its token confidences (T,)."""
@@ -101,8 +117,14 @@ class DeepConf(Signal):
         if self.reduce == "mean" or len(confidence) <= self.window:
             return confidence.mean().item()
         windows = confidence.unfold(0, self.window, 1).mean(-1)  # (T - w + 1,) group confidences
+        if self.reduce == "bottom":
+            return windows.sort().values[: max(1, int(len(windows) * self.bottom_percent))].mean().item()
         return windows.min().item()
 
     def forward(self, candidates: Candidates, policy) -> Tensor:
-        confidences = response_values(candidates, policy, self.token_confidence, self.batch_size)
-        return torch.tensor([self.trace_score(c) for c in confidences])
+        tops = response_values(candidates, policy, self.top_logprobs, self.batch_size)
+        sampled = [None] * len(candidates)
+        if self.include_sampled:
+            sampled = [-nll for nll in response_values(candidates, policy, None, self.batch_size)]
+        return torch.tensor([self.trace_score(self.token_confidence(t, s) if len(t) else t)
+                             for t, s in zip(tops, sampled)])

@@ -10,10 +10,11 @@
 - `VoteShare`: the majority's votes / parsed answers, one value per question (NaN below two parsed answers).
 - `AnswerEntropy` (Entropy-filter, SPEC §3): -sum_a p(a) log p(a) / log(parsed) over the parsed votes, lower
   is better (NaN below two parsed answers, never the "certain" 0 of one answer).
-- `ClusterShare` (EMPO, arXiv 2504.05812; QingyangZhang/EMPO `get_empo_math_reward`): the G answers clustered
-  by equivalence, the unparsable ones forming one cluster (`unparsable="each_own"`: one cluster each); the
-  value is the share |c| / G of the candidate's cluster, 0 for an unparsable answer, and 0 for the whole group
-  when the cluster entropy reaches log G, i.e. when every answer is different.
+- `ClusterShare` (EMPO, arXiv 2504.05812; QingyangZhang/EMPO `get_empo_math_reward`): the G answers clustered,
+  each unparsable answer a cluster of its own (the official `verify('', '')` is False; `unparsable="one_cluster"`
+  pools them); the value is the share |c| / G of the candidate's cluster, 0 for an unparsable answer, and 0 for
+  the whole group when the cluster entropy reaches log G, i.e. when every answer is different. Deviation: answers
+  cluster by the task's equivalence (0.5 with 1/2); the official code compares the extracted strings.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class AnswerEntropy(Signal):
 class ClusterShare(Signal):
     judge, needs_group = "none", True
 
-    def __init__(self, unparsable: Literal["one_cluster", "each_own"] = "one_cluster") -> None:
+    def __init__(self, unparsable: Literal["each_own", "one_cluster"] = "each_own") -> None:
         super().__init__()
         self.unparsable = unparsable
 

@@ -1,7 +1,7 @@
 """Batch calibration (Zhou et al., ICLR 2024, arXiv 2309.17249; SPEC §7b): the gradient-free reference point at
 the label level. Nothing is updated; each batch's prediction subtracts the batch's contextual prior:
-predict argmax_c [log q(c|x_i) - mean_j log q(c|x_j)] (`average: log_probs`, SPEC), or the paper's
-argmax_c q(c|x_i) / mean_j q(c|x_j) (`average: probs`).
+predict argmax_c q(c|x_i) / mean_j q(c|x_j), the paper's estimate of the prior (`average: probs`, the default), or
+argmax_c [log q(c|x_i) - mean_j log q(c|x_j)] (`average: log_probs`: the geometric mean, a variant of ours).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from lightning_modules.tta.base import TTAMethod
 class BatchCalibration(TTAMethod):
     levels = ("label",)
 
-    def __init__(self, average: Literal["log_probs", "probs"] = "log_probs") -> None:
+    def __init__(self, average: Literal["probs", "log_probs"] = "probs") -> None:
         super().__init__()
         self.average = average
 

@@ -2,8 +2,10 @@
 model's own predictions.
 
 Label level: loss = mean_i H(q_i), q_i the distribution over the task's C verbalizers.
-Token level: loss = mean over response tokens of H(p_t), over the model's own answers: the greedy answers that
-are the batch's predictions (`answers: greedy`, Tent), or `samples` answers per item sampled at `temperature`
+Token level: loss = the mean over answers of each answer's mean token entropy H(p_t) (EM-FT's
+L = E_y[(1/|y|) sum_t H(p_t)], `average: answers`, empty answers left out; `average: tokens` pools every token of
+the batch), over the model's own answers: the greedy answers that are the batch's predictions (`answers: greedy`,
+Tent), or `samples` answers per item sampled at `temperature`
 (`answers: sampled`: EM-FT's token-level entropy minimisation on its own samples). Sampled tokens are constants;
 prompt and padding are masked. SPEC §8: this can collapse on open-ended text; watch `tta/entropy` and the answers.
 """
@@ -23,9 +25,9 @@ class Tent(TTAMethod):
     levels = LEVELS
 
     def __init__(self, answers: Literal["greedy", "sampled"] = "greedy", samples: int = 1,
-                 temperature: float = 1.0, seed: int = 0) -> None:
+                 temperature: float = 1.0, seed: int = 0, average: Literal["answers", "tokens"] = "answers") -> None:
         super().__init__()
-        self.answers, self.samples, self.temperature = answers, samples, temperature
+        self.answers, self.samples, self.temperature, self.average = answers, samples, temperature, average
         self.generator = torch.Generator().manual_seed(seed)
 
     def adapt(self, view, optimizer) -> tuple[Tensor | None, dict[str, Tensor]]:
@@ -36,6 +38,10 @@ class Tent(TTAMethod):
             return logits.detach(), {"loss": loss.detach()}
         own = view.answers if self.answers == "greedy" else view.sample(self.samples, self.temperature, self.generator)
         token_entropy, at = view.token_entropy(own)  # (N, T) each
-        loss = (token_entropy * at).sum() / at.sum().clamp_min(1)
+        if self.average == "answers":
+            per_answer = (token_entropy * at).sum(-1) / at.sum(-1).clamp_min(1)
+            loss = per_answer.sum() / at.any(-1).sum().clamp_min(1)
+        else:
+            loss = (token_entropy * at).sum() / at.sum().clamp_min(1)
         self.step(loss, optimizer)
         return None, {"loss": loss.detach(), "entropy": loss.detach()}

@@ -3,7 +3,10 @@ perplexity of the test *inputs*, weighting the informative (high-perplexity) one
 
 Per item i: CE_i = mean NLL of its prompt's tokens under the current model (with gradient);
 mask_i = CE'_i > P0 (`threshold`, 3); coeff_i = lambda exp(CE'_i - P0) (`scale` lambda, 0.1);
-loss = sum_i mask_i coeff_i CE_i / sum_i mask_i, and the plain mean of CE when no item passes the threshold.
+loss = sum_i mask_i coeff_i CE_i / sum_i mask_i; when no item passes the threshold the official loss is 0 (the
+masked mean): the batch makes no update, counted in `no_update_steps` (logged `tta/no_update`). The official
+trainer still calls its optimizer with zero gradients (AdamW's momentum and weight decay move the weights); here
+no step is taken.
 CE' (no gradient) comes from the frozen reference model (`reference: offline`, the default) or from the current
 model (`online`), as the official trainer's two variants. The paper adapts LoRA.
 Our reading: the prompt is what the model is given (chat template and exemplars included); every token but the
@@ -17,16 +20,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_modules.distributed import any_rank
 from lightning_modules.tta.base import LEVELS, TTAMethod
 
 
 def tlm_loss(ce: Tensor, ce_select: Tensor, threshold: float = 3.0, scale: float = 0.1) -> tuple[Tensor, Tensor]:
     """ce (B,) with gradient, ce_select (B,) without -> (loss, mask (B,) bool)."""
     mask = ce_select > threshold
-    if not mask.any():
-        return ce.mean(), mask
     coeff = scale * torch.exp(ce_select - threshold)
-    return (mask * coeff * ce).sum() / mask.sum(), mask
+    return (mask * coeff * ce).sum() / mask.sum().clamp_min(1), mask
 
 
 class TLM(TTAMethod):
@@ -36,6 +38,14 @@ class TLM(TTAMethod):
                  reference: Literal["offline", "online"] = "offline") -> None:
         super().__init__()
         self.threshold, self.scale, self.reference = threshold, scale, reference
+        self.no_update_steps = 0
+
+    def run_state(self) -> dict:
+        return super().run_state() | {"no_update_steps": self.no_update_steps}
+
+    def load_run_state(self, state: dict) -> None:
+        super().load_run_state(state)
+        self.no_update_steps = state["no_update_steps"]
 
     def adapt(self, view, optimizer) -> tuple[Tensor | None, dict[str, Tensor]]:
         predictions = view.predictions()  # before the update: TLM's pass never reads the answer slot
@@ -46,6 +56,10 @@ class TLM(TTAMethod):
         if self.reference == "online":
             ce_select = ce.detach()
         loss, mask = tlm_loss(ce, ce_select, self.threshold, self.scale)
-        self.step(loss, optimizer)
+        update = any_rank(mask.any())  # a rank with nothing above P0 joins the others' step with its loss of 0
+        if update:
+            self.step(loss, optimizer)
+        else:
+            self.no_update_steps += 1
         return predictions, {"loss": loss.detach(), "kept_fraction": mask.float().mean(),
-                             "input_nll": ce.detach().mean()}
+                             "input_nll": ce.detach().mean(), "no_update": torch.tensor(float(not update))}
