@@ -39,8 +39,15 @@ from lightning_modules.losses.policy_gradient import PPOClipLoss, group_advantag
 from lightning_modules.policy import Policy
 from lightning_modules.sampling import SamplingParams
 from lightning_modules.sft import TrainableStateMixin, save_config_hyperparameters
-from lightning_modules.signals import (Candidates, SelfCertainty, Signal, candidate_tensors, sample_candidates, score,
-                                      signal_names)
+from lightning_modules.signals import (
+    Candidates,
+    SelfCertainty,
+    Signal,
+    candidate_tensors,
+    sample_candidates,
+    score,
+    signal_names,
+)
 from lightning_modules.signals.quality import ranking_auc
 
 PROGRESS_BAR = ("rl/loss", "rl/reward", "rl/sample_accuracy")
