@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from lightning_modules.guard import FiniteGuard
 from lightning_modules.losses.functional import IGNORE_INDEX
-from lightning_modules.losses.policy_gradient import PPOClipLoss, group_advantages
+from lightning_modules.losses.policy_gradient import PPOClipLoss, combined_advantages
 from lightning_modules.policy import Policy
 from lightning_modules.sampling import SamplingParams
 from lightning_modules.sft import TrainableStateMixin, save_config_hyperparameters
@@ -129,24 +129,20 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
         self.policy.eval()  # the mode rule: dropout off for sampling, reference and PPO passes alike
         rollout = self.rollout(batch)
         n = len(rollout)
-        rewards, rest, advantages = torch.zeros(n), torch.zeros(n), torch.zeros(n)
-        normalize = lambda r: group_advantages(r, rollout.group, self.advantage, self.advantage_eps)  # noqa: E731
-        for module, weight, name in zip(self.rewards, self.reward_weights, signal_names(self.rewards)):
+        values = torch.zeros(n, len(self.rewards))  # (N, R) each reward, no value -> 0
+        for j, (module, name) in enumerate(zip(self.rewards, signal_names(self.rewards))):
             r = score(module, rollout, self.policy)
             no_value = torch.isnan(r)
-            r = r.nan_to_num(0.0)
-            rewards += weight * r
-            alone = self.reward_combination == "normalize_every_reward" or (
-                self.reward_combination == "normalize_each" and isinstance(module, SelfCertainty))
-            if alone:
-                advantages += weight * normalize(r)
-            else:
-                rest += weight * r
+            values[:, j] = r = r.nan_to_num(0.0)
             self.log(f"reward/{name}_mean", r.mean(), batch_size=n)
             self.log(f"reward/{name}_std", r.std() if n > 1 else 0.0, batch_size=n)
             self.log(f"reward/{name}_no_value", no_value.float().mean(), batch_size=n)
-        if self.reward_combination != "normalize_every_reward":
-            advantages += normalize(rest)
+        rewards = values @ torch.tensor(self.reward_weights, dtype=torch.float32)
+        mode = self.reward_combination
+        alone = [mode == "normalize_every_reward" or (mode == "normalize_each" and isinstance(m, SelfCertainty))
+                 for m in self.rewards]
+        advantages = combined_advantages(values, self.reward_weights, alone, rollout.group, self.advantage,
+                                         self.advantage_eps)
         advantages = advantages.to(self.device)
         ids, mask, labels = candidate_tensors(rollout, self.policy.tokenizer.pad_token_id, self.device)
         response = labels != IGNORE_INDEX  # (N, T)

@@ -156,7 +156,7 @@ def test_two_step_fit_changes_only_adapter_weights(config, tiny_model_dir, tmp_p
     assert "rl/sample_accuracy" in cli.model.step_metrics and set(cli.model.step_metrics) <= set(metrics)
 
 
-def test_rewards_normalised_each_before_they_combine(rollout, tiny_model_dir):
+def test_rewards_normalised_each_on_its_own_or_summed_first(rollout, tiny_model_dir):
     import lightning as L
 
     from datamodules.questions import QuestionDataModule
@@ -171,8 +171,8 @@ def test_rewards_normalised_each_before_they_combine(rollout, tiny_model_dir):
 
     majority, gold = MajorityAnswer()(r, policy), GoldAnswer()(r, policy)
     each = group_advantages(majority, r.group) + 2 * group_advantages(gold, r.group)
-    for combination, want in (("normalize_each", each), ("sum_then_normalize", group_advantages(majority + 2 * gold,
-                                                                                                r.group))):
+    for combination, want in (("normalize_every_reward", each),
+                              ("sum_then_normalize", group_advantages(majority + 2 * gold, r.group))):
         module = SelfRewardRLModule(Policy(tiny_model_dir), [MajorityAnswer(), GoldAnswer()], reward_weights=[1, 2],
                                     reward_combination=combination, loss=Recording())
         module.rollout = lambda batch: replace(r, logprobs=[[0.0] * len(x) for x in r.response_ids])  # hand-made
@@ -258,3 +258,9 @@ def test_collapse_guard_refuses_a_metric_that_is_not_logged_and_bad_bands(tiny_m
         _guarded_fit(tiny_model_dir, CollapseGuard({"rl/entropie": [0.1, None]}), max_steps=1)
     with pytest.raises(ValueError, match="low 2 is above high 1"):
         CollapseGuard({"rl/entropy": [2, 1]})
+
+
+def test_normalize_each_needs_self_certainty(tiny_model_dir):
+    with pytest.raises(ValueError, match="normalize_each normalises self-certainty on its own"):
+        SelfRewardRLModule(Policy(tiny_model_dir), [MajorityAnswer(), GoldAnswer()],
+                           reward_combination="normalize_each")

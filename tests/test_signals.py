@@ -77,12 +77,12 @@ def test_majority_and_gold_on_a_hand_made_group(rollout):
 
 def empo_reference(answers: list[str | None]) -> list[float]:
     """EMPO's `semantic_entropy_math_reward` for one group, written as its official loop: every unparsable answer
-    is the prediction '' (one cluster); entropy over cluster shares; share reward below log G, else 0."""
+    is the prediction '' and `verify('', x)` is False, so each is a cluster of its own; entropy over cluster shares;
+    share reward below log G, else 0."""
     predictions = ["" if a is None else a for a in answers]
     ids, reps = [], []
     for p in predictions:
-        k = next((k for k, r in enumerate(reps) if (r == "" and p == "") or (r != "" and p != "" and TASK.same(r, p))),
-                 None)
+        k = next((k for k, r in enumerate(reps) if r != "" and p != "" and TASK.same(r, p)), None)
         if k is None:
             k = len(reps)
             reps.append(p)
@@ -99,8 +99,9 @@ def test_cluster_share_hand_values_and_the_official_loop():
     got = ClusterShare()(c, None).tolist()
     assert got[:4] == [0.5, 0.5, 0.25, 0.0]
     assert got[4:8] == [0.0] * 4  # every answer different (the unparsable one its own cluster): no signal
-    assert got[8:] == [0.25, 0.25, 0.0, 0.0]  # two unparsable answers form one cluster: not all different
-    assert ClusterShare(unparsable="each_own")(c, None).tolist()[8:] == [0.0] * 4  # each its own: all different
+    assert got[8:] == [0.0] * 4  # each unparsable answer its own cluster: all different (official)
+    pooled = ClusterShare(unparsable="one_cluster")(c, None).tolist()
+    assert pooled[8:] == [0.25, 0.25, 0.0, 0.0]  # the option: two unparsable answers form one cluster
     rng = random.Random(0)
     groups = [[rng.choice(["1", "2", "2.0", "3", None]) for _ in range(rng.randint(2, 6))] for _ in range(200)]
     c = answers_only(groups)
@@ -135,8 +136,10 @@ def test_self_certainty_and_negative_entropy_against_a_naive_loop(rollout):
         assert sum_neg[i].item() == pytest.approx(-sum(h), rel=1e-4)  # EM-RL: the sum
         assert last2[i].item() == pytest.approx(-sum(h[-2:]) / 2, rel=1e-4)
     rent = NegativeEntropy()(r, policy)
-    assert rent[3].item() == pytest.approx(-math.log(len(policy.tokenizer)))  # "no idea": the fixed penalty
+    assert rent[3].item() == -7.0  # "no idea": RENT's fixed penalty (entropy_base 7.0)
     assert torch.equal(rent[:3], mean_neg[:3])
+    lowest = NegativeEntropy(unparsable_value="lowest")(r, policy)
+    assert lowest[3].item() == pytest.approx(-math.log(len(policy.tokenizer)))
 
 
 def test_deepconf_against_a_naive_loop_and_hand_traces(rollout):
@@ -153,6 +156,17 @@ def test_deepconf_against_a_naive_loop_and_hand_traces(rollout):
     assert DeepConf(window=2, reduce="tail").trace_score(trace) == pytest.approx(4.5)
     assert DeepConf(window=2, reduce="mean").trace_score(trace) == pytest.approx(3.0)
     assert DeepConf(window=9).trace_score(trace) == pytest.approx(3.0)  # shorter than the window: one group
+    assert DeepConf(window=2, reduce="bottom", bottom_percent=0.5).trace_score(trace) == pytest.approx(1.75)
+    assert DeepConf(window=2, reduce="bottom").trace_score(trace) == pytest.approx(1.5)  # at least one group
+    sampled = DeepConf(top_k=5, window=2, include_sampled=True)(r, policy)
+    for i in range(len(r)):  # the sampled token joins the k when it is not among them: k + 1 values
+        c = []
+        for t in positions(labels, i):
+            lp, y = logits[i, t].log_softmax(-1), labels[i, t + 1]
+            top = lp.topk(5).values
+            c.append(-(top.sum() + lp[y]).item() / 6 if lp[y] < top[-1] else -top.mean().item())
+        groups = [sum(c[j : j + 2]) / 2 for j in range(len(c) - 1)] or [sum(c) / len(c)]
+        assert sampled[i].item() == pytest.approx(min(groups), rel=1e-4)
 
 
 def test_token_nll_from_stored_log_probs_equals_the_teacher_forced_pass(tiny_model_dir):

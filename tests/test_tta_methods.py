@@ -77,7 +77,7 @@ def test_tlm_loss_hand_values_and_naive_loop():
     loss.backward()
     assert ce.grad.tolist() == pytest.approx([0.0, 0.1 * math.e / 2, 0.1 * math.e ** 2 / 2])
     nothing, mask = tlm_loss(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0]))
-    assert nothing.item() == 1.5 and not mask.any()  # no item passes P0: the plain mean (SPEC §7b)
+    assert nothing.item() == 0.0 and not mask.any()  # no item passes P0: the masked mean is 0 (official)
     gen = torch.Generator().manual_seed(2)
     ce, select = torch.rand(7, generator=gen) * 6, torch.rand(7, generator=gen) * 6
     kept = [i for i in range(7) if select[i] > 3]
@@ -121,7 +121,7 @@ def test_tlm_selects_with_the_frozen_model_offline_and_the_current_one_online():
         assert policy.w.grad.nonzero().flatten().tolist() == [kept]
 
 
-def test_tent_token_loss_is_the_mean_over_response_tokens():
+def test_tent_token_loss_is_the_mean_of_each_answers_token_mean():
     w = torch.nn.Parameter(torch.ones(()))
     ent = torch.tensor([[0.0, 1.0, 2.0, 0.0], [0.0, 3.0, 0.0, 0.0]])
     at = torch.tensor([[False, True, True, False], [False, True, False, False]])
@@ -134,7 +134,12 @@ def test_tent_token_loss_is_the_mean_over_response_tokens():
             return ent * w, at
 
     _, metrics = Tent().adapt(View(), torch.optim.SGD([w], lr=0.0))
-    assert metrics["loss"].item() == pytest.approx((1 + 2 + 3) / 3)  # token-weighted, not a mean of means
+    assert metrics["loss"].item() == pytest.approx(((1 + 2) / 2 + 3) / 2)  # EM-FT: each answer's mean, then the mean
+    _, metrics = Tent(average="tokens").adapt(View(), torch.optim.SGD([w], lr=0.0))
+    assert metrics["loss"].item() == pytest.approx((1 + 2 + 3) / 3)  # the option: every token of the batch
+    at[1] = False  # an empty answer is left out of the mean
+    _, metrics = Tent().adapt(View(), torch.optim.SGD([w], lr=0.0))
+    assert metrics["loss"].item() == pytest.approx((1 + 2) / 2)
 
 
 def test_pseudo_label_trains_on_one_majority_answer_per_question(rollout):

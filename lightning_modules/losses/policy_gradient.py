@@ -17,6 +17,7 @@ Reduction, `loss_type` with the names TRL and verl use:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -42,6 +43,18 @@ def group_advantages(rewards: Tensor, group: Tensor, mode: Literal["grpo", "rloo
     std = (sq / (count - 1).clamp_min(1)).sqrt()[group]
     informative = (count[group] > 1) & (std > 0)  # a group of one, or of equal rewards, carries no signal
     return torch.where(informative, (rewards - mean) / (std + eps), torch.zeros_like(rewards))
+
+
+def combined_advantages(rewards: Tensor, weights: Sequence[float], alone: Sequence[bool], group: Tensor,
+                        mode: Literal["grpo", "rloo"] = "grpo", eps: float = 1e-4) -> Tensor:
+    """rewards (N, R), one weight per reward -> advantages (N,): each reward marked `alone` normalised on its own
+    and weighted, plus the weighted sum of the others normalised once. None alone is `sum_then_normalize`;
+    self-certainty alone is Intuitor's combination; all alone, `normalize_every_reward`."""
+    w, alone = torch.tensor(weights, dtype=torch.float32), torch.tensor(alone, dtype=torch.bool)
+    out = group_advantages((rewards[:, ~alone].float() * w[~alone]).sum(-1), group, mode, eps)
+    for j in alone.nonzero().flatten().tolist():
+        out += w[j] * group_advantages(rewards[:, j], group, mode, eps)
+    return out
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
