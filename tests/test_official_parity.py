@@ -15,12 +15,12 @@ lines run unmodified in a scratch directory, torch 2.13 CPU; only the numbers ar
 import pytest
 import torch
 import torch.nn.functional as F
+from test_signals import answers_only  # tests/, on the path as rootdir
 
 from lightning_modules.losses.functional import entropy
 from lightning_modules.losses.policy_gradient import combined_advantages
 from lightning_modules.signals import ClusterShare, DeepConf, NegativeEntropy
 from lightning_modules.tta.tlm import tlm_loss
-from test_signals import answers_only  # tests/, on the path as rootdir
 
 
 # --------------------------------------------------------------------------------------------------------- TLM
@@ -120,7 +120,7 @@ def test_negative_entropy_equals_rents_reward(monkeypatch):
     assert token_entropy.tolist() == [pytest.approx(row, abs=5e-6) for row in OFFICIAL_RENT_ENTROPY]
     lengths = [5, 3, 4, 2]
     monkeypatch.setattr(confidence, "response_values",
-                        lambda candidates, policy, fn, batch_size: [token_entropy[i, :n] for i, n in enumerate(lengths)])
+                        lambda *args: [token_entropy[i, :n] for i, n in enumerate(lengths)])
     got = NegativeEntropy().forward(answers_only([["4", None, "7", None]]), None)
     assert got.tolist() == pytest.approx(OFFICIAL_RENT_REWARD, abs=5e-6)
 
