@@ -34,10 +34,12 @@ from lightning_modules.storage import write_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL = {"none": "tent", "tent": "tent", "infomax": "infomax", "batch_calibration": "batch_calibration",
-         "roid": "roid", "sar": "sar", "tlm": "tlm"}  # method -> recipe (label-level "none" reuses Tent's policy)
+         "batch_calibration_log_probs": "batch_calibration", "roid": "roid", "sar": "sar",
+         "tlm": "tlm"}  # method -> recipe (label-level "none" reuses Tent's policy)
 TOKEN = {"none": "tent_token", "tent": "tent_token", "em_ft": "em_ft", "sar": "sar_token", "tlm": "tlm",
          "pseudo_label": "pseudo_label"}
-NO_LR = {"none", "batch_calibration"}
+NO_LR = {"none", "batch_calibration", "batch_calibration_log_probs"}
+VARIANT = {"batch_calibration_log_probs": ["--model.init_args.method.init_args.average=log_probs"]}  # the option
 SENTIMENT = '{"class_path": "datamodules.tasks.Sentiment", "init_args": {"seed": %d}}'
 COMPARISON = '{"class_path": "datamodules.tasks.Comparison", "init_args": {"seed": %d, "few_shot": 2}}'
 ARITHMETIC = '{"class_path": "datamodules.tasks.Arithmetic", "init_args": {"seed": %d, "few_shot": 2}}'
@@ -79,13 +81,15 @@ def run(method: str, stream: str, seed: int, split: str, questions: int, lr: flo
         args.append(f"--model.init_args.optimizer.{key}.lr={lr}")
     if method == "none":
         args.append("--model.init_args.method=lightning_modules.tta.NoAdaptation")
+    args += VARIANT.get(method, [])
     cli = build_cli(args, run=False)
     cli.trainer.fit(cli.model, cli.datamodule)
     model, metrics = cli.model, cli.trainer.callback_metrics
     top = Counter(model.predicted).most_common(1)[0][1] / len(model.predicted)
     return {"outcomes": model.outcomes, "accuracy": sum(model.outcomes) / len(model.outcomes), "top_share": top,
             "entropy": float(metrics.get("tta/entropy", float("nan"))), "resets": len(model.reset_steps),
-            "skipped": model.method.skipped_steps}
+            "skipped": model.method.skipped_steps, "no_update": getattr(model.method, "no_update_steps", 0),
+            "parsed": sum(p is not None for p in model.predicted) / len(model.predicted)}
 
 
 def main() -> None:
@@ -142,15 +146,17 @@ def main() -> None:
 def table(stream: str, result: dict, seeds) -> str:
     rows, none = result["rows"], result["rows"]["none"]
     lines = [f"\n{stream} (seeds {seeds}): accuracy pooled over seeds; difference vs no adaptation [95% CI], "
-             "McNemar p; collapse signals", "| method | lr | accuracy | vs none | top prediction share | "
-             "last entropy | resets |", "|---|---|---|---|---|---|---|"]
+             "McNemar p; collapse signals; parsed answers; batches without an update (TLM)",
+             "| method | lr | accuracy | vs none | top prediction share | last entropy | resets | parsed | no update |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method, runs in rows.items():
         a, b = pool([(r["outcomes"], n["outcomes"]) for r, n in zip(runs, none)])
         diff = "-" if method == "none" else cell(paired_difference(a, b))
         lr = result["lr"][method]
         lines.append(f"| {method} | {'-' if lr is None else f'{lr:g}'} | {sum(a) / len(a):.3f} | {diff} | "
                      f"{sum(r['top_share'] for r in runs) / len(runs):.2f} | "
-                     f"{sum(r['entropy'] for r in runs) / len(runs):.3f} | {sum(r['resets'] for r in runs)} |")
+                     f"{sum(r['entropy'] for r in runs) / len(runs):.3f} | {sum(r['resets'] for r in runs)} | "
+                     f"{sum(r['parsed'] for r in runs) / len(runs):.3f} | {sum(r['no_update'] for r in runs)} |")
     return "\n".join(lines)
 
 
