@@ -32,7 +32,7 @@ from torchmetrics import MeanMetric, SumMetric
 from datamodules.generation import HFGenerator, to_candidates
 from datamodules.io import check_at_least
 from datamodules.tasks.base import Question, Task
-from lightning_modules.progress import ProgressLog
+from lightning_modules.progress import ProgressLog, phase
 from lightning_modules.sampling import SamplingParams
 from lightning_modules.signals import Candidates, Signal, score, signal_names
 from lightning_modules.signals.quality import best_of_k, rank_weights
@@ -272,6 +272,7 @@ class TaskEvaluation(L.Callback):
         pl_module.log_dict(self._report(trainer, "test", self.rows, "test"))
 
     # ------------------------------------------------------------------ during fit
+    @phase("evaluation")
     def evaluate(self, policy, task: Task, questions: list[Question], k: int | None = None) -> list[dict]:
         k = self.k if k is None else k
         # as many rows per batch for the greedy pass (1 per question) as for the sampled one (k per question)

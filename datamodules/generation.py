@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from datamodules.tasks.base import Question, Task
 from lightning_modules.distributed import dist_info, gather_objects
-from lightning_modules.progress import ProgressLog
+from lightning_modules.progress import ProgressLog, phase
 from lightning_modules.sampling import SamplingParams, finish_text, generate_batch, prefix_cache
 from lightning_modules.signals import Candidates
 from lightning_modules.storage import content_hash, fsync_directory, move_aside, write_atomically
@@ -160,6 +160,7 @@ class HFGenerator:
         self.should_stop, self.check_chunk = should_stop, check_chunk
         self.stats: dict[str, float] = {}
 
+    @phase("generation")
     def sample(self, policy, questions: Sequence[Question], task: Task, params: SamplingParams) -> datasets.Dataset:
         questions = list(questions)
         if not questions:

@@ -42,6 +42,7 @@ from datamodules.tasks.base import Question, Task
 from lightning_modules.distributed import dist_info, gather_objects
 from lightning_modules.model_store import DEFAULT_MODEL
 from lightning_modules.policy import format_prompt, load_tokenizer, model_context
+from lightning_modules.progress import phase
 from lightning_modules.sampling import SamplingParams
 from lightning_modules.signals import AnswerEntropy, Candidates, MajorityAnswer, Signal, TokenNLL, VoteShare, score
 
@@ -138,6 +139,7 @@ class SelfGeneratedDataModule(L.LightningDataModule):
             response_ids=[t.input_ids[t.n_prompt :] for t in tokenized],
         )
 
+    @phase("selection")  # generation and the signals inside it: "selection/generation", "selection/signal <name>"
     def _generate_and_select(self, policy, run_dir: Path) -> list[SFTExample]:
         hp = self.hparams
         rank, world = dist_info()

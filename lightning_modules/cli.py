@@ -24,6 +24,7 @@ schedulers and `fit && test` chains would read success. Scripts that run fits th
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import pickle
 import sys
@@ -38,7 +39,8 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_modules.storage import atomic_checkpoint_io
+from lightning_modules.progress import phase
+from lightning_modules.storage import atomic_checkpoint_io, write_atomically
 
 log = logging.getLogger(__name__)
 # RL and TTA step by hand and checkpoint after each step: the state after the step is the one to resume from, which
@@ -93,6 +95,41 @@ class StopNote(L.Callback):
             print(f"labelfree: stopped by {name} at step {trainer.global_step}; {what}", file=sys.stderr, flush=True)
 
 
+class PhaseReport(L.Callback):
+    """Where the run's time went: the training epochs are the phase "training"; the pipelines mark model load,
+    fingerprint, generation, each signal, selection, evaluation and checkpoint writes (`progress.phase`; a phase
+    inside another is named after both: "training/generation" for RL's rollouts). At the end of a fit or test:
+    the seconds per phase logged as `time/<phase>`, written to `<log dir>/phases.json` and printed on one line
+    (rank 0)."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        phase.enter("training")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        phase.exit("training")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        phase.stack.clear()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.report(trainer)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self.report(trainer)
+
+    @staticmethod
+    def report(trainer) -> None:
+        seconds = phase.report()
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({f"time/{k}": v for k, v in seconds.items()}, step=trainer.global_step)
+        if trainer.is_global_zero:
+            if trainer.log_dir is not None:
+                Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
+                write_atomically(Path(trainer.log_dir) / "phases.json", json.dumps(seconds, indent=2))
+            print("labelfree: time by phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()),
+                  file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def exit_status_on_signal() -> Iterator[None]:
     """Lightning ends a run stopped by SIGTERM with `SIGTERMException`, a `SystemExit` of status 0: make it 143."""
@@ -104,10 +141,11 @@ def exit_status_on_signal() -> Iterator[None]:
 
 class LabelfreeCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
-        """Every trainer gets `StopNote` and, unless a config names plugins, checkpoints written atomically."""
+        """Every trainer gets `StopNote`, `PhaseReport` and, unless a config names plugins, checkpoints written
+        atomically."""
         if not config.get("plugins"):
             config = {**config, "plugins": [atomic_checkpoint_io()]}
-        return super()._instantiate_trainer(config, [*callbacks, StopNote()])
+        return super()._instantiate_trainer(config, [*callbacks, StopNote(), PhaseReport()])
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.policy.init_args.model", "data.init_args.tokenizer", apply_on="parse")
@@ -182,6 +220,7 @@ def _differences(asked, saved, key: str) -> list[tuple[str, object, object]]:
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LabelfreeCLI:
+    phase.reset()  # the run's phases start here: model load included
     return LabelfreeCLI(
         L.LightningModule,
         L.LightningDataModule,

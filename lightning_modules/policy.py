@@ -31,6 +31,7 @@ from lightning_modules.losses.functional import (
     predicting_labels,
 )
 from lightning_modules.model_store import DEFAULT_MODEL, resolve_model, split_gguf
+from lightning_modules.progress import phase
 
 PLAIN_TEMPLATE = "Question: {prompt}\nAnswer: "
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -119,8 +120,9 @@ class Policy(nn.Module):
         self.name, self.adapt, self.nll_chunk_size, self.lora = model, adapt, nll_chunk_size, lora
         self.tokenizer = load_tokenizer(model)
         path, gguf_file = split_gguf(resolve_model(model))
-        base = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=_DTYPES[dtype],
-                                                    trust_remote_code=False)
+        with phase("model load"):
+            base = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=_DTYPES[dtype],
+                                                        trust_remote_code=False)
         if getattr(base.config, "quantization_config", None) is not None and gguf_file:
             del base.config.quantization_config  # GGUF weights arrive dequantised
             base.hf_quantizer = None
@@ -183,9 +185,10 @@ class Policy(nn.Module):
         """A content hash (sha256) of the frozen weights, computed once: what identifies the base model, whatever
         its path or name (new weights copied under the same directory hash differently)."""
         if self._base_fingerprint is None:
-            h = hashlib.sha256()
-            hash_weights(h, ((n, p) for n, p in self.model.named_parameters() if not p.requires_grad))
-            self._base_fingerprint = h.hexdigest()
+            with phase("fingerprint"):
+                h = hashlib.sha256()
+                hash_weights(h, ((n, p) for n, p in self.model.named_parameters() if not p.requires_grad))
+                self._base_fingerprint = h.hexdigest()
         return self._base_fingerprint
 
     def fingerprint(self, initial: bool = False) -> str:

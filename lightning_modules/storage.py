@@ -87,13 +87,16 @@ def atomic_checkpoint_io():
     import torch
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+    from lightning_modules.progress import phase
+
     class AtomicCheckpointIO(TorchCheckpointIO):
         def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
             if "://" in str(path) or storage_options is not None:
                 return super().save_checkpoint(checkpoint, path, storage_options)
-            buffer = io.BytesIO()
-            torch.save(checkpoint, buffer)
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(Path(path), buffer.getvalue())
+            with phase("checkpoint"):
+                buffer = io.BytesIO()
+                torch.save(checkpoint, buffer)
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                write_atomically(Path(path), buffer.getvalue())
 
     return AtomicCheckpointIO()

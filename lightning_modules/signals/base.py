@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from lightning_modules.batching import pad
 from lightning_modules.losses.functional import IGNORE_INDEX, predicting_labels
+from lightning_modules.progress import phase
 from lightning_modules.sampling import finish_text, generate_batch, prefix_cache
 
 
@@ -120,7 +121,8 @@ def score(signal: Signal, candidates: Candidates, policy, where: Tensor | None =
     if len(index) == 0:
         return out
     asked = candidates if len(index) == n else candidates.subset(index.tolist())
-    values = signal(asked, policy)
+    with phase(f"signal {signal.name}"):
+        values = signal(asked, policy)
     if not isinstance(values, Tensor) or values.shape != (len(index),):
         shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
         raise ValueError(f"signal {signal.name} returned {shape} for {len(index)} candidates: one value each expected")
@@ -142,6 +144,7 @@ def signal_names(signals: Sequence[Signal]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- teacher forcing
+@phase("generation")
 def sample_candidates(policy, questions: Sequence[Any], tasks: Sequence[Any], suffix_ids: Sequence[Sequence[int]],
                       params, prefix_ids: Sequence[int] = (), generator: torch.Generator | None = None) -> Candidates:
     """`params.n` answers to each question from the policy as it is now (in `policy.inference()`), with their
