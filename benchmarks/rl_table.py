@@ -142,9 +142,9 @@ def table(args) -> None:
     print(f"\n{len(args.seeds)} seeds x {args.steps} steps at lr {args.lr:g}, {len(base)} held-out questions (2-shot "
           f"greedy); {sum(r['seconds'] for r in records.values()) / 60:.0f} min of runs in all")
     print("| reward | held-out greedy acc. | sampled acc. first → last quarter | reward ranking | entropy first → "
-          "last | response length first → last | collapsed runs |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| base (no training) | {accuracy(base):.3f} | - | - | - | - | - |")
+          "last | response length first → last | parsed answers first → last | collapsed runs |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| base (no training) | {accuracy(base):.3f} | - | - | - | - | - | - |")
     for method, rows in done.items():
         def trend(key, digits=2, rows=rows):
             first = mean_std([quarter_mean(r["history"], key, False) for r in rows], digits)
@@ -154,7 +154,7 @@ def table(args) -> None:
         collapsed = [f"seed {r['seed']} at step {r['collapse'][0]['step']}" for r in rows if r["collapse"]]
         print(f"| {method} | {mean_std([accuracy(r['correct']['fit_end']) for r in rows])} | "
               f"{trend('rl/sample_accuracy')} | {ranking} | {trend('rl/entropy')} | "
-              f"{trend('rl/response_length', 1)} | {', '.join(collapsed) or 'none'} |")
+              f"{trend('rl/response_length', 1)} | {trend('rl/parsed_fraction')} | {', '.join(collapsed) or 'none'} |")
     results = {m: [{"after": r["correct"]["fit_end"]} for r in rows] for m, rows in done.items()}
     baselines = {"base": [base] * len(args.seeds)}
     if "gold" in results:
