@@ -127,20 +127,23 @@ class Task:
             return str(Path(self.data_path.replace("{split}", split)).resolve())
         return f"{self.name}:{split}"
 
-    def answer_counts(self, answers: Sequence[str | None]) -> list[tuple[str, int]]:
-        """Distinct answers (equal under `same` pool their votes) with their votes, in first-seen order;
-        None gets no vote."""
-        groups: list[list] = []  # [representative, votes]
+    def answer_clusters(self, answers: Sequence[str | None]) -> tuple[list[int], list[str]]:
+        """Each answer's cluster, numbered in first-seen order: an answer joins the first cluster whose first answer
+        it equals under `same`; -1 for None. Returns (cluster per answer, each cluster's first answer)."""
+        ids: list[int] = []
+        representatives: list[str] = []
         for a in answers:
-            if a is None:
-                continue
-            for group in groups:
-                if self.same(group[0], a):
-                    group[1] += 1
-                    break
-            else:
-                groups.append([a, 1])
-        return [(a, n) for a, n in groups]
+            k = -1 if a is None else next((k for k, r in enumerate(representatives) if self.same(r, a)), None)
+            if k is None:
+                k = len(representatives)
+                representatives.append(a)
+            ids.append(k)
+        return ids, representatives
+
+    def answer_counts(self, answers: Sequence[str | None]) -> list[tuple[str, int]]:
+        """Distinct answers (`answer_clusters`) with their votes, in first-seen order; None gets no vote."""
+        ids, representatives = self.answer_clusters(answers)
+        return [(r, ids.count(k)) for k, r in enumerate(representatives)]
 
     def majority(self, answers: Sequence[str | None], min_votes: int = MIN_MAJORITY_VOTES
                  ) -> tuple[str | None, int, int]:

@@ -29,21 +29,12 @@ from lightning_modules.signals.base import Candidates, Signal
 
 
 def answer_clusters(candidates: Candidates) -> Tensor:
-    """Each candidate's answer cluster within its question: clusters numbered in first-seen order per question,
-    an answer joining the first cluster whose first answer it equals (`task.same`, as `task.answer_counts`
-    pools votes); -1 for an unparsable answer. (N,) long."""
+    """Each candidate's answer cluster within its question (`task.answer_clusters`: numbered in first-seen order,
+    equal answers under `task.same` pooled, as votes are); -1 for an unparsable answer. (N,) long."""
     out = torch.full((len(candidates),), -1, dtype=torch.long)
     for g, rows in enumerate(candidates.members()):
-        task, representatives = candidates.tasks[g], []
-        for i in rows:
-            a = candidates.answers[i]
-            if a is None:
-                continue
-            k = next((k for k, r in enumerate(representatives) if task.same(r, a)), None)
-            if k is None:
-                k = len(representatives)
-                representatives.append(a)
-            out[i] = k
+        ids, _ = candidates.tasks[g].answer_clusters([candidates.answers[i] for i in rows])
+        out[rows] = torch.tensor(ids, dtype=torch.long)
     return out
 
 
