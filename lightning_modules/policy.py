@@ -268,6 +268,13 @@ class Policy(nn.Module):
             "position_ids": torch.arange(n, n + width, device=input_ids.device).expand(len(input_ids), -1),
         }
 
+    def next_token_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The logits of the token after each left-padded row (B, T) (position ids count real tokens only), with
+        gradient when enabled. (B, V)."""
+        positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                          logits_to_keep=1).logits[:, -1]
+
     def _rows(self, input_ids: Tensor, attention_mask: Tensor, select: Tensor, prefix_ids: Sequence[int]) -> Tensor:
         """What the output head needs at the positions where `select` (B, T) is set: the decoder's final hidden
         states (N, H) when the head can be applied chunk by chunk (`_fused_head_supported`), else logits (N, V)."""

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_modules.batching import pad
 from lightning_modules.sampling import SamplingParams, finish_text, generate_batch
 from lightning_modules.signals.base import Candidates, Signal
 
@@ -83,13 +84,9 @@ class SelfEvaluation(_Judge):
             texts = [finish_text(tok, c, ())[0]
                      for c in generate_batch(model, tok, None, 0, prompts, params, (), self.generator)]
             return torch.tensor([float("yes" in t.lower()) for t in texts])
-        width = max(map(len, prompts))
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        ids, mask, _ = pad(prompts, tok.pad_token_id, left=True)
         device = next(model.parameters()).device
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       logits_to_keep=1).logits[:, -1].float()
+        logits = policy.next_token_logits(ids.to(device), mask.to(device)).float()
         probs = logits.softmax(-1)
         yes = probs[:, single_token_ids(tok, ["Yes", " Yes", "yes", " yes", "YES"])].sum(-1)
         no = probs[:, single_token_ids(tok, ["No", " No", "no", " no", "NO"])].sum(-1)

@@ -65,9 +65,7 @@ class LabelView:
         return out.new_empty(out.shape).scatter(1, self.batch["view_perm"].to(out.device), out)
 
     def _logits(self, input_ids: Tensor, mask: Tensor) -> Tensor:
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: count real tokens only
-        out = self.policy.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                logits_to_keep=1).logits[:, -1]  # (B, V)
+        out = self.policy.next_token_logits(input_ids, mask)  # (B, V)
         return out.gather(-1, self.batch["verbalizer_ids"]).float()  # (B, C)
 
     def entropy(self) -> Tensor:
