@@ -20,7 +20,6 @@ FSDP / ZeRO-3 call it from a separate predict pass on a gathered (unsharded) cop
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -41,6 +40,7 @@ from lightning_modules.distributed import dist_info, gather_objects
 from lightning_modules.progress import ProgressLog, phase
 from lightning_modules.sampling import SamplingParams, finish_text, generate_batch, prefix_cache
 from lightning_modules.signals import Candidates
+from lightning_modules.storage import cache_key as storage_key
 from lightning_modules.storage import content_hash, fsync_directory, move_aside, write_atomically
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def cache_key(policy, task: Task, questions: Sequence[Question], params: Samplin
         "params": asdict(params), "chunk_size": chunk_size,
         "questions": [(q.id, q.question, q.options) for q in questions],
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return storage_key(payload)
 
 
 CHECKSUM = "content.sha256"  # in each chunk: the hash of its other files, written with them

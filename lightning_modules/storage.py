@@ -5,6 +5,7 @@ is moved aside with a warning and computed again, never trusted)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -43,6 +44,11 @@ def fsync_directory(directory: Path) -> None:
 
 def content_hash(*parts: bytes) -> str:
     return hashlib.sha256(b"".join(hashlib.sha256(p).digest() for p in parts)).hexdigest()
+
+
+def cache_key(payload: dict) -> str:
+    """A cache entry's name from everything its contents depend on (JSON, keys sorted): 20 hex digits of sha256."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def write_verified(path: Path, data: bytes) -> None:

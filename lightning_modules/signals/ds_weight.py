@@ -17,9 +17,7 @@ reference clip, a re-run) score them once.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +29,7 @@ from tqdm.auto import tqdm
 from lightning_modules.batching import SFTExample, collate, tokenize_example, with_leading_pad
 from lightning_modules.losses.functional import IGNORE_INDEX, ds_weight
 from lightning_modules.signals.base import Candidates, Signal
-from lightning_modules.storage import read_verified, write_verified
+from lightning_modules.storage import cache_key, read_verified, write_verified
 
 
 def sample_losses(policy, examples: Sequence[SFTExample], tokens: Literal["all", "completion"] = "all",
@@ -114,7 +112,7 @@ class DSWeight(Signal):
         payload = {"model": policy.fingerprint(initial=True), "tokens": self.tokens, "max_length": self.max_length,
                    "first_token_from_pad": self.first_token_from_pad, "batch_size": self.batch_size,
                    "examples": [(e.prompt, e.response) for e in examples]}
-        return Path(self.cache_dir) / f"ds_losses-{hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:20]}.pt"
+        return Path(self.cache_dir) / f"ds_losses-{cache_key(payload)}.pt"
 
     def forward(self, candidates: Candidates, policy) -> Tensor:
         self.check()
