@@ -12,7 +12,7 @@ The data side's tokenizer is linked to the policy's model, so a config names the
   so `config.yaml` records what actually runs;
 - `test`, `validate`, `predict` keep the command's own module (the eval recipe's `AnswerSamplingModule`) and take
   the checkpoint's policy (base model, adaptation, LoRA settings) into it; the trained tensors are then loaded;
-- every module refuses a checkpoint of another base model (`TrainableStateMixin.on_load_checkpoint`).
+- every module refuses a checkpoint of another base model (`checkpointing.TrainableStateMixin.on_load_checkpoint`).
 
 Signals: a run stopped by SIGTERM (at the next batch, or during self-training generation at the next chunk, the
 chunks written so far cached) exits with status 143, and by SIGINT (Ctrl-C) with 1 (Lightning's), each after one
@@ -96,16 +96,16 @@ class StopNote(L.Callback):
 
 
 class PhaseReport(L.Callback):
-    """Where the run's time went: the training epochs are the phase "training"; the pipelines mark model load,
+    """Where the run's time went: the training loop is the phase "training"; the pipelines mark model load,
     fingerprint, generation, each signal, selection, evaluation and checkpoint writes (`progress.phase`; a phase
     inside another is named after both: "training/generation" for RL's rollouts). At the end of a fit or test:
     the seconds per phase logged as `time/<phase>`, written to `<log dir>/phases.json` and printed on one line
     (rank 0)."""
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
         phase.enter("training")
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer, pl_module) -> None:
         phase.exit("training")
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from lightning_modules.checkpointing import TrainableStateMixin
 from lightning_modules.policy import Policy
 from lightning_modules.sampling import SamplingParams, finish_text, generate_batch, prefix_cache
-from lightning_modules.sft import TrainableStateMixin
 
 
 class AnswerSamplingModule(TrainableStateMixin, L.LightningModule):

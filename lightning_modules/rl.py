@@ -33,12 +33,12 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from lightning_modules.checkpointing import TrainableStateMixin, save_config_hyperparameters
 from lightning_modules.guard import FiniteGuard
 from lightning_modules.losses.functional import IGNORE_INDEX
 from lightning_modules.losses.policy_gradient import PPOClipLoss, combined_advantages
 from lightning_modules.policy import Policy
 from lightning_modules.sampling import SamplingParams
-from lightning_modules.sft import TrainableStateMixin, save_config_hyperparameters
 from lightning_modules.signals import (
     Candidates,
     SelfCertainty,

@@ -385,3 +385,15 @@ def test_a_prompt_over_the_context_is_refused_before_generation_naming_its_line(
     short = GSM8K(data_path=str(tmp_path / "q.jsonl"), few_shot=0, max_prompt_tokens=5)
     with pytest.raises(DataError, match=r"q.jsonl:1: .* over the limit of 5 \(max_prompt_tokens\)"):
         QuestionDataModule(short, tokenizer=tiny_model_dir).setup("test")
+
+
+def test_a_checkpoint_must_hold_exactly_the_trainable_tensors(tiny_model_dir):
+    module = WeightedSFTModule(Policy(tiny_model_dir))
+    saved = module.state_dict()
+    assert saved and all(module.get_parameter(k).requires_grad for k in saved)  # the frozen base is never saved
+    module.load_state_dict(saved)
+    first = next(iter(saved))
+    with pytest.raises(ValueError, match=r"1 missing from the checkpoint \(e.g. " + re.escape(first)):
+        module.load_state_dict({k: v for k, v in saved.items() if k != first})
+    with pytest.raises(ValueError, match=r"1 in the checkpoint but not trained here \(e.g. policy.model.extra"):
+        module.load_state_dict({**saved, "policy.model.extra": torch.zeros(1)})

@@ -30,9 +30,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
+from lightning_modules.checkpointing import TrainableStateMixin, save_config_hyperparameters
 from lightning_modules.losses.functional import entropy
 from lightning_modules.policy import Policy
-from lightning_modules.sft import TrainableStateMixin, save_config_hyperparameters
 from lightning_modules.tta.base import LabelView, TokenView, TTAMethod
 from lightning_modules.tta.tent import Tent
 
