@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from lightning_modules.checkpointing import TrainableStateMixin, save_config_hyperparameters
 from lightning_modules.guard import FiniteGuard
+from lightning_modules.losses.base import PolicyGradientLoss, check_loss
 from lightning_modules.losses.functional import IGNORE_INDEX
 from lightning_modules.losses.policy_gradient import PPOClipLoss, combined_advantages
 from lightning_modules.policy import Policy
@@ -72,7 +73,7 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
         advantage: Literal["grpo", "rloo"] = "grpo", advantage_eps: float = 1e-4,
         reward_combination: Literal["sum_then_normalize", "normalize_each", "normalize_every_reward"] =
             "sum_then_normalize",
-        loss: nn.Module | None = None, ppo_epochs: int = 1,
+        loss: PolicyGradientLoss | None = None, ppo_epochs: int = 1,
         optimizer: OptimizerCallable = torch.optim.AdamW, seed: int = 0, max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
@@ -94,7 +95,7 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
                              "rewards' weighted sum once (Intuitor); the rewards hold no SelfCertainty: use "
                              "normalize_every_reward or sum_then_normalize")
         self.reward_combination = reward_combination
-        self.loss = loss if loss is not None else PPOClipLoss()
+        self.loss = check_loss(loss, PolicyGradientLoss, "SelfRewardRLModule") if loss is not None else PPOClipLoss()
         self.optimizer_factory = optimizer
         self.generator = torch.Generator().manual_seed(seed)
         self.guard = FiniteGuard(max_nonfinite_steps)

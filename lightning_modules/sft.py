@@ -18,10 +18,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_modules.checkpointing import TrainableStateMixin, save_config_hyperparameters
 from lightning_modules.guard import FiniteGuard
+from lightning_modules.losses.base import SFTLoss, check_loss
 from lightning_modules.losses.functional import IGNORE_INDEX
 from lightning_modules.losses.weighted_nll import WeightedNLL
 from lightning_modules.policy import Policy
@@ -43,7 +44,7 @@ class WeightedSFTModule(TrainableStateMixin, L.LightningModule):
     def __init__(
         self,
         policy: Policy,
-        loss: nn.Module | None = None,
+        loss: SFTLoss | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         log_samples_every_n_steps: int = 100,
@@ -55,7 +56,7 @@ class WeightedSFTModule(TrainableStateMixin, L.LightningModule):
         self.guard = FiniteGuard(max_nonfinite_steps)
         self._stepped = False
         self.policy = policy
-        self.loss = loss if loss is not None else WeightedNLL()
+        self.loss = check_loss(loss, SFTLoss, "WeightedSFTModule") if loss is not None else WeightedNLL()
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.log_samples_every_n_steps, self.export_adapter = log_samples_every_n_steps, export_adapter
         self._last_batch_end: float | None = None

@@ -15,7 +15,7 @@ from datamodules.self_generated import SelfGeneratedDataModule
 from datamodules.tasks import Arithmetic
 from lightning_modules.cli import CheckpointError, build_cli
 from lightning_modules.guard import NonFiniteTrainingError
-from lightning_modules.losses.base import LossOutput
+from lightning_modules.losses import LossOutput, SFTLoss, WeightedNLL
 from lightning_modules.model_store import resolve_model
 from lightning_modules.policy import LoraSettings, Policy
 from lightning_modules.sampling import SamplingParams
@@ -163,7 +163,7 @@ def test_a_model_directory_names_what_it_lacks(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- training
-class NaNLoss(torch.nn.Module):
+class NaNLoss(SFTLoss):
     def forward(self, token_nll, mask, weight):
         return LossOutput((token_nll * mask).sum() * float("nan"), {})
 
@@ -188,7 +188,7 @@ def test_non_finite_updates_are_skipped_then_stop_the_run_and_nothing_non_finite
 def test_an_update_that_makes_weights_non_finite_stops_at_once_and_writes_nothing(tiny_model_dir, tmp_path):
     from lightning_modules.guard import check_finite
 
-    class HugeLoss(torch.nn.Module):  # finite loss and gradients (about 1e30), an update beyond float32
+    class HugeLoss(SFTLoss):  # finite loss and gradients (about 1e30), an update beyond float32
         def forward(self, token_nll, mask, weight):
             return LossOutput((token_nll * mask).sum() * 1e30, {})
 
@@ -397,3 +397,14 @@ def test_a_checkpoint_must_hold_exactly_the_trainable_tensors(tiny_model_dir):
         module.load_state_dict({k: v for k, v in saved.items() if k != first})
     with pytest.raises(ValueError, match=r"1 in the checkpoint but not trained here \(e.g. policy.model.extra"):
         module.load_state_dict({**saved, "policy.model.extra": torch.zeros(1)})
+
+
+def test_a_loss_of_the_wrong_kind_is_refused_when_the_module_is_built(tiny_model_dir):
+    from lightning_modules.losses.policy_gradient import PPOClipLoss
+    from lightning_modules.rl import SelfRewardRLModule
+    from lightning_modules.signals import MajorityAnswer
+
+    with pytest.raises(TypeError, match="WeightedSFTModule's loss must subclass lightning_modules.losses.SFTLoss"):
+        WeightedSFTModule(Policy(tiny_model_dir), loss=PPOClipLoss())
+    with pytest.raises(TypeError, match="SelfRewardRLModule.s loss must subclass .*PolicyGradientLoss .*WeightedNLL"):
+        SelfRewardRLModule(Policy(tiny_model_dir), [MajorityAnswer()], loss=WeightedNLL())

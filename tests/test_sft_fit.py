@@ -92,9 +92,9 @@ def test_tensorboard_holds_scalars_and_sample_texts(tiny_model_dir, tmp_path):
 def test_a_loss_from_the_users_own_module(tiny_model_dir, tmp_path, monkeypatch):
     (tmp_path / "my_losses.py").write_text(textwrap.dedent('''
         import torch
-        from lightning_modules.losses import LossOutput
+        from lightning_modules.losses import LossOutput, SFTLoss
 
-        class FocalishNLL(torch.nn.Module):
+        class FocalishNLL(SFTLoss):
             """Down-weights tokens the model already predicts well."""
             def __init__(self, gamma: float = 1.0):
                 super().__init__()

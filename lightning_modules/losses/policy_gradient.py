@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_modules.losses.base import LossOutput
+from lightning_modules.losses.base import LossOutput, PolicyGradientLoss
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 
@@ -63,7 +63,7 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return torch.exp(delta) - delta - 1
 
 
-class PPOClipLoss(nn.Module):
+class PPOClipLoss(PolicyGradientLoss):
     """Args:
         clip_eps: the clip range of the ratio (0.2).
         kl_beta: weight of the k3 KL to the reference (0.04).

@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_modules.losses.base import LossOutput
+from lightning_modules.losses.base import LossOutput, SFTLoss
 
 
-class WeightedNLL(nn.Module):
+class WeightedNLL(SFTLoss):
     def __init__(self, reduction: Literal["sample", "token"] = "sample") -> None:
         super().__init__()
         self.reduction = reduction
