@@ -12,9 +12,10 @@ Two phases, nothing tuned on the held-out questions:
    `--every` steps. The first (lr, steps) whose paired difference against the base model on the validation split
    has a 95% interval above 0 is the setting of phase 2 (the best one otherwise, said so).
 2. The table: every reward for `--steps` steps at `--lr`, held-out greedy accuracy (seed 1234, `test` split).
-Each run is `labelfree fit -c configs/rl/ttrl.yaml` with the reward replaced (RLC: `configs/rl/rlc.yaml`), the
-seed changing the training questions' order, the sampling and the initialisation; the training questions are
-the recipe's 80, cycled, from the self-improvement family (2..12 x 3..20). Every run is a record under
+Each run is the method's recipe (`labelfree fit -c configs/rl/base.yaml -c configs/rl/<method>.yaml`; the oracle is
+TTRL's with the gold reward), the seed changing the training questions' order, the sampling and the
+initialisation; the training questions are the recipe's 80, cycled, from the self-improvement family
+(2..12 x 3..20). Every run is a record under
 `benchmarks/results/rl*/` (run in parts, like the self-improvement table; `--table` prints from the records).
 
     python benchmarks/rl_table.py --find-steps --lrs 1e-4 1e-3 --max-steps 100 --every 20
@@ -35,15 +36,15 @@ from tables import ROOT, load_records, mean_std, run_in_parts  # benchmarks/tabl
 from callbacks.collapse_guard import CollapseGuard
 from callbacks.task_evaluation import TaskEvaluation
 from datamodules.tasks import Arithmetic
-from lightning_modules.cli import build_cli, exit_status_on_signal
+from lightning_modules.cli import build_cli, exit_status_on_signal, recipe_args
 
 REWARDS = {  # method -> (recipe, the reward that replaces the recipe's; None keeps it)
     "gold": ("ttrl", "GoldAnswer"),
     "rlc": ("rlc", None),
     "ttrl": ("ttrl", None),
-    "intuitor": ("ttrl", "SelfCertainty"),
-    "empo": ("ttrl", "ClusterShare"),
-    "rent": ("ttrl", "NegativeEntropy"),
+    "intuitor": ("intuitor", None),
+    "empo": ("empo", None),
+    "rent": ("rent", None),
 }
 FIGURES = ("rl/sample_accuracy", "rl/reward_ranking", "rl/entropy", "rl/response_length", "rl/kl",
            "rl/parsed_fraction")
@@ -79,7 +80,7 @@ def run(method: str, seed: int, args, with_base: bool, steps: int, lr: float, sp
     ]
     if reward is not None:
         overrides.append(f'--model.init_args.rewards=[{{"class_path": "lightning_modules.signals.{reward}"}}]')
-    cli = build_cli(["-c", str(ROOT / f"configs/rl/{recipe}.yaml"), *overrides], run=False)
+    cli = build_cli([*recipe_args(ROOT / f"configs/rl/{recipe}.yaml"), *overrides], run=False)
     evaluation = TaskEvaluation(Arithmetic(b_range=(3, 20), seed=1234), split=split,
                                 num_questions=args.eval_questions, k=0, at_fit_start=with_base,
                                 every_n_epochs=1 if split == "valid" else 0,

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from callbacks.statistics import cell, paired_difference, pool
-from lightning_modules.cli import build_cli, exit_status_on_signal
+from lightning_modules.cli import build_cli, exit_status_on_signal, recipe_args, recipe_configs
 from lightning_modules.storage import write_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,17 +62,20 @@ def stream_args(stream: str, seed: int, split: str, questions: int) -> tuple[str
 
 
 def recipe_lr(recipe: str) -> float:
+    """The learning rate the recipe sets (the last of its composing files that sets one)."""
     import yaml
 
-    optimizer = yaml.safe_load((ROOT / "configs" / "tta" / f"{recipe}.yaml").read_text())["model"]["init_args"].get(
-        "optimizer", {})
-    return (optimizer.get("init_args", {}) | optimizer.get("dict_kwargs", {})).get("lr", 1e-3)
+    lr = 1e-3
+    for path in recipe_configs(ROOT / "configs" / "tta" / f"{recipe}.yaml"):
+        optimizer = (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args", {}).get("optimizer") or {}
+        lr = (optimizer.get("init_args", {}) | optimizer.get("dict_kwargs", {})).get("lr", lr)
+    return lr
 
 
 def run(method: str, stream: str, seed: int, split: str, questions: int, lr: float | None, runs: str) -> dict:
     level, data = stream_args(stream, seed, split, questions)
     recipe = (LABEL if level == "label" else TOKEN)[method]
-    args = ["-c", str(ROOT / "configs" / "tta" / f"{recipe}.yaml"), f"--seed_everything={seed}", *data,
+    args = [*recipe_args(ROOT / "configs" / "tta" / f"{recipe}.yaml"), f"--seed_everything={seed}", *data,
             f"--model.init_args.level={level}",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
             f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.logger.init_args.name={stream}_{method}"]

@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import pickle
+import shlex
 import sys
 import warnings
 import zipfile
@@ -217,6 +218,20 @@ def _differences(asked, saved, key: str) -> list[tuple[str, object, object]]:
         return [d for k in sorted(set(asked) | set(saved), key=str)
                 for d in _differences(asked.get(k), saved.get(k), f"{key}.{k}")]
     return [] if asked == saved else [(key, asked, saved)]
+
+
+def recipe_configs(config: str | Path) -> list[Path]:
+    """The files that compose a recipe: the `-c` files of the command on its first line (`# labelfree fit -c
+    configs/tta/base.yaml -c configs/tta/tlm.yaml`), relative to the directory that holds `configs/`."""
+    config = Path(config).resolve()
+    root = next((p.parent for p in config.parents if p.name == "configs"), Path.cwd())
+    words = shlex.split(config.read_text().splitlines()[0].lstrip("# "))
+    return [root / words[i + 1] for i, w in enumerate(words) if w in ("-c", "--config")]
+
+
+def recipe_args(config: str | Path) -> list[str]:
+    """`-c` arguments that build a recipe as its first line composes it."""
+    return [a for f in recipe_configs(config) for a in ("-c", str(f))]
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LabelfreeCLI:

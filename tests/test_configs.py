@@ -1,11 +1,10 @@
 """Every shipped YAML instantiates (model, data, trainer) with the tiny model, composed as its first line says."""
 
-import shlex
 from pathlib import Path
 
 import pytest
 
-from lightning_modules.cli import build_cli
+from lightning_modules.cli import build_cli, recipe_configs
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "data" not in p.relative_to(ROOT / "configs").parts)
@@ -13,9 +12,9 @@ CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "data" not in 
 
 def command_configs(config: Path) -> list[str]:
     """The `-c` files of the command on the config's first line (`# labelfree <subcommand> -c ... -c ...`)."""
-    words = shlex.split(config.read_text().splitlines()[0].lstrip("# "))
-    assert words[:1] == ["labelfree"], f"{config}: the first line must be the command that runs it"
-    files = [words[i + 1] for i, w in enumerate(words) if w in ("-c", "--config")]
+    assert config.read_text().startswith("# labelfree "), f"{config}: the first line must be the command that runs it"
+    files = [str(f.relative_to(ROOT)) for f in recipe_configs(config)]
+    assert files and all((ROOT / f).is_file() for f in files), f"{config}: its command names files that do not exist"
     assert str(config.relative_to(ROOT)) in files, f"{config}: its own command must use it"
     return files
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import run_labelfree
 
-from lightning_modules.cli import build_cli
+from lightning_modules.cli import build_cli, recipe_args
 
 pytestmark = pytest.mark.slow  # each run starts processes
 ROOT = Path(__file__).parents[1]
@@ -18,7 +18,7 @@ DDP = ("--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=c
 
 def _fit(config: str, tiny_model_dir: str, save_dir: Path, *extra: str) -> dict:
     """Fits in new processes and returns the last checkpoint."""
-    run_labelfree("fit", "-c", config, f"--model.init_args.policy.init_args.model={tiny_model_dir}",
+    run_labelfree("fit", *recipe_args(ROOT / config), f"--model.init_args.policy.init_args.model={tiny_model_dir}",
                   f"--trainer.logger.init_args.save_dir={save_dir}", "--trainer.enable_progress_bar=false",
                   *extra, cwd=ROOT)
     return torch.load(max(save_dir.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime), weights_only=True)
@@ -37,12 +37,12 @@ def test_sft_trains_and_resumes_under_ddp(tiny_model_dir, tmp_path):
 def test_a_tta_stream_under_ddp_gives_each_rank_every_other_batch(tiny_model_dir, tmp_path):
     """Without adaptation, the two ranks' outcomes interleaved by batch are one process's; the accuracy logged
     counts both ranks' items."""
-    args = ["-c", "configs/tta/tent.yaml", "--data.init_args.tasks=datamodules.tasks.Comparison",
-            "--data.init_args.num_questions=16", "--data.init_args.batch_size=4",
-            "--model.init_args.method=lightning_modules.tta.NoAdaptation"]
-    one = build_cli(["fit", *args, f"--model.init_args.policy.init_args.model={tiny_model_dir}",
+    args = ["--data.init_args.tasks=datamodules.tasks.Comparison", "--data.init_args.num_questions=16",
+            "--data.init_args.batch_size=4", "--model.init_args.method=lightning_modules.tta.NoAdaptation"]
+    one = build_cli(["fit", *recipe_args(ROOT / "configs/tta/tent.yaml"), *args,
+                     f"--model.init_args.policy.init_args.model={tiny_model_dir}",
                      f"--trainer.logger.init_args.save_dir={tmp_path / 'one'}", "--trainer.enable_progress_bar=false"])
-    two = _fit(args[1], tiny_model_dir, tmp_path / "two", *args[2:], *DDP)
+    two = _fit("configs/tta/tent.yaml", tiny_model_dir, tmp_path / "two", *args, *DDP)
     ranks = [state["outcomes"] for state in two["labelfree"]["ranks"]]
     interleaved = [x for b in range(2) for rank in ranks for x in rank[4 * b : 4 * b + 4]]
     assert len(one.model.outcomes) == 16 and interleaved == one.model.outcomes

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.cli import build_cli
+from lightning_modules.cli import build_cli, recipe_args
 
 ROOT = Path(__file__).parents[1]
 
@@ -17,7 +17,7 @@ def _trainable(cli) -> dict[str, torch.Tensor]:
 
 
 def _fit(config: str, tiny_model_dir: str, save_dir: Path, *extra: str):
-    return build_cli(["fit", "-c", str(ROOT / config), f"--model.init_args.policy.init_args.model={tiny_model_dir}",
+    return build_cli(["fit", *recipe_args(ROOT / config), f"--model.init_args.policy.init_args.model={tiny_model_dir}",
                       f"--trainer.logger.init_args.save_dir={save_dir}", "--trainer.enable_progress_bar=false",
                       "--trainer.enable_model_summary=false", *extra])
 

@@ -177,13 +177,13 @@ def test_weight_ensembling(adapt):
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs" / "tta").glob("*.yaml")), ids=lambda p: p.stem)
 def test_two_step_fit_changes_only_adapted_parameters(config, tiny_model_dir, tmp_path, monkeypatch):
-    from lightning_modules.cli import build_cli
+    from lightning_modules.cli import build_cli, recipe_args, recipe_configs
 
     monkeypatch.chdir(ROOT)
-    args = ["-c", str(config), f"--model.init_args.policy.init_args.model={tiny_model_dir}",
+    args = [*recipe_args(config), f"--model.init_args.policy.init_args.model={tiny_model_dir}",
             f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
             "--data.init_args.num_questions=8", "--data.init_args.batch_size=4"]
-    token = "level: token" in config.read_text()
+    token = any("level: token" in f.read_text() for f in recipe_configs(config))
     if token:  # an open-ended stream
         args += ["--data.init_args.tasks=datamodules.tasks.Arithmetic", "--model.init_args.max_new_tokens=5"]
     else:

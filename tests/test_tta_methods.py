@@ -220,10 +220,10 @@ def test_a_method_is_refused_at_a_level_it_does_not_support(tiny_model_dir):
 
 
 def _cli(config, tiny_model_dir, tmp_path, monkeypatch, *extra, task="Comparison"):
-    from lightning_modules.cli import build_cli
+    from lightning_modules.cli import build_cli, recipe_args
 
     monkeypatch.chdir(ROOT)
-    return build_cli(["-c", str(ROOT / "configs" / "tta" / config), f"--model.init_args.policy.init_args.model="
+    return build_cli([*recipe_args(ROOT / "configs" / "tta" / config), f"--model.init_args.policy.init_args.model="
                       f"{tiny_model_dir}", f"--trainer.logger.init_args.save_dir={tmp_path}",
                       "--trainer.enable_progress_bar=false", "--data.init_args.num_questions=12",
                       "--data.init_args.batch_size=4", f"--data.init_args.tasks=datamodules.tasks.{task}", *extra],
