@@ -11,15 +11,17 @@ signal's range, on every rank.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from lightning_modules.distributed import gather_objects
+from lightning_modules.distributed import gather_all, global_percentile, global_sum, kept_anywhere
 from lightning_modules.signals import (
     AnswerEntropy,
+    Candidates,
     DSWeight,
     MajorityAnswer,
     RewardModelScore,
@@ -27,6 +29,7 @@ from lightning_modules.signals import (
     Signal,
     TokenNLL,
     VoteShare,
+    score,
 )
 
 
@@ -34,24 +37,58 @@ class EmptySelectionError(ValueError):
     pass
 
 
-def gather_all(values: Tensor) -> Tensor:
-    """All ranks' values concatenated in rank order (the values themselves when not distributed)."""
-    parts = gather_objects(values.cpu())
-    return values if len(parts) == 1 else torch.cat(parts).to(values.device)
+ALWAYS = (MajorityAnswer(), VoteShare(), AnswerEntropy(), TokenNLL())  # cheap: from the answers and stored log-probs
 
 
-def kept_anywhere(keep: Tensor) -> bool:
-    """Whether any rank keeps a candidate (every rank must call it alike)."""
-    return sum(gather_objects(int(keep.sum()))) > 0
+@dataclass
+class Selection:
+    """What the selectors decided over a round's candidates: `keep` (N,) bool, `weight` (N,), every signal's values
+    by name (`ALWAYS`'s and the selectors'; a labeled set's as `labeled_<name>`, any length), and the `audit`
+    after each stage ("all candidates", then each selector): kept, precision and recall over every rank's
+    candidates, against gold read for the audit only."""
+
+    keep: Tensor
+    weight: Tensor
+    signals: dict[str, Tensor]
+    audit: list[dict]
 
 
-def global_percentile(values: Tensor, q: float) -> float:
-    """The q-th percentile (0..100, linear interpolation, like numpy's default) over all ranks' finite values."""
-    pooled = gather_all(values.double())
-    pooled = pooled[torch.isfinite(pooled)]
-    if pooled.numel() == 0:
-        return math.nan
-    return torch.quantile(pooled, q / 100).item()
+def audit(keep: Tensor, correct: Tensor) -> dict:
+    """Kept count, precision and recall over every rank's candidates."""
+    kept, kept_correct, right = (global_sum(int(x.sum())) for x in (keep, keep & correct, correct))
+    return {"kept": kept, "precision": kept_correct / max(kept, 1), "recall": kept_correct / max(right, 1)}
+
+
+def select(candidates: Candidates, policy, selectors: Sequence[Selector], correct: Tensor,
+           labeled: Callable[[], Candidates] | None = None) -> Selection:
+    """The selectors in order over the candidates (this rank's), each seeing what the previous ones kept. A signal
+    is scored only for the candidates still in play and once per candidate, however many selectors read it (a
+    costly judge runs on what is left); `labeled()` gives the labeled set's gold answers as candidates for the
+    roles a selector compares with labeled data. A selector's non-finite weight on a kept candidate is an error."""
+    signals = {s.name: score(s, candidates, policy) for s in ALWAYS}
+    n = len(candidates)
+    keep, weight = torch.ones(n, dtype=torch.bool), torch.ones(n)
+    stages = [{"name": "all candidates", **audit(keep, correct)}]
+    computed = {id(s): signals[s.name] for s in ALWAYS}  # signal -> values, and where they were asked for
+    asked = {id(s): torch.ones(n, dtype=torch.bool) for s in ALWAYS}
+    for selector in selectors:
+        values = {}
+        for role, signal in selector.signals().items():
+            key = id(signal)
+            missing = keep & ~asked.get(key, torch.zeros_like(keep))  # costly signals: the candidates in play
+            if key not in computed or missing.any():
+                new = score(signal, candidates, policy, where=missing)
+                computed[key] = torch.where(missing, new, computed[key]) if key in computed else new
+                asked[key] = asked.get(key, torch.zeros_like(keep)) | missing
+            values[role] = signals[signal.name] = computed[key]
+            if role in selector.labeled_roles:
+                values[f"labeled_{role}"] = signals[f"labeled_{signal.name}"] = score(signal, labeled(), policy)
+        keep, weight = selector(values, keep, weight, candidates.group)
+        if not torch.isfinite(weight[keep]).all():
+            raise ValueError(f"{type(selector).__name__} gave non-finite weights to "
+                             f"{int((~torch.isfinite(weight[keep])).sum())} kept candidates")
+        stages.append({"name": type(selector).__name__, **audit(keep, correct)})
+    return Selection(keep, weight, signals, stages)
 
 
 class Selector:

@@ -37,14 +37,14 @@ from datamodules.collate import LengthBucketSampler, SFTExample, collate, tokeni
 from datamodules.generation import HFGenerator, to_candidates
 from datamodules.io import check_at_least, write_atomically
 from datamodules.labeled import TokenizedDataset
-from datamodules.selection import Selector, load_with_labeled
+from datamodules.selection import Selector, load_with_labeled, select
 from datamodules.tasks.base import Question, Task
-from lightning_modules.distributed import dist_info, gather_objects
+from lightning_modules.distributed import dist_info, gather_objects, global_sum
 from lightning_modules.model_store import DEFAULT_MODEL
 from lightning_modules.policy import format_prompt, load_tokenizer, model_context
 from lightning_modules.progress import phase
 from lightning_modules.sampling import SamplingParams
-from lightning_modules.signals import AnswerEntropy, Candidates, MajorityAnswer, Signal, TokenNLL, VoteShare, score
+from lightning_modules.signals import Candidates, Signal
 
 Values = dict[str, torch.Tensor]  # signal name -> (N,) values, one per candidate
 
@@ -153,38 +153,17 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         mine = {q.id for q in questions[rank::world]}
         rows = [r for r in candidates if r["question_id"] in mine]
         batch = to_candidates(rows, questions, self.task, policy.tokenizer)
-        signals: Values = {s.name: score(s, batch, policy) for s in ALWAYS}
         majority = _majorities(batch)
         by_id = {q.id: q for q in questions}
-        keep, weight = torch.ones(len(rows), dtype=torch.bool), torch.ones(len(rows))
         correct = torch.tensor([self.task.same(r["answer"], by_id[r["question_id"]].answer) for r in rows])
+        selection = select(batch, policy, self.selectors, correct, self._labeled_candidates)
+        keep, weight, signals = selection.keep, selection.weight, selection.signals
         report = {"round": self.round, "questions": len(questions), "candidates": len(candidates),
-                  "parsed_fraction": _global_sum(sum(r["answer"] is not None for r in rows)) / len(candidates),
-                  "unfinished_unparsed": _global_sum(sum(r["finish_reason"] == "length" and r["answer"] is None
-                                                         for r in rows)),
-                  "selectors": []}
-        report["selectors"].append({"name": "all candidates", **_audit(keep, correct)})
-        computed = {id(s): signals[s.name] for s in ALWAYS}  # signal -> values, and where they were asked for
-        asked = {id(s): torch.ones(len(rows), dtype=torch.bool) for s in ALWAYS}
-        for selector in self.selectors:
-            values = {}
-            for role, signal in selector.signals().items():
-                key = id(signal)
-                missing = keep & ~asked.get(key, torch.zeros_like(keep))  # costly signals: the candidates in play
-                if key not in computed or missing.any():
-                    new = score(signal, batch, policy, where=missing)
-                    computed[key] = torch.where(missing, new, computed[key]) if key in computed else new
-                    asked[key] = asked.get(key, torch.zeros_like(keep)) | missing
-                values[role] = signals[signal.name] = computed[key]
-                if role in selector.labeled_roles:
-                    values[f"labeled_{role}"] = signals[f"labeled_{signal.name}"] = score(
-                        signal, self._labeled_candidates(), policy)
-            keep, weight = selector(values, keep, weight, batch.group)
-            if not torch.isfinite(weight[keep]).all():
-                raise ValueError(f"{type(selector).__name__} gave non-finite weights to "
-                                 f"{int((~torch.isfinite(weight[keep])).sum())} kept candidates")
-            report["selectors"].append({"name": type(selector).__name__, **_audit(keep, correct)})
-        kept = _global_sum(int(keep.sum()))
+                  "parsed_fraction": global_sum(sum(r["answer"] is not None for r in rows)) / len(candidates),
+                  "unfinished_unparsed": global_sum(sum(r["finish_reason"] == "length" and r["answer"] is None
+                                                        for r in rows)),
+                  "selectors": selection.audit}
+        kept = global_sum(int(keep.sum()))
         report |= {"kept": kept, "kept_fraction": kept / len(candidates)}
         kept_rows = []
         for i in torch.nonzero(keep).flatten().tolist():
@@ -236,9 +215,6 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate_fn)
 
 
-ALWAYS = (MajorityAnswer(), VoteShare(), AnswerEntropy(), TokenNLL())  # cheap: from the answers and stored log-probs
-
-
 def _majorities(batch: Candidates) -> list[str | None]:
     """Each candidate's question's majority answer (SPEC §1), for the kept rows' record."""
     out: list[str | None] = [None] * len(batch)
@@ -247,14 +223,3 @@ def _majorities(batch: Candidates) -> list[str | None]:
         for i in rows:
             out[i] = majority
     return out
-
-
-def _audit(keep: torch.Tensor, correct: torch.Tensor) -> dict:
-    """Kept count, precision and recall over every rank's candidates."""
-    kept, kept_correct, right = (_global_sum(int(x.sum())) for x in (keep, keep & correct, correct))
-    return {"kept": kept, "precision": kept_correct / max(kept, 1), "recall": kept_correct / max(right, 1)}
-
-
-def _global_sum(count: int) -> int:
-    """A count summed over ranks (itself when not distributed); every rank must call it alike."""
-    return sum(gather_objects(count))

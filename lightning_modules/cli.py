@@ -101,7 +101,7 @@ class PhaseReport(L.Callback):
     fingerprint, generation, each signal, selection, evaluation and checkpoint writes (`progress.phase`; a phase
     inside another is named after both: "training/generation" for RL's rollouts). At the end of a fit or test:
     the seconds per phase logged as `time/<phase>`, written to `<log dir>/phases.json` and printed on one line
-    (rank 0)."""
+    (rank 0's figures)."""
 
     def on_train_start(self, trainer, pl_module) -> None:
         phase.enter("training")
@@ -123,10 +123,11 @@ class PhaseReport(L.Callback):
         seconds = phase.report()
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"time/{k}": v for k, v in seconds.items()}, step=trainer.global_step)
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank asks
         if trainer.is_global_zero:
-            if trainer.log_dir is not None:
-                Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
-                write_atomically(Path(trainer.log_dir) / "phases.json", json.dumps(seconds, indent=2))
+            if log_dir is not None:
+                Path(log_dir).mkdir(parents=True, exist_ok=True)
+                write_atomically(Path(log_dir) / "phases.json", json.dumps(seconds, indent=2))
             print("labelfree: time by phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()),
                   file=sys.stderr, flush=True)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import Tensor
 
 
 def dist_info() -> tuple[int, int]:
@@ -31,3 +34,28 @@ def all_ranks(flag: bool) -> bool:
 def any_rank(flag: bool) -> bool:
     """Whether `flag` holds on some rank (see `all_ranks`)."""
     return any(gather_objects(bool(flag)))
+
+
+def gather_all(values: Tensor) -> Tensor:
+    """All ranks' values concatenated in rank order (the values themselves when not distributed)."""
+    parts = gather_objects(values.cpu())
+    return values if len(parts) == 1 else torch.cat(parts).to(values.device)
+
+
+def kept_anywhere(keep: Tensor) -> bool:
+    """Whether any rank keeps a candidate (every rank must call it alike)."""
+    return sum(gather_objects(int(keep.sum()))) > 0
+
+
+def global_percentile(values: Tensor, q: float) -> float:
+    """The q-th percentile (0..100, linear interpolation, like numpy's default) over all ranks' finite values."""
+    pooled = gather_all(values.double())
+    pooled = pooled[torch.isfinite(pooled)]
+    if pooled.numel() == 0:
+        return math.nan
+    return torch.quantile(pooled, q / 100).item()
+
+
+def global_sum(count: int) -> int:
+    """A count summed over ranks (itself when not distributed); every rank must call it alike."""
+    return sum(gather_objects(count))

@@ -15,8 +15,8 @@ from datamodules.selection import (
     PercentileFilter,
     SelfRatingFilter,
     ThresholdFilter,
-    global_percentile,
 )
+from lightning_modules.distributed import global_percentile
 from lightning_modules.losses.functional import ds_weight
 from lightning_modules.signals import Signal
 
