@@ -130,8 +130,8 @@ def run(variant: str, seed: int, args, with_base: bool) -> dict:
     cli.trainer.fit(cli.model, data)
     correct = lambda rows: [r["greedy_correct"] for r in rows]  # noqa: E731
     record = {
-        "rounds": [{"kept": r["kept"], "candidates": r["candidates"],
-                    "precision": r["selectors"][-1]["precision"], "recall": r["selectors"][-1]["recall"]}
+        "rounds": [{"kept": r.kept, "candidates": r.candidates,
+                    "precision": r.selectors[-1]["precision"], "recall": r.selectors[-1]["recall"]}
                    for r in data.reports],
     }
     for prompt, evaluation in evaluations.items():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import lightning as L
@@ -46,7 +47,30 @@ from lightning_modules.progress import phase
 from lightning_modules.sampling import SamplingParams
 from lightning_modules.signals import Candidates, Signal
 
-Values = dict[str, torch.Tensor]  # signal name -> (N,) values, one per candidate
+SAMPLES = 4  # kept samples a round report carries (TensorBoard text)
+
+
+@dataclass
+class RoundReport:
+    """One round of self-training, what callbacks read (`SelectionReport`) and `round-<r>/report.json` holds (all
+    but the values): questions, candidates, the parsed share, the answers cut off by the token limit, the audit after
+    each selection stage (kept, precision, recall against gold, read for the audit only), what was kept, every
+    signal's values on this rank's candidates (`labeled_<name>`: on the labeled set) and the first kept samples as
+    (weight, completion)."""
+
+    round: int
+    questions: int
+    candidates: int
+    parsed_fraction: float
+    unfinished_unparsed: int
+    selectors: list[dict]
+    kept: int
+    kept_fraction: float
+    signals: dict[str, torch.Tensor] = field(repr=False)
+    samples: list[tuple[float, str]] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "signals"}
 
 
 class SelfGeneratedDataModule(L.LightningDataModule):
@@ -84,8 +108,7 @@ class SelfGeneratedDataModule(L.LightningDataModule):
             raise ValueError(f"{', '.join(voting)} reads a vote over each question's samples: n must be at least 2, "
                              f"got {n}")
         self.round = -1
-        self.reports: list[dict] = []
-        self.signals: Values = {}
+        self.reports: list[RoundReport] = []  # one per round generated, in order
         self.train_set: TokenizedDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -158,13 +181,12 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         correct = torch.tensor([self.task.same(r["answer"], by_id[r["question_id"]].answer) for r in rows])
         selection = select(batch, policy, self.selectors, correct, self._labeled_candidates)
         keep, weight, signals = selection.keep, selection.weight, selection.signals
-        report = {"round": self.round, "questions": len(questions), "candidates": len(candidates),
-                  "parsed_fraction": global_sum(sum(r["answer"] is not None for r in rows)) / len(candidates),
-                  "unfinished_unparsed": global_sum(sum(r["finish_reason"] == "length" and r["answer"] is None
-                                                        for r in rows)),
-                  "selectors": selection.audit}
         kept = global_sum(int(keep.sum()))
-        report |= {"kept": kept, "kept_fraction": kept / len(candidates)}
+        report = RoundReport(
+            round=self.round, questions=len(questions), candidates=len(candidates),
+            parsed_fraction=global_sum(sum(r["answer"] is not None for r in rows)) / len(candidates),
+            unfinished_unparsed=global_sum(sum(r["finish_reason"] == "length" and r["answer"] is None for r in rows)),
+            selectors=selection.audit, kept=kept, kept_fraction=kept / len(candidates), signals=signals)
         kept_rows = []
         for i in torch.nonzero(keep).flatten().tolist():
             r = rows[i]
@@ -176,17 +198,18 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         position = {q.id: i for i, q in enumerate(questions)}  # back into question order, as one process has them
         kept_rows = sorted((r for part in gather_objects(kept_rows) for r in part),
                            key=lambda r: position[r["question_id"]])
-        self.signals, self.reports = signals, self.reports + [report]
+        report.samples = [(r["weight"], r["completion"]) for r in kept_rows[:SAMPLES]]
+        self.reports = self.reports + [report]
         if rank == 0:
             out = run_dir / f"round-{self.round}"
             out.mkdir(parents=True, exist_ok=True)
             write_atomically(out / "selected.jsonl", "".join(json.dumps(r) + "\n" for r in kept_rows))
-            write_atomically(out / "report.json", json.dumps(report, indent=2))
+            write_atomically(out / "report.json", json.dumps(report.to_json(), indent=2))
         if rank == 0:
             audit = "; ".join(f"{s['name']} keeps {s['kept']} (precision {s['precision']:.2f}, recall "
-                              f"{s['recall']:.2f})" for s in report["selectors"])
+                              f"{s['recall']:.2f})" for s in report.selectors)
             print(f"[round {self.round}] {len(questions)} questions, {len(candidates)} candidates, "
-                  f"{report['parsed_fraction']:.0%} parsed ({report['unfinished_unparsed']} hit the token limit "
+                  f"{report.parsed_fraction:.0%} parsed ({report.unfinished_unparsed} hit the token limit "
                   f"without an answer); kept {len(kept_rows)} "
                   f"({len(kept_rows) / len(candidates):.0%}). Audit against gold: {audit}")
         return [self._example(by_id[r["question_id"]], r["completion"], r["weight"], f"round-{self.round}")

@@ -70,10 +70,11 @@ def test_costly_signals_are_computed_for_the_candidates_still_in_play(tiny_model
     monkeypatch.setattr(SelfRating, "forward", spy)
     _, data = _fit(tiny_model_dir, tmp_path, [DSWeightFilter(keep=0.8, signal=DSWeight(valid_questions=2)),
                                               SelfRatingFilter(keep=1.0)])
-    signals, report = data.signals, data.reports[0]
+    report = data.reports[0]
+    signals = report.signals
     assert (signals["ds_weight"] >= 1).all()  # the first selector: every candidate scored
     rated = torch.isfinite(signals["self_rating"])
-    assert int(rated.sum()) == len(rated_questions) == report["selectors"][1]["kept"] < 18  # only the DS survivors
+    assert int(rated.sum()) == len(rated_questions) == report.selectors[1]["kept"] < 18  # only the DS survivors
     assert ((signals["self_rating"][rated] >= 0) & (signals["self_rating"][rated] <= 10)).all()
     task = Arithmetic(few_shot=1)
     assert set(rated_questions) <= {task.format_question(q) for q in task.load("train", 6)}  # raw text, no template
@@ -81,15 +82,15 @@ def test_costly_signals_are_computed_for_the_candidates_still_in_play(tiny_model
 
 def test_rounds_resample_with_the_trained_model(tiny_model_dir, tmp_path):
     trainer, data = _fit(tiny_model_dir, tmp_path, [_Everything()], max_epochs=2, epochs_per_round=1)
-    assert [r["round"] for r in data.reports] == [0, 1]
+    assert [r.round for r in data.reports] == [0, 1]
     assert (Path(trainer.log_dir) / "round-1" / "selected.jsonl").exists()
 
 
 def test_semievol_warmup_then_labeled_threshold(tiny_model_dir, tmp_path):
     _, data = _fit(tiny_model_dir, tmp_path, [EntropyThreshold(percentile=100)], max_epochs=2,
                    labeled_questions=3, labeled_warmup=True)
-    assert [r["round"] for r in data.reports] == [1]  # round 0 trained on the labeled set alone
-    assert data.signals["labeled_token_nll"].shape == (3,)
+    assert [r.round for r in data.reports] == [1]  # round 0 trained on the labeled set alone
+    assert data.reports[-1].signals["labeled_token_nll"].shape == (3,)
 
 
 def test_empty_selection_is_a_clear_error(tiny_model_dir, tmp_path):
@@ -239,7 +240,7 @@ def test_restart_each_round_trains_later_rounds_from_the_initial_weights(tiny_mo
     trainer.fit(module, data)
     initial = restart.initial
     same = lambda a, b: all(torch.equal(a[n], b[n]) for n in b)  # noqa: E731
-    assert restart.restarts == [1] and [r["round"] for r in data.reports] == [0, 1]
+    assert restart.restarts == [1] and [r.round for r in data.reports] == [0, 1]
     assert same(seen[0][0], initial) and same(seen[0][1], initial)
     assert not same(seen[1][0], initial)  # round 1 sampled with round 0's model ...
     assert same(seen[1][1], initial)  # ... and trained from the initial weights
@@ -257,3 +258,27 @@ def test_restart_each_round_trains_later_rounds_from_the_initial_weights(tiny_mo
                                      tokenizer=tiny_model_dir)
     with pytest.raises(ValueError, match="would undo SemiEvol's labeled warm-up"):
         RestartEachRound().setup(SimpleNamespace(datamodule=warmup), module, "fit")
+
+
+def test_selection_report_logs_the_round_report():
+    from types import SimpleNamespace
+
+    from callbacks.selection_report import SelectionReport
+    from datamodules.self_generated import RoundReport
+
+    logged, texts, histograms = {}, {}, {}
+    experiment = SimpleNamespace(add_histogram=lambda k, v, step: histograms.setdefault(k, v),
+                                 add_text=lambda k, v, step: texts.setdefault(k, v))
+    logger = SimpleNamespace(log_metrics=lambda m, step: logged.update(m), experiment=experiment)
+    report = RoundReport(round=0, questions=2, candidates=4, parsed_fraction=0.75, unfinished_unparsed=1,
+                         selectors=[{"name": "all candidates", "kept": 4, "precision": 0.5, "recall": 1.0}],
+                         kept=4, kept_fraction=1.0, signals={"vote_share": torch.tensor([0.5, math.nan, 1.0, 1.0])},
+                         samples=[(1.0, "The answer is 4.")])
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(reports=[report]), logger=logger, global_step=0)
+    SelectionReport().on_train_epoch_start(trainer, None)
+    assert logged["select/kept_fraction"] == 1.0 and logged["select/all_candidates/precision"] == 0.5
+    assert histograms["select/vote_share"].tolist() == [0.5, 1.0, 1.0]  # finite values only
+    assert "weight 1.00: `'The answer is 4.'`" in texts["select/samples"]
+    assert report.to_json()["samples"] == [(1.0, "The answer is 4.")] and "signals" not in report.to_json()
+    with pytest.raises(TypeError, match="SelectionReport reads a self-training data module's round reports"):
+        SelectionReport().on_train_epoch_start(SimpleNamespace(datamodule=SimpleNamespace()), None)

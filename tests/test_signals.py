@@ -332,8 +332,8 @@ def test_a_new_signal_is_a_filter_a_reward_and_a_vote_weight(tiny_model_dir, tmp
     fit = trainer(max_epochs=1)
     fit.fit(WeightedSFTModule(Policy(tiny_model_dir), export_adapter=False), data)
     rows = [json.loads(x) for x in (Path(fit.log_dir) / "round-0" / "selected.jsonl").read_text().splitlines()]
-    lengths = data.signals["length"]
-    assert len(rows) == data.reports[0]["kept"] >= 8 and all(r["length"] <= lengths.median() for r in rows)
+    lengths = data.reports[0].signals["length"]
+    assert len(rows) == data.reports[0].kept >= 8 and all(r["length"] <= lengths.median() for r in rows)
     # RL: the reward
     module = SelfRewardRLModule(Policy(tiny_model_dir), [Length()], max_new_tokens=6)
     trainer(max_steps=1).fit(module, QuestionDataModule(Arithmetic(), num_questions=2, batch_size=2,
