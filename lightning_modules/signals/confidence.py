@@ -7,9 +7,9 @@ the prompt that sampled it (`Candidates.prompt_ids`, shared prefix included), by
 - `SelfCertainty` (Intuitor, arXiv 2505.19590): mean_t KL(U || p_t) = mean_t [-log|V| - (1/|V|) sum_v log p_t(v)].
 - `NegativeEntropy`: minus the token entropy H(p_t) of the response, `reduction="mean"` (RENT, arXiv
   2505.22660: -(1/T) sum_t H(p_t), the default) or `"sum"` (EM-RL, arXiv 2505.15134); `last_k` keeps only the
-  response's last k tokens (RENT's "last chunk" option); `unparsable_value` is the value of an unparsable answer:
-  RENT's fixed penalty -7.0 (`entropy_base` with its `format` experiment, satrams/rent-rl), `"lowest"` for
-  -log|V| (the lowest mean the signal can take), None to keep its entropy.
+  response's last k tokens (an option of ours: RENT's code has none); `unparsable_value` is the value of an
+  unparsable answer: RENT's fixed penalty -7.0 (`entropy_base` with its `format` experiment, satrams/rent-rl),
+  `"lowest"` for -log|V| (the lowest mean the signal can take), None to keep its entropy.
 - `DeepConf` (arXiv 2508.15260; facebookresearch/deepconf `utils.py`): token confidence C_t = -(1/k) sum_{j<=k}
   log p_t(j) over the top-k tokens (k = 20; `include_sampled: true` adds the sampled token when it is not among
   them, as the official vLLM path's 21 values do; the default keeps exactly k, a deviation); group confidence =
