@@ -100,8 +100,8 @@ class PhaseReport(L.Callback):
     """Where the run's time went: the training loop is the phase "training"; the pipelines mark model load,
     fingerprint, generation, each signal, selection, evaluation and checkpoint writes (`progress.phase`; a phase
     inside another is named after both: "training/generation" for RL's rollouts). At the end of a fit or test:
-    the seconds per phase logged as `time/<phase>`, written to `<log dir>/phases.json` and printed on one line
-    (rank 0's figures)."""
+    the seconds per phase logged as `time/<phase>`, written to `<log dir>/phases.json` (with a logger) and printed
+    on one line (rank 0's figures)."""
 
     def on_train_start(self, trainer, pl_module) -> None:
         phase.enter("training")
@@ -123,7 +123,7 @@ class PhaseReport(L.Callback):
         seconds = phase.report()
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"time/{k}": v for k, v in seconds.items()}, step=trainer.global_step)
-        log_dir = trainer.log_dir  # a broadcast under DDP: every rank asks
+        log_dir = trainer.log_dir if trainer.logger is not None else None  # a broadcast under DDP: every rank asks
         if trainer.is_global_zero:
             if log_dir is not None:
                 Path(log_dir).mkdir(parents=True, exist_ok=True)
