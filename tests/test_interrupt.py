@@ -19,7 +19,13 @@ def _start(tmp_path: Path, *args: str) -> subprocess.Popen:
     log = (tmp_path / "err.log").open("w")
     return subprocess.Popen([sys.executable, "-m", "lightning_modules.cli", "fit", *args,
                              f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """The child takes SIGINT as a terminal's Ctrl-C would: a suite started in the background (`nohup ... &`)
+    ignores SIGINT, every child inherits that, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for(process: subprocess.Popen, found, timeout: float = 120.0) -> None:
