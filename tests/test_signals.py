@@ -159,14 +159,18 @@ def test_deepconf_against_a_naive_loop_and_hand_traces(rollout):
     assert DeepConf(window=2, reduce="bottom", bottom_percent=0.5).trace_score(trace) == pytest.approx(1.75)
     assert DeepConf(window=2, reduce="bottom").trace_score(trace) == pytest.approx(1.5)  # at least one group
     sampled = DeepConf(top_k=5, window=2, include_sampled=True)(r, policy)
+    stored = []  # the sampled tokens' log-probs, as sampling stores them
     for i in range(len(r)):  # the sampled token joins the k when it is not among them: k + 1 values
         c = []
+        stored.append([logits[i, t].log_softmax(-1)[labels[i, t + 1]].item() for t in positions(labels, i)])
         for t in positions(labels, i):
             lp, y = logits[i, t].log_softmax(-1), labels[i, t + 1]
             top = lp.topk(5).values
             c.append(-(top.sum() + lp[y]).item() / 6 if lp[y] < top[-1] else -top.mean().item())
         groups = [sum(c[j : j + 2]) / 2 for j in range(len(c) - 1)] or [sum(c) / len(c)]
         assert sampled[i].item() == pytest.approx(min(groups), rel=1e-4)
+    from_stored = DeepConf(top_k=5, window=2, include_sampled=True)(replace(r, logprobs=stored), policy)
+    assert from_stored.tolist() == pytest.approx(sampled.tolist(), rel=1e-4)  # no second pass for stored log-probs
 
 
 def test_token_nll_from_stored_log_probs_equals_the_teacher_forced_pass(tiny_model_dir):

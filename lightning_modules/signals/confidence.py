@@ -124,7 +124,8 @@ class DeepConf(Signal):
     def forward(self, candidates: Candidates, policy) -> Tensor:
         tops = response_values(candidates, policy, self.top_logprobs, self.batch_size)
         sampled = [None] * len(candidates)
-        if self.include_sampled:
-            sampled = [-nll for nll in response_values(candidates, policy, None, self.batch_size)]
+        if self.include_sampled:  # the sampled tokens' log-probs: stored at sampling (as TokenNLL reads), else a pass
+            sampled = ([torch.tensor(lp) for lp in candidates.logprobs] if candidates.logprobs is not None else
+                       [-nll for nll in response_values(candidates, policy, None, self.batch_size)])
         return torch.tensor([self.trace_score(self.token_confidence(t, s) if len(t) else t)
                              for t, s in zip(tops, sampled)])
