@@ -67,7 +67,7 @@ def main() -> None:
         t0 = time.perf_counter()
         ours = engine.sample(policy, questions, task, params)
         ours_s = time.perf_counter() - t0
-    ours_tokens = sum(ours["num_tokens"])
+    ours_tokens = sum(len(r) for r in ours.response_ids)
     prompt_len = sum(len(task.prompt_parts(policy.tokenizer, q).ids) for q in questions) / len(questions)
     print(f"model={args.model} dtype={args.dtype} device={args.device} questions={args.questions} m={args.m} "
           f"batch={args.batch_size} "

@@ -19,7 +19,7 @@ import matplotlib
 import torch
 from self_improve_table import ROOT, build  # benchmarks/self_improve_table.py, beside this script
 
-from datamodules.generation import HFGenerator, to_candidates
+from datamodules.generation import HFGenerator
 from datamodules.selection import DSWeightFilter
 from lightning_modules.signals import MajorityAnswer, score
 
@@ -41,16 +41,15 @@ def candidates_of(seed: int, args) -> dict:
     cli, _ = build("iwsi", seed, args)  # the candidates every variant of the seed reads; IWSI's valid set
     data, policy = cli.datamodule, cli.model.policy
     data.setup("fit")
-    rows = HFGenerator(batch_size=data.hparams.generation_batch_size, cache_dir=f"{args.runs}/candidates").sample(
+    batch = HFGenerator(batch_size=data.hparams.generation_batch_size, cache_dir=f"{args.runs}/candidates").sample(
         policy, data.questions, data.task, data.params)
-    batch = to_candidates(rows, data.questions, data.task, policy.tokenizer)
     signal = next(s for s in data.selectors if isinstance(s, DSWeightFilter)).signal
-    by_id = {q.id: q for q in data.questions}
+    questions = [batch.questions[g] for g in batch.group.tolist()]
     return {
         "ds_weight": score(signal, batch, policy),
         "majority": score(MajorityAnswer(), batch, policy) == 1,
-        "correct": torch.tensor([data.task.same(r["answer"], by_id[r["question_id"]].answer) for r in rows]),
-        "texts": [(by_id[r["question_id"]].question, r["completion"], by_id[r["question_id"]].answer) for r in rows],
+        "correct": torch.tensor([data.task.same(a, q.answer) for a, q in zip(batch.answers, questions)]),
+        "texts": [(q.question, text, q.answer) for q, text in zip(questions, batch.texts)],
     }
 
 

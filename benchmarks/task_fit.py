@@ -41,7 +41,7 @@ def main() -> None:
             task = Arithmetic(a_range=(a0, a1), b_range=(b0, b1), few_shot=shots)
             start = time.perf_counter()
             with torch.no_grad():
-                rows = evaluation.evaluate(policy, task, task.load("test", args.questions))
+                rows = evaluation.evaluate(policy, task, task.load("test", args.questions)).rows
             greedy, majority, any_right, parsed = (
                 sum(bool(r[key]) for r in rows) / len(rows)
                 for key in ("greedy_correct", "maj_correct", "pass", "greedy_answer")

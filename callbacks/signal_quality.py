@@ -1,9 +1,10 @@
 """SignalQuality: which label-free signal separates right answers from wrong ones, on this task and model
 (SPEC §7, signal quality; gold is read for this report only and never reaches training).
 
-`labelfree test -c configs/eval/signals.yaml`: the test loop answers each held-out question greedily; at its end
-this callback samples k answers per question once with the cached engine (`<experiment dir>/candidates/`, so a
-re-run or another set of signals reuses them), computes every configured signal, and reports per signal:
+`labelfree test -c configs/eval/signals.yaml`: each test step evaluates its questions (`AnswerSamplingModule`:
+greedy and k sampled answers, cached under the module's `cache_dir`, so a re-run or another set of signals reuses
+them); this callback gathers the steps' `Evaluation`s, computes every configured signal on the sampled answers at
+the end, and reports per signal:
 - `auroc`: right vs wrong over all candidates; `ranking_auc`: right vs wrong within a question (ties 1/2), what
   group-normalised RL advantages see;
 - `precision@keep` and `recall@keep` of the kept set for each keep fraction (`PercentileFilter`, the selection
@@ -29,40 +30,37 @@ import torch
 from torch import Tensor
 
 from callbacks.statistics import bootstrap_interval, paired_difference
-from callbacks.task_evaluation import judge_samples
-from datamodules.generation import HFGenerator, to_candidates
 from datamodules.selection import PercentileFilter, load_with_labeled
-from lightning_modules.sampling import SamplingParams
-from lightning_modules.signals import Candidates, Signal, signal_names
+from lightning_modules.candidates import Candidates
+from lightning_modules.distributed import gather_objects
+from lightning_modules.evaluation import Evaluation, judge_samples
+from lightning_modules.signals import Signal, signal_names
 from lightning_modules.signals.quality import auroc
 from lightning_modules.storage import write_atomically
 
 
 class SignalQuality(L.Callback):
     """Args:
-        signals: the signals to report.
-        k, temperature, top_p, max_new_tokens, seed: the k sampled answers per question.
+        signals: the signals to report (on the module's k sampled answers per question: `model.init_args.k`).
         keep: the kept fractions at which precision and recall are reported.
         vote_power: the exponent of the Borda vote weights.
         resamples: bootstrap resamples.
-        batch_size: questions per generation batch.
-        cache_dir: where candidates are cached (default `<experiment dir>/candidates`).
     """
 
-    def __init__(self, signals: list[Signal], k: int = 8, temperature: float = 0.7, top_p: float = 1.0,
-                 max_new_tokens: int = 128, seed: int = 0, keep: list[float] | None = None, vote_power: float = 0.5,
-                 resamples: int = 2000, batch_size: int = 8, cache_dir: str | None = None) -> None:
-        if k < 2:
-            raise ValueError(f"SignalQuality needs k >= 2 answers per question to rank them, got {k}")
+    def __init__(self, signals: list[Signal], keep: list[float] | None = None, vote_power: float = 0.5,
+                 resamples: int = 2000) -> None:
         self.signals, self.names = list(signals), signal_names(signals)
-        self.params = SamplingParams(k, temperature, top_p, max_new_tokens, seed)
         self.keep, self.vote_power, self.resamples = list(keep or [0.5, 0.8]), vote_power, resamples
-        self.batch_size, self.cache_dir = batch_size, cache_dir
-        self.greedy: dict[str, tuple[str, str]] = {}  # question id -> (greedy completion, why it ended)
+        self.evaluations: list[Evaluation] = []
         self.results: dict[str, dict] = {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        """Each signal's labeled data (loaded disjoint from the held-out questions) and checks, before any work."""
+        """The module's k, each signal's labeled data (loaded disjoint from the held-out questions) and checks,
+        before any work."""
+        k = getattr(pl_module, "k", 0)
+        if k < 2:
+            raise ValueError(f"SignalQuality ranks the k sampled answers of each question: set model.init_args.k >= 2 "
+                             f"(it is {k})")
         data = trainer.datamodule
         if any(s.labeled is not None for s in self.signals):
             held_out = load_with_labeled(data.task, self.signals, [(data.split, data.num_questions)],
@@ -74,22 +72,21 @@ class SignalQuality(L.Callback):
             signal.check()
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self.greedy = {}
+        self.evaluations = []
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.greedy |= {q.id: (g, end) for q, g, end in zip(batch["questions"], outputs["greedy"],
-                                                             outputs["greedy_finish"])}
+    def on_test_batch_end(self, trainer, pl_module, outputs: Evaluation, batch, batch_idx, dataloader_idx=0) -> None:
+        if not self.evaluations:
+            check_parse_rate(outputs.candidates.table_rows())
+        self.evaluations.append(outputs)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        data, policy = trainer.datamodule, pl_module.policy
-        task, questions = data.task, data.questions
+        policy = pl_module.policy
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        engine = HFGenerator(batch_size=self.batch_size, cache_dir=self.cache_dir or str(run_dir.parent / "candidates"),
-                             check_chunk=check_parse_rate)
-        candidates = to_candidates(engine.sample(policy, questions, task, self.params), questions, task,
-                                   policy.tokenizer)
+        evaluations = [e for part in gather_objects(self.evaluations) for e in part]  # every rank's batches
+        candidates = Candidates.concat([e.candidates for e in evaluations])
+        greedy = [r["greedy_answer"] for e in evaluations for r in e.rows]
         judged = judge_samples(candidates, policy, self.signals, self.vote_power)
-        self.results, rows = self.measure(candidates, judged, [task.answer(*self.greedy[q.id]) for q in questions])
+        self.results, rows = self.measure(candidates, judged, greedy)
         if trainer.is_global_zero:
             self.write(trainer, run_dir, candidates, judged, rows)
         pl_module.log_dict({f"signals/{name}/{metric}": value for name, r in self.results.items()
@@ -176,7 +173,7 @@ class SignalQuality(L.Callback):
 
 
 def check_parse_rate(rows: list[dict]) -> None:
-    """Before the rest of the sampling: when no question of the first chunk has two readable answers, no vote can
+    """Before the rest of the sampling: when no question of the first batch has two readable answers, no vote can
     be taken and every kept set would be empty; the figures say why."""
     parsed: dict[str, int] = {}
     for r in rows:

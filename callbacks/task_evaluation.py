@@ -1,15 +1,15 @@
 """TaskEvaluation: greedy accuracy, maj@k and pass@k on a task's held-out questions, logged to TensorBoard.
 
-- `labelfree test` (QuestionDataModule + AnswerSamplingModule): scores each test step's completions with the
-  datamodule's task and logs `test/greedy_accuracy`, `test/maj@k`, `test/pass@k`, `test/greedy_parse_rate`.
+Every figure comes from the one evaluation path, `lightning_modules/evaluation.evaluate` (its docstring defines
+maj@k, pass@k and the signal-weighted votes):
+- `labelfree test` (QuestionDataModule + AnswerSamplingModule): reads each test step's `Evaluation` and logs
+  `test/<name>/greedy_accuracy`, `maj@k`, `pass@k`, `greedy_parse_rate` (with `signals`, it judges the step's
+  sampled answers with them).
 - during `fit`: evaluates the policy at fit start (the base model), at fit end and, with `every_n_epochs`, at the end
-  of every n-th epoch before the last (`epoch-<e>`: a self-training round's model), with the generation engine,
-  logging `eval/...` at the current step and printing a one-line summary.
-maj@k: the majority of the k sampled answers (unparsable answers get no vote, ties go to the first seen) equals
-the gold answer; pass@k: any of the k does. With `signals` (any label-free signal of `lightning_modules/signals/`),
-also per signal: `vote@k/<signal>`, the k answers' vote weighted by the signal's rank within the question
-(Borda weights (k - r + 1)^vote_power, arXiv 2502.18581), and `best@k/<signal>`, the answer of the candidate the
-signal ranks first. Each evaluation writes `predictions-<name>-<when>.jsonl` (question,
+  of every n-th epoch before the last (`epoch-<e>`: a self-training round's model), logging `eval/...` at the
+  current step and printing a one-line summary.
+With `signals` (any label-free signal of `lightning_modules/signals/`), also per signal `vote@k/<signal>` and
+`best@k/<signal>`. Each evaluation writes `predictions-<name>-<when>.jsonl` (question,
 completions, extracted answers, gold) to the run directory and a few rows as TensorBoard text.
 
 Names: each evaluation has a `name` (default from its task's prompt settings, e.g. `arithmetic-2shot`) used in its
@@ -29,36 +29,15 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric, SumMetric
 
-from datamodules.generation import HFGenerator, to_candidates
 from datamodules.io import check_at_least
 from datamodules.tasks.base import Question, Task
-from lightning_modules.progress import ProgressLog, phase
+from lightning_modules.evaluation import Evaluation, evaluate
+from lightning_modules.progress import ProgressLog
 from lightning_modules.sampling import SamplingParams
-from lightning_modules.signals import Candidates, Signal, score, signal_names
-from lightning_modules.signals.quality import best_of_k, rank_weights
-from lightning_modules.signals.votes import weighted_vote
+from lightning_modules.signals import Signal
 from lightning_modules.storage import write_atomically
 
 log = logging.getLogger(__name__)
-
-
-def score_question(task: Task, question: Question, greedy: str, samples: list[str], greedy_finish: str = "stop",
-                   sample_finish: list[str] | None = None) -> dict:
-    """One question's evaluation row; each completion is read given why it ended (`task.answer`: one that hit the
-    token limit has an answer only where it states one)."""
-    sample_finish = sample_finish or ["stop"] * len(samples)
-    greedy_answer = task.answer(greedy, greedy_finish)
-    answers = [task.answer(s, f) for s, f in zip(samples, sample_finish)]
-    majority, votes, parsed = task.majority(answers)
-    return {
-        "id": question.id, "question": question.question, "gold": question.answer,
-        "greedy_completion": greedy, "greedy_finish": greedy_finish, "greedy_answer": greedy_answer,
-        "greedy_correct": task.same(greedy_answer, question.answer),
-        "greedy_unfinished": greedy_finish == "length" and greedy_answer is None,
-        "samples": samples, "sample_finish": sample_finish, "sample_answers": answers, "majority": majority,
-        "votes": votes, "parsed": parsed, "maj_correct": task.same(majority, question.answer),
-        "pass": any(task.same(a, question.answer) for a in answers),
-    }
 
 
 def predictions_markdown(rows: list[dict]) -> str:
@@ -71,36 +50,6 @@ def predictions_markdown(rows: list[dict]) -> str:
         blocks.append(f"**{r['id']}**: {r['question']}\n\n- gold: `{r['gold']}`, extracted: `{r['greedy_answer']}` "
                       f"({mark}; ended by {r.get('greedy_finish', 'stop')})\n\n{quoted or '> (empty)'}\n")
     return "\n---\n\n".join(blocks)
-
-
-def judge_samples(candidates: Candidates, policy, signals: list[Signal], vote_power: float = 0.5,
-                  vote_weighting: Literal["rank", "value"] = "rank") -> dict[str, dict]:
-    """Per signal (by unique name): its values (N,), and for each question the signal-weighted vote's answer and
-    the best-of-k pick's answer. `vote_weighting="value"` weighs each vote by the signal's value itself (DeepConf's
-    confidence-weighted vote; higher-is-better signals with non-negative values only)."""
-    out = {}
-    for signal, name in zip(signals, signal_names(signals)):
-        values = score(signal, candidates, policy)
-        oriented = values if signal.higher_is_better else -values
-        if vote_weighting == "value":
-            if not signal.higher_is_better or (values < 0).any():
-                raise ValueError(f"vote_weighting 'value' needs a higher-is-better signal with non-negative values; "
-                                 f"{name} is not")
-            weights = values
-        else:
-            weights = rank_weights(oriented, candidates.group, vote_power)
-        picks = best_of_k(oriented, candidates.group, len(candidates.questions)).tolist()
-        out[name] = {"values": values, "vote": weighted_vote(candidates, weights),
-                     "best": [candidates.answers[i] if i >= 0 else None for i in picks]}
-    return out
-
-
-def add_signal_columns(rows: list[dict], judged: dict[str, dict], task: Task) -> None:
-    """Each row (one per question, in the candidates' question order) gains `vote/<signal>` and `best/<signal>`."""
-    for name, j in judged.items():
-        for row, vote, best in zip(rows, j["vote"], j["best"]):
-            row[f"vote/{name}"] = task.same(vote, row["gold"])
-            row[f"best/{name}"] = task.same(best, row["gold"])
 
 
 class TaskEvaluation(L.Callback):
@@ -250,44 +199,22 @@ class TaskEvaluation(L.Callback):
         self.rows = []
         self.progress = ProgressLog("test", len(trainer.datamodule.questions))
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        task = trainer.datamodule.task
-        rows = [score_question(task, q, *completions) for q, completions in zip(
-            batch["questions"], zip(outputs["greedy"], outputs["samples"], outputs["greedy_finish"],
-                                    outputs["sample_finish"]))]
-        if self.signals and outputs["samples"] and outputs["samples"][0]:
-            k, p = len(outputs["samples"][0]), len(rows)
-            candidates = Candidates(
-                questions=batch["questions"], tasks=[task] * p, group=torch.arange(p).repeat_interleave(k),
-                texts=[t for s in outputs["samples"] for t in s],
-                answers=[a for row in rows for a in row["sample_answers"]], prompt_ids=batch["suffix_ids"],
-                response_ids=outputs["sample_tokens"], logprobs=outputs["sample_logprobs"],
-                prefix_ids=batch["prefix_ids"])
-            add_signal_columns(rows, judge_samples(candidates, pl_module.policy, self.signals, self.vote_power,
-                                                         self.vote_weighting), task)
-        self.rows += rows
-        self.progress.update(len(rows), outputs["num_tokens"])
+    def on_test_batch_end(self, trainer, pl_module, outputs: Evaluation, batch, batch_idx, dataloader_idx=0) -> None:
+        outputs.judge(pl_module.policy, self.signals, self.vote_power, self.vote_weighting)
+        self.rows += outputs.rows
+        self.progress.update(len(outputs.rows), outputs.num_tokens)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         pl_module.log_dict(self._report(trainer, "test", self.rows, "test"))
 
     # ------------------------------------------------------------------ during fit
-    @phase("evaluation")
-    def evaluate(self, policy, task: Task, questions: list[Question], k: int | None = None) -> list[dict]:
+    def evaluate(self, policy, task: Task, questions: list[Question], k: int | None = None) -> Evaluation:
+        """This callback's evaluation of `policy` on `questions` with k sampled answers (default its `k`)."""
         k = self.k if k is None else k
         # as many rows per batch for the greedy pass (1 per question) as for the sampled one (k per question)
-        greedy_engine = HFGenerator(batch_size=self.batch_size * max(self.k, 1), chunk_size=10**9, progress=False)
-        greedy = greedy_engine.sample(policy, questions, task, self.greedy)
-        engine = HFGenerator(batch_size=self.batch_size, chunk_size=10**9, progress=False)
-        sampled = engine.sample(policy, questions, task, replace(self.sampled, n=k)) if k else None
-        samples, ends = (sampled["completion"], sampled["finish_reason"]) if k else ([], [])
-        rows = [score_question(task, q, greedy[i]["completion"], samples[i * k : (i + 1) * k],
-                               greedy[i]["finish_reason"], ends[i * k : (i + 1) * k]) for i, q in enumerate(questions)]
-        if self.signals and k:
-            candidates = to_candidates(sampled, questions, task, policy.tokenizer)
-            judged = judge_samples(candidates, policy, self.signals, self.vote_power, self.vote_weighting)
-            add_signal_columns(rows, judged, task)
-        return rows
+        return evaluate(policy, task, questions, self.greedy, replace(self.sampled, n=k) if k else None,
+                        self.signals, self.batch_size, self.batch_size * max(self.k, 1), None, self.vote_power,
+                        self.vote_weighting)
 
     def _fit_eval(self, trainer, pl_module, when: str) -> None:
         task = self._task(trainer)
@@ -295,7 +222,7 @@ class TaskEvaluation(L.Callback):
         policy = pl_module.policy
         questions = task.fit_prompts(policy.tokenizer, task.load(self.split, self.num_questions),
                                      getattr(policy.model.config, "max_position_embeddings", None))
-        rows = self.evaluate(policy, task, questions, k)
+        rows = self.evaluate(policy, task, questions, k).rows
         metrics = self._report(trainer, when, rows, "eval")
         if when == "fit_end" and "fit_start" in self.results and trainer.is_global_zero:
             print(self.before_after(f"{len(rows)} held-out, {task.few_shot}-shot prompt"))

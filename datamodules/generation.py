@@ -1,12 +1,12 @@
-"""Sampling many answers per question, fast, cached and resumable.
+"""Sampling many answers per question, cached, resumable and sharded: `HFGenerator.sample -> Candidates`.
 
-The decode loop is `lightning_modules/sampling.py` (prefix KV cache shared by every prompt of the task, one
-prefill per prompt repeated `n` times, finished rows dropped; greedy equals `model.generate` token for token).
-This module adds tasks, batching by prompt length, caching, resumption and sharding. Each candidate keeps
-the log-probability of each of its tokens at temperature 1 (for entropy signals without a second pass).
+Each chunk of questions is sampled by `lightning_modules/candidates.sample` (the decode loop with the task's prefix
+KV cache shared, one prefill per prompt repeated `n` times, finished rows dropped; greedy equals `model.generate`
+token for token); this module adds caching, resumption and sharding. Each candidate keeps the log-probability of
+each of its tokens at temperature 1 (for entropy signals without a second pass).
 
-Caching: results live under `<cache_dir>/<key>/chunk-NNNNN/` as `datasets` Arrow tables, one per chunk of
-`chunk_size` questions, written to a temporary directory and renamed (atomic). The key hashes what the
+Caching: `Candidates` live under `<cache_dir>/<key>/chunk-NNNNN/` as `datasets` Arrow tables (`FEATURES`), one
+per chunk of `chunk_size` questions, written to a temporary directory and renamed (atomic). The key hashes what the
 candidates depend on (`cache_key`): the content of the model and adapter weights, every task setting and the
 exemplars' text, the questions' ids, texts and options, the sampling parameters and the seed, so an interrupted
 run generates only the missing chunks, a finished one is reused, and nothing is reused for other data. Each
@@ -36,10 +36,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tqdm.auto import tqdm
 
 from datamodules.tasks.base import Question, Task
+from lightning_modules.candidates import FEATURES, Candidates, prompts
+from lightning_modules.candidates import sample as sample_candidates
 from lightning_modules.distributed import dist_info, gather_objects
 from lightning_modules.progress import ProgressLog, phase
-from lightning_modules.sampling import SamplingParams, finish_text, generate_batch, prefix_cache
-from lightning_modules.signals import Candidates
+from lightning_modules.sampling import SamplingParams
 from lightning_modules.storage import cache_key as storage_key
 from lightning_modules.storage import content_hash, fsync_directory, move_aside, write_atomically
 
@@ -50,7 +51,7 @@ ENGINE_VERSION = 3  # 2: answers read with math-verify; 3: as a human grader rea
 class Generator(Protocol):
     """What every generation backend offers (this HF engine is the default)."""
 
-    def sample(self, policy, questions: Sequence[Question], task: Task, params: SamplingParams) -> datasets.Dataset:
+    def sample(self, policy, questions: Sequence[Question], task: Task, params: SamplingParams) -> Candidates:
         ...
 
 
@@ -126,18 +127,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-FEATURES = datasets.Features({
-    "question_id": datasets.Value("string"),
-    "sample_index": datasets.Value("int32"),
-    "completion": datasets.Value("string"),
-    "answer": datasets.Value("string"),
-    "num_tokens": datasets.Value("int32"),
-    "token_ids": datasets.Sequence(datasets.Value("int32")),
-    "token_logprobs": datasets.Sequence(datasets.Value("float32")),
-    "finish_reason": datasets.Value("string"),
-})
-
-
 # ---------------------------------------------------------------------------------------------- the engine
 class HFGenerator:
     """The default engine: batched, prefix-shared, resumable sampling with a Hugging Face model.
@@ -149,8 +138,8 @@ class HFGenerator:
         progress: show a progress bar with generated tokens/s.
         should_stop: asked after each chunk (e.g. "did the run receive SIGTERM?"); when it says so, sampling ends
             there with `SIGTERMException`, the chunks written so far kept for the next run.
-        check_chunk: called with the first chunk's rows as soon as they exist (cached or new); it may raise to
-            stop early (the signal-quality report refuses a model whose first chunk has no readable vote).
+        check_chunk: called with the first chunk's table rows (`FEATURES`) as soon as they exist (cached or new); it
+            may raise to stop early (the signal-quality report refuses a model whose first chunk has no readable vote).
     """
 
     def __init__(self, batch_size: int = 8, chunk_size: int = 32, cache_dir: str | None = None,
@@ -161,7 +150,8 @@ class HFGenerator:
         self.stats: dict[str, float] = {}
 
     @phase("generation")
-    def sample(self, policy, questions: Sequence[Question], task: Task, params: SamplingParams) -> datasets.Dataset:
+    def sample(self, policy, questions: Sequence[Question], task: Task, params: SamplingParams) -> Candidates:
+        """`params.n` candidates per question (every rank returns all of them, in question order)."""
         questions = list(questions)
         if not questions:
             raise ValueError("no questions to sample answers for")
@@ -179,14 +169,19 @@ class HFGenerator:
             self.check_chunk(done[min(done)])
         if done:
             log.info("generation: reusing %d of %d chunks from %s", len(done), len(mine), directory)
+        tasks = [task] * len(questions)
+        prefix_ids, suffix_ids = prompts(policy.tokenizer, questions, tasks)
         with policy.inference():
-            prefix = self._prefix(policy, task, questions[0])
             total = sum(len(chunks[i]) for i in todo)
             bar = tqdm(total=total, desc="generate", unit="q", disable=not self.progress or not sys.stderr.isatty())
             lines = ProgressLog("generate", total) if self.progress else None  # a log file gets lines, not a bar
             start, generated = time.perf_counter(), 0
             for i in todo:
-                rows = self._chunk(policy, task, chunks[i], params, prefix, seed=(params.seed, i))
+                first = i * self.chunk_size
+                generator = torch.Generator().manual_seed(hash_seed(params.seed, i))
+                rows = sample_candidates(
+                    policy, chunks[i], tasks[: len(chunks[i])], params, generator,
+                    suffix_ids[first : first + len(chunks[i])], prefix_ids, self.batch_size).table_rows()
                 if self.check_chunk is not None and not done:
                     self.check_chunk(rows)
                 generated += sum(r["num_tokens"] for r in rows)
@@ -205,50 +200,8 @@ class HFGenerator:
             bar.close()
             self.stats = {"generated_tokens": generated, "seconds": time.perf_counter() - start}
         all_rows = {i: rows for part in gather_objects(done) for i, rows in part.items()}
-        return datasets.Dataset.from_list([r for i in range(len(chunks)) for r in all_rows[i]], features=FEATURES)
-
-    def _prefix(self, policy, task: Task, probe: Question):
-        """KV cache of the task's shared prefix (batch 1), or (None, 0) when there is none."""
-        prefix_ids = task.prompt_parts(policy.tokenizer, probe).prefix_ids
-        return prefix_cache(policy.model, prefix_ids), len(prefix_ids)
-
-    def _chunk(self, policy, task, questions, params, prefix, seed) -> list[dict]:
-        tokenizer = policy.tokenizer
-        generator = torch.Generator().manual_seed(hash_seed(*seed))
-        suffixes = [task.prompt_parts(tokenizer, q).suffix_ids for q in questions]
-        order = sorted(range(len(questions)), key=lambda i: len(suffixes[i]))  # similar lengths batch together
-        rows: dict[int, list[dict]] = {}
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            completions = generate_batch(policy.model, tokenizer, prefix[0], prefix[1], [suffixes[i] for i in batch],
-                                         params, task.stop, generator)
-            for k, qi in enumerate(batch):
-                rows[qi] = []
-                for j in range(params.n):
-                    text, c = finish_text(tokenizer, completions[k * params.n + j], task.stop)
-                    rows[qi].append({
-                        "question_id": questions[qi].id, "sample_index": j, "completion": text,
-                        "answer": task.answer(text, c.finish_reason), "num_tokens": len(c.tokens),
-                        "token_ids": c.tokens,
-                        "token_logprobs": c.logprobs,
-                        "finish_reason": c.finish_reason,
-                    })
-        return [r for qi in range(len(questions)) for r in rows[qi]]
-
-
-def to_candidates(rows, questions: Sequence[Question], task: Task, tokenizer) -> Candidates:
-    """The engine's rows (any subset, any order) as `Candidates` over `questions`, with the prompt that sampled
-    them (shared prefix + each question's suffix) and their stored log-probs."""
-    position = {q.id: i for i, q in enumerate(questions)}
-    parts = [task.prompt_parts(tokenizer, q) for q in questions]
-    rows = list(rows)
-    return Candidates(
-        questions=list(questions), tasks=[task] * len(questions),
-        group=torch.tensor([position[r["question_id"]] for r in rows], dtype=torch.long),
-        texts=[r["completion"] for r in rows], answers=[r["answer"] for r in rows],
-        prompt_ids=[p.suffix_ids for p in parts], response_ids=[list(r["token_ids"]) for r in rows],
-        logprobs=[list(r["token_logprobs"]) for r in rows], prefix_ids=parts[0].prefix_ids if parts else [],
-    )
+        return Candidates.from_table([r for i in range(len(chunks)) for r in all_rows[i]], questions, tasks,
+                                     suffix_ids, prefix_ids)
 
 
 def hash_seed(*parts) -> int:
@@ -258,7 +211,7 @@ def hash_seed(*parts) -> int:
 def sample(
     policy, questions: Sequence[Question], task: Task, n: int = 8, temperature: float = 0.7, top_p: float = 1.0,
     max_new_tokens: int = 128, seed: int = 0, **engine_kwargs,
-) -> datasets.Dataset:
+) -> Candidates:
     """`n` candidates per question with the default engine; see `HFGenerator` for `engine_kwargs`."""
     params = SamplingParams(n, temperature, top_p, max_new_tokens, seed)
     return HFGenerator(**engine_kwargs).sample(policy, questions, task, params)

@@ -18,10 +18,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_modules.candidates import Candidates
 from lightning_modules.distributed import gather_all, global_percentile, global_sum, kept_anywhere
 from lightning_modules.signals import (
     AnswerEntropy,
-    Candidates,
     DSWeight,
     MajorityAnswer,
     RewardModelScore,

@@ -35,17 +35,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.collate import LengthBucketSampler, SFTExample, collate, tokenize_example
-from datamodules.generation import HFGenerator, to_candidates
+from datamodules.generation import HFGenerator
 from datamodules.io import check_at_least, write_atomically
 from datamodules.labeled import TokenizedDataset
 from datamodules.selection import Selector, load_with_labeled, select
 from datamodules.tasks.base import Question, Task
+from lightning_modules.candidates import Candidates
 from lightning_modules.distributed import dist_info, gather_objects, global_sum
 from lightning_modules.model_store import DEFAULT_MODEL
 from lightning_modules.policy import format_prompt, load_tokenizer, model_context
 from lightning_modules.progress import phase
 from lightning_modules.sampling import SamplingParams
-from lightning_modules.signals import Candidates, Signal
+from lightning_modules.signals import Signal
 
 SAMPLES = 4  # kept samples a round report carries (TensorBoard text)
 
@@ -172,28 +173,28 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         cache = hp.cache_dir or str(run_dir.parent / "candidates")
         engine = HFGenerator(batch_size=hp.generation_batch_size, cache_dir=cache,
                              should_stop=lambda: self.trainer is not None and self.trainer.received_sigterm)
-        candidates = engine.sample(policy, questions, self.task, self.params)
-        mine = {q.id for q in questions[rank::world]}
-        rows = [r for r in candidates if r["question_id"] in mine]
-        batch = to_candidates(rows, questions, self.task, policy.tokenizer)
+        everything = engine.sample(policy, questions, self.task, self.params)
+        total = len(everything)
+        batch = everything.subset([i for i, g in enumerate(everything.group.tolist()) if g % world == rank])
         majority = _majorities(batch)
-        by_id = {q.id: q for q in questions}
-        correct = torch.tensor([self.task.same(r["answer"], by_id[r["question_id"]].answer) for r in rows])
+        gold = [questions[g].answer for g in batch.group.tolist()]
+        correct = torch.tensor([self.task.same(a, g) for a, g in zip(batch.answers, gold)])
         selection = select(batch, policy, self.selectors, correct, self._labeled_candidates)
         keep, weight, signals = selection.keep, selection.weight, selection.signals
         kept = global_sum(int(keep.sum()))
         report = RoundReport(
-            round=self.round, questions=len(questions), candidates=len(candidates),
-            parsed_fraction=global_sum(sum(r["answer"] is not None for r in rows)) / len(candidates),
-            unfinished_unparsed=global_sum(sum(r["finish_reason"] == "length" and r["answer"] is None for r in rows)),
-            selectors=selection.audit, kept=kept, kept_fraction=kept / len(candidates), signals=signals)
+            round=self.round, questions=len(questions), candidates=total,
+            parsed_fraction=global_sum(sum(a is not None for a in batch.answers)) / total,
+            unfinished_unparsed=global_sum(sum(f == "length" and a is None
+                                               for f, a in zip(batch.finish, batch.answers))),
+            selectors=selection.audit, kept=kept, kept_fraction=kept / total, signals=signals)
         kept_rows = []
         for i in torch.nonzero(keep).flatten().tolist():
-            r = rows[i]
+            q = questions[int(batch.group[i])]
             kept_rows.append({
-                "question_id": r["question_id"], "prompt": self.task.format_question(by_id[r["question_id"]]),
-                "completion": r["completion"], "answer": r["answer"], "majority": majority[i],
-                "weight": float(weight[i]), **{k: float(v[i]) for k, v in signals.items() if len(v) == len(rows)},
+                "question_id": q.id, "prompt": self.task.format_question(q), "completion": batch.texts[i],
+                "answer": batch.answers[i], "majority": majority[i], "weight": float(weight[i]),
+                **{k: float(v[i]) for k, v in signals.items() if len(v) == len(batch)},
             })
         position = {q.id: i for i, q in enumerate(questions)}  # back into question order, as one process has them
         kept_rows = sorted((r for part in gather_objects(kept_rows) for r in part),
@@ -208,10 +209,11 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         if rank == 0:
             audit = "; ".join(f"{s['name']} keeps {s['kept']} (precision {s['precision']:.2f}, recall "
                               f"{s['recall']:.2f})" for s in report.selectors)
-            print(f"[round {self.round}] {len(questions)} questions, {len(candidates)} candidates, "
+            print(f"[round {self.round}] {len(questions)} questions, {total} candidates, "
                   f"{report.parsed_fraction:.0%} parsed ({report.unfinished_unparsed} hit the token limit "
                   f"without an answer); kept {len(kept_rows)} "
-                  f"({len(kept_rows) / len(candidates):.0%}). Audit against gold: {audit}")
+                  f"({len(kept_rows) / total:.0%}). Audit against gold: {audit}")
+        by_id = {q.id: q for q in questions}
         return [self._example(by_id[r["question_id"]], r["completion"], r["weight"], f"round-{self.round}")
                 for r in kept_rows]
 

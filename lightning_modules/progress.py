@@ -38,8 +38,8 @@ class ProgressLog:
 class Phases:
     """Wall seconds per named phase of this process's run: `with phase("generation"): ...` (or `@phase(...)`).
     Exclusive: a phase entered inside another is recorded under both names ("evaluation/generation",
-    "training/checkpoint") and pauses the outer one's clock, so the phases add up to the time they cover and
-    `report()` adds the rest since `reset()` as "other"."""
+    "training/checkpoint"; one inside itself under its own name) and pauses the outer one's clock, so the phases
+    add up to the time they cover and `report()` adds the rest since `reset()` as "other"."""
 
     def __init__(self) -> None:
         self.reset()
@@ -58,7 +58,9 @@ class Phases:
 
     def enter(self, name: str) -> None:
         self._charge()
-        self.stack.append((name, f"{self.stack[-1][1]}/{name}" if self.stack else name))
+        outer = self.stack[-1][1] if self.stack else None
+        same = self.stack and self.stack[-1][0] == name  # a phase inside itself (an engine's chunks) counts once
+        self.stack.append((name, outer if same else f"{outer}/{name}" if outer else name))
 
     def exit(self, name: str) -> None:
         if not self.stack or self.stack[-1][0] != name:

@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from lightning_modules.candidates import Candidates, candidate_tensors, sample
 from lightning_modules.checkpointing import TrainableStateMixin, save_config_hyperparameters
 from lightning_modules.guard import FiniteGuard
 from lightning_modules.losses.base import PolicyGradientLoss, check_loss
@@ -40,15 +41,7 @@ from lightning_modules.losses.functional import IGNORE_INDEX
 from lightning_modules.losses.policy_gradient import PPOClipLoss, combined_advantages
 from lightning_modules.policy import Policy
 from lightning_modules.sampling import SamplingParams
-from lightning_modules.signals import (
-    Candidates,
-    SelfCertainty,
-    Signal,
-    candidate_tensors,
-    sample_candidates,
-    score,
-    signal_names,
-)
+from lightning_modules.signals import SelfCertainty, Signal, score, signal_names
 from lightning_modules.signals.quality import ranking_auc
 
 PROGRESS_BAR = ("rl/loss", "rl/reward", "rl/sample_accuracy")
@@ -117,8 +110,8 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
     def rollout(self, batch: dict) -> Candidates:
         """G responses per prompt from the current policy, with their tokens' log-probs at temperature 1."""
         p = len(batch["suffix_ids"])
-        return sample_candidates(self.policy, batch["questions"], [batch["task"]] * p, batch["suffix_ids"],
-                                 self.params, batch["prefix_ids"], self.generator)
+        return sample(self.policy, batch["questions"], [batch["task"]] * p, self.params, self.generator,
+                      batch["suffix_ids"], batch["prefix_ids"])
 
     def _aligned(self, values: list[list[float]], labels: Tensor) -> Tensor:
         """Per-response token values placed at the response's label positions. (N, T)."""

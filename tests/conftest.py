@@ -39,8 +39,8 @@ def rollout(tiny_model_dir):
     """The tiny policy and a hand-made `Candidates` batch: two questions of 4 answers each (gold, 3, gold written
     as "= gold", unparsable; 7, 7, 8, gold)."""
     from datamodules.tasks import Arithmetic
+    from lightning_modules.candidates import Candidates
     from lightning_modules.policy import Policy
-    from lightning_modules.signals import Candidates
 
     policy = Policy(tiny_model_dir)
     task = Arithmetic(few_shot=0)

@@ -52,7 +52,8 @@ def test_engine_greedy_equals_generate_on_the_default_model():
     policy = Policy(DEFAULT_MODEL, adapt="none").eval()
     task = Arithmetic()
     questions = task.load("test", 3)
-    cands = sample(policy, questions, task, n=1, temperature=0, max_new_tokens=48, batch_size=3, progress=False)
+    cands = sample(policy, questions, task, n=1, temperature=0, max_new_tokens=48, batch_size=3,
+                   progress=False).table_rows()
     for q, c in zip(questions, cands):
         ids = torch.tensor([task.prompt_parts(policy.tokenizer, q).ids])
         with torch.no_grad():

@@ -34,7 +34,7 @@ def test_labelfree_test_scores_greedy_majority_and_pass(tiny_model_dir, tmp_path
     task = Arithmetic()
     engine = sample(cli.model.policy, task.load("test", 5), task, n=1, temperature=0, max_new_tokens=6,
                     progress=False)
-    assert [r["greedy_completion"] for r in rows] == engine["completion"]
+    assert [r["greedy_completion"] for r in rows] == engine.texts
 
 
 def test_fit_time_evaluation_logs_before_and_after(tiny_model_dir, tmp_path):

@@ -28,8 +28,9 @@ def task():
 def test_greedy_is_token_identical_to_model_generate(policy, task, few_shot, template, tiny_model_dir):
     task = Arithmetic(few_shot=few_shot, template=template)
     questions = task.load("test", 7)
-    cands = sample(policy, questions, task, n=1, temperature=0, max_new_tokens=10, batch_size=3, progress=False)
-    assert cands["question_id"] == [q.id for q in questions]
+    cands = sample(policy, questions, task, n=1, temperature=0, max_new_tokens=10, batch_size=3,
+                   progress=False).table_rows()
+    assert [c["question_id"] for c in cands] == [q.id for q in questions]
     for q, c in zip(questions, cands):
         ids = torch.tensor([task.prompt_parts(policy.tokenizer, q).ids])
         ref = policy.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
@@ -50,7 +51,7 @@ def test_prefix_is_shared_and_prompt_parts_concatenate(policy, task):
 
 def test_logprobs_are_the_models_temperature_one_logprobs(policy, task):
     q = task.load("test", 1)[0]
-    c = sample(policy, [q], task, n=2, temperature=1.3, max_new_tokens=8, progress=False)[1]
+    c = sample(policy, [q], task, n=2, temperature=1.3, max_new_tokens=8, progress=False).table_rows()[1]
     prompt = task.prompt_parts(policy.tokenizer, q).ids
     ids = torch.tensor([prompt + c["token_ids"]])
     labels = ids.clone()
@@ -64,8 +65,8 @@ def test_sampling_is_seeded(policy, task):
     kw = dict(n=4, temperature=1.0, max_new_tokens=8, progress=False)
     one, two = sample(policy, qs, task, seed=1, **kw), sample(policy, qs, task, seed=1, **kw)
     other = sample(policy, qs, task, seed=2, **kw)
-    assert one["token_ids"] == two["token_ids"] and one["token_ids"] != other["token_ids"]
-    assert len(one) == 12 and one["sample_index"] == [0, 1, 2, 3] * 3
+    assert one.response_ids == two.response_ids and one.response_ids != other.response_ids
+    assert len(one) == 12 and [r["sample_index"] for r in one.table_rows()] == [0, 1, 2, 3] * 3
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
@@ -90,24 +91,24 @@ def test_cache_resumes_after_an_interruption_without_loss_or_duplication(policy,
     straight = HFGenerator(chunk_size=3, progress=False).sample(policy, qs, task, params)
 
     calls = []
-    original = HFGenerator._chunk
+    original = generation.sample_candidates  # the engine samples each chunk with it
 
-    def dies_after_two(self, *args, **kwargs):
+    def dies_after_two(*args, **kwargs):
         if len(calls) == 2:
             raise KeyboardInterrupt("killed")
         calls.append(1)
-        return original(self, *args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(HFGenerator, "_chunk", dies_after_two)
+    monkeypatch.setattr(generation, "sample_candidates", dies_after_two)
     engine = HFGenerator(chunk_size=3, cache_dir=str(tmp_path), progress=False)
     with pytest.raises(KeyboardInterrupt):
         engine.sample(policy, qs, task, params)
     assert len(list(tmp_path.rglob("chunk-*"))) == 2 and not list(tmp_path.rglob(".tmp-*"))
     calls.clear()
-    monkeypatch.setattr(HFGenerator, "_chunk", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    monkeypatch.setattr(generation, "sample_candidates", lambda *a, **k: calls.append(1) or original(*a, **k))
     resumed = engine.sample(policy, qs, task, params)
     assert len(calls) == 2  # only the 2 missing chunks of 4
-    assert resumed.to_list() == straight.to_list()  # 0 lost, 0 duplicated, same samples
+    assert resumed.table_rows() == straight.table_rows()  # 0 lost, 0 duplicated, same samples
     calls.clear()
     engine.sample(policy, qs, task, params)
     assert not calls  # a finished run is reused
@@ -175,7 +176,7 @@ def _ddp_worker(rank, world, port, model_dir, out):
     task = Arithmetic()
     cands = HFGenerator(chunk_size=2, progress=False).sample(policy, task.load("test", 7), task,
                                                             SamplingParams(n=2, temperature=1.0, max_new_tokens=5))
-    torch.save(cands.to_list(), f"{out}/rank{rank}.pt")
+    torch.save(cands.table_rows(), f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -189,7 +190,7 @@ def test_two_processes_gather_in_question_order(policy, task, tiny_model_dir, tm
     single = HFGenerator(chunk_size=2, progress=False).sample(policy, task.load("test", 7), task,
                                                              SamplingParams(n=2, temperature=1.0, max_new_tokens=5))
     for rank in range(2):
-        assert torch.load(tmp_path / f"rank{rank}.pt") == single.to_list()
+        assert torch.load(tmp_path / f"rank{rank}.pt") == single.table_rows()
 
 
 def test_empty_question_list_is_an_error(policy, task):
@@ -199,8 +200,8 @@ def test_empty_question_list_is_an_error(policy, task):
 
 def test_every_candidate_is_finite(policy, task):
     cands = sample(policy, task.load("test", 2), task, n=3, temperature=1.0, max_new_tokens=6, progress=False)
-    assert all(math.isfinite(x) and x <= 0 for lp in cands["token_logprobs"] for x in lp)
-    assert all(n == len(lp) for n, lp in zip(cands["num_tokens"], cands["token_logprobs"]))
+    assert all(math.isfinite(x) and x <= 0 for lp in cands.logprobs for x in lp)
+    assert all(len(ids) == len(lp) for ids, lp in zip(cands.response_ids, cands.logprobs))
 
 
 def test_sampler_draws_from_the_tempered_top_p_distribution():
@@ -233,7 +234,7 @@ def test_a_damaged_cached_chunk_is_named_moved_aside_and_generated_again(policy,
     arrow = _arrow_file(chunk)
     data = bytearray(arrow.read_bytes())
     if damage == "changed":
-        text = first[3]["completion"].encode()
+        text = first.texts[3].encode()
         at = data.find(text[:5]) if len(text) >= 5 else -1
         data[at if at >= 0 else len(data) // 2 : (at if at >= 0 else len(data) // 2) + 5] = b"HACKD"
     elif damage == "garbled":
@@ -246,8 +247,8 @@ def test_a_damaged_cached_chunk_is_named_moved_aside_and_generated_again(policy,
     with caplog.at_level("WARNING"):
         again = engine.sample(policy, qs, task, params)
     assert "chunk-00001 failed its check" in caplog.text and list(tmp_path.glob("*/chunk-00001.bad-*"))
-    assert again["completion"] == first["completion"] and again["token_ids"] == first["token_ids"]
-    assert all("HACKD" not in c for c in again["completion"])
+    assert again.texts == first.texts and again.response_ids == first.response_ids
+    assert all("HACKD" not in c for c in again.texts)
     caplog.clear()
     with caplog.at_level("WARNING"):
         engine.sample(policy, qs, task, params)  # the regenerated chunk passes its check

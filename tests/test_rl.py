@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from datamodules.tasks import Arithmetic
+from lightning_modules.candidates import candidate_tensors
 from lightning_modules.losses.policy_gradient import PPOClipLoss, group_advantages, kl_k3
 from lightning_modules.policy import Policy
 from lightning_modules.rl import SelfRewardRLModule
-from lightning_modules.signals import GoldAnswer, MajorityAnswer, SelfCertainty, candidate_tensors
+from lightning_modules.signals import GoldAnswer, MajorityAnswer, SelfCertainty
 from lightning_modules.signals.quality import ranking_auc
 
 ROOT = Path(__file__).parents[1]

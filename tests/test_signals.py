@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from datamodules.tasks import Arithmetic
+from lightning_modules.candidates import Candidates, candidate_tensors
 from lightning_modules.signals import (
     AnswerEntropy,
-    Candidates,
     ClusterShare,
     DeepConf,
     DSWeight,
@@ -27,7 +27,6 @@ from lightning_modules.signals import (
     Signal,
     TokenNLL,
     VoteShare,
-    candidate_tensors,
     score,
 )
 from lightning_modules.signals.judges import parse_rating
@@ -174,14 +173,12 @@ def test_deepconf_against_a_naive_loop_and_hand_traces(rollout):
 
 
 def test_token_nll_from_stored_log_probs_equals_the_teacher_forced_pass(tiny_model_dir):
-    from datamodules.generation import sample, to_candidates
+    from datamodules.generation import sample
     from lightning_modules.policy import Policy
 
     policy = Policy(tiny_model_dir)
     task = Arithmetic(few_shot=1)
-    questions = task.load("test", 3)
-    candidates = to_candidates(sample(policy, questions, task, n=2, temperature=1.0, max_new_tokens=6, progress=False),
-                               questions, task, policy.tokenizer)
+    candidates = sample(policy, task.load("test", 3), task, n=2, temperature=1.0, max_new_tokens=6, progress=False)
     stored = TokenNLL()(candidates, policy)
     assert stored.tolist() == pytest.approx([-sum(lp) / len(lp) for lp in candidates.logprobs])
     forced = TokenNLL()(replace(candidates, logprobs=None), policy)
@@ -346,13 +343,13 @@ def test_a_new_signal_is_a_filter_a_reward_and_a_vote_weight(tiny_model_dir, tmp
     # evaluation: a vote weighted by it and its best-of-k pick
     evaluation = TaskEvaluation(Arithmetic(), num_questions=3, k=4, max_new_tokens=6, signals=[Length()])
     task = Arithmetic()
-    rows = evaluation.evaluate(Policy(tiny_model_dir), task, task.load("test", 3))
+    rows = evaluation.evaluate(Policy(tiny_model_dir), task, task.load("test", 3)).rows
     assert {"vote/length", "best/length"} <= set(rows[0])
     assert {"vote@4/length", "best@4/length"} <= set(evaluation._metrics(rows, torch.device("cpu")))
 
 
 def test_a_vote_weighted_by_the_values_themselves(rollout):
-    from callbacks.task_evaluation import judge_samples
+    from lightning_modules.evaluation import judge_samples
 
     policy, r = rollout
 
@@ -393,14 +390,19 @@ def test_the_signal_quality_report_end_to_end(tiny_model_dir, tmp_path, monkeypa
 def test_the_signal_quality_report_stops_after_the_first_chunk_when_nothing_parses(tiny_model_dir, tmp_path,
                                                                                   monkeypatch):
     """A model none of whose answers can be read (the tiny model's, read as unreadable): the report says so with the
-    figures after the first chunk, not after all the sampling."""
-    from datamodules.generation import HFGenerator
+    figures after the first test batch, not after all the sampling."""
+    from datamodules import generation
     from lightning_modules.cli import build_cli
 
     chunks = []
-    original = HFGenerator._chunk
-    monkeypatch.setattr(HFGenerator, "_chunk", lambda self, *a, **k: chunks.append(1) or [
-        {**r, "answer": None} for r in original(self, *a, **k)])
+    original = generation.sample_candidates
+
+    def unreadable(*args, **kwargs):
+        out = original(*args, **kwargs)
+        chunks.extend([1] * (args[3].n > 1))  # the sampled answers' calls, not the greedy ones
+        return replace(out, answers=[None] * len(out))
+
+    monkeypatch.setattr(generation, "sample_candidates", unreadable)
     monkeypatch.chdir(ROOT)
     readable = r"no question among the first 32 has two readable answers \(parse rate 0/256; \d+ answers hit"
     with pytest.raises(ValueError, match=readable):
@@ -408,4 +410,4 @@ def test_the_signal_quality_report_stops_after_the_first_chunk_when_nothing_pars
                    f"--model.init_args.policy.init_args.model={tiny_model_dir}",
                    f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
                    "--data.init_args.num_questions=64", "--data.init_args.batch_size=32"])
-    assert len(chunks) == 1  # 64 questions are 2 chunks of 32: it stopped after the first
+    assert len(chunks) == 1  # 64 questions are 2 test batches of 32: it stopped after the first

@@ -6,7 +6,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from callbacks.task_evaluation import score_question as score
 from datamodules.io import DataError
 from datamodules.tasks import (
     ANLI,
@@ -22,6 +21,7 @@ from datamodules.tasks import (
     Task,
 )
 from datamodules.tasks.extract import extract_choice, extract_math, extract_word, parse_gold, same_math
+from lightning_modules.evaluation import score_question as score
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -1,13 +1,6 @@
 """Label-free signals: one interface (`base.Signal`) used for selection, RL rewards and evaluation."""
 
-from lightning_modules.signals.base import (
-    Candidates,
-    Signal,
-    candidate_tensors,
-    sample_candidates,
-    score,
-    signal_names,
-)
+from lightning_modules.signals.base import Signal, score, signal_names
 from lightning_modules.signals.confidence import DeepConf, NegativeEntropy, SelfCertainty, TokenNLL
 from lightning_modules.signals.ds_weight import DSWeight
 from lightning_modules.signals.gold import GoldAnswer
@@ -15,6 +8,6 @@ from lightning_modules.signals.judges import SelfEvaluation, SelfRating
 from lightning_modules.signals.reward_model import RewardModelScore
 from lightning_modules.signals.votes import AnswerEntropy, ClusterShare, MajorityAnswer, VoteShare
 
-__all__ = ["AnswerEntropy", "Candidates", "ClusterShare", "DSWeight", "DeepConf", "GoldAnswer", "MajorityAnswer",
+__all__ = ["AnswerEntropy", "ClusterShare", "DSWeight", "DeepConf", "GoldAnswer", "MajorityAnswer",
            "NegativeEntropy", "RewardModelScore", "SelfCertainty", "SelfEvaluation", "SelfRating", "Signal",
-           "TokenNLL", "VoteShare", "candidate_tensors", "sample_candidates", "score", "signal_names"]
+           "TokenNLL", "VoteShare", "score", "signal_names"]

@@ -1,7 +1,7 @@
-"""One batch type and one interface for every label-free signal (SPEC §1–4, §6–7).
+"""One interface for every label-free signal (SPEC §1–4, §6–7).
 
-`Candidates` holds G answers to each of P questions: what generation writes for self-training and evaluation,
-and what an RL step samples. A `Signal` maps them to one float per candidate. The same object is a selection
+A `Signal` maps `Candidates` (G answers to each of P questions, `lightning_modules/candidates.py`: what every
+pipeline samples) to one float per candidate. The same object is a selection
 filter's input (`datamodules/selection.py`), an RL reward (`lightning_modules/rl.py`) and an evaluation vote
 weight or best-of-k pick (`callbacks/task_evaluation.py`, `callbacks/signal_quality.py`).
 
@@ -22,54 +22,14 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.batching import pad
+from lightning_modules.candidates import Candidates, candidate_tensors
 from lightning_modules.losses.functional import IGNORE_INDEX, predicting_labels
 from lightning_modules.progress import phase
-from lightning_modules.sampling import finish_text, generate_batch, prefix_cache
-
-
-@dataclass
-class Candidates:
-    """N candidate answers to P questions, grouped by question (`group[i]` is candidate i's question index)."""
-
-    questions: list[Any]  # (P,) question objects: text in `.question`, gold in `.answer` (evaluation only)
-    tasks: list[Any]  # (P,) each question's task: `extract`, `same`, `majority`, `answer_counts`, `format_question`
-    group: Tensor  # (N,) long
-    texts: list[str]  # (N,) response texts
-    answers: list[str | None]  # (N,) extracted answers, None when unparsable
-    prompt_ids: list[list[int]]  # (P,) the ids of the prompt that sampled, after the shared prefix
-    response_ids: list[list[int]]  # (N,)
-    logprobs: list[list[float]] | None = None  # (N,) each response token's log-prob at temperature 1, when sampled
-    prefix_ids: list[int] = field(default_factory=list)  # shared by every prompt (a task's few-shot exemplars)
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def members(self) -> list[list[int]]:
-        """The candidate indices of each question, in order. (P lists)"""
-        rows: list[list[int]] = [[] for _ in self.questions]
-        for i, g in enumerate(self.group.tolist()):
-            rows[g].append(i)
-        return rows
-
-    def subset(self, index: Sequence[int]) -> Candidates:
-        """The candidates at `index` (every question kept, so `group` keeps its meaning)."""
-        index = list(index)
-        pick = (lambda xs: [xs[i] for i in index])
-        return replace(self, group=self.group[torch.tensor(index, dtype=torch.long)], texts=pick(self.texts),
-                       answers=pick(self.answers), response_ids=pick(self.response_ids),
-                       logprobs=None if self.logprobs is None else pick(self.logprobs))
-
-    def question_text(self, i: int) -> str:
-        """Candidate i's question as its task writes it (options included), without any chat template."""
-        g = int(self.group[i])
-        return self.tasks[g].format_question(self.questions[g])
 
 
 class Signal(nn.Module):
@@ -144,38 +104,6 @@ def signal_names(signals: Sequence[Signal]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- teacher forcing
-@phase("generation")
-def sample_candidates(policy, questions: Sequence[Any], tasks: Sequence[Any], suffix_ids: Sequence[Sequence[int]],
-                      params, prefix_ids: Sequence[int] = (), generator: torch.Generator | None = None) -> Candidates:
-    """`params.n` answers to each question from the policy as it is now (in `policy.inference()`), with their
-    tokens' log-probs at temperature 1: the prompts are `prefix_ids + suffix_ids[p]`; each task's stop strings end
-    its answers (the union of the tasks' stops cuts every answer: tasks mixed in one batch share a template)."""
-    tok = policy.tokenizer
-    stop = tuple(dict.fromkeys(s for task in tasks for s in task.stop))
-    with policy.inference():
-        cache = prefix_cache(policy.model, prefix_ids)
-        completions = generate_batch(policy.model, tok, cache, len(prefix_ids), suffix_ids, params, stop, generator)
-    finished = [finish_text(tok, c, stop) for c in completions]
-    group = torch.arange(len(suffix_ids)).repeat_interleave(params.n)
-    return Candidates(
-        questions=list(questions), tasks=list(tasks), group=group, texts=[t for t, _ in finished],
-        answers=[tasks[int(g)].answer(t, c.finish_reason) for g, (t, c) in zip(group, finished)],
-        prompt_ids=list(suffix_ids),
-        response_ids=[c.tokens for _, c in finished], logprobs=[c.logprobs for _, c in finished],
-        prefix_ids=list(prefix_ids),
-    )
-
-
-def candidate_tensors(candidates: Candidates, pad_token_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
-    """Right-padded prompt + response ids (N, T), their attention mask, and `labels` holding the response tokens
-    (IGNORE_INDEX elsewhere), so that `policy.token_nll(ids, mask, labels, candidates.prefix_ids)` scores the
-    responses. The rows continue `candidates.prefix_ids`, which they leave out."""
-    prompts = [candidates.prompt_ids[int(g)] for g in candidates.group]
-    ids, mask, labels = pad([p + r for p, r in zip(prompts, candidates.response_ids)], pad_token_id,
-                            targets_from=[len(p) for p in prompts])
-    return ids.to(device), mask.to(device), labels.to(device)
-
-
 def response_values(candidates: Candidates, policy, fn: Callable[[Tensor], Tensor] | None,
                     batch_size: int = 16) -> list[Tensor]:
     """`fn(logits (n, V)) -> (n,)` (or `(n, m)`) of the distribution that produced each response token (None: the

@@ -27,8 +27,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_modules.candidates import Candidates
 from lightning_modules.losses.functional import entropy
-from lightning_modules.signals.base import Candidates, Signal, response_values
+from lightning_modules.signals.base import Signal, response_values
 
 
 def _mean(values: list[Tensor], empty: float = 0.0) -> Tensor:

@@ -27,8 +27,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_modules.batching import SFTExample, collate, tokenize_example, with_leading_pad
+from lightning_modules.candidates import Candidates
 from lightning_modules.losses.functional import IGNORE_INDEX, ds_weight
-from lightning_modules.signals.base import Candidates, Signal
+from lightning_modules.signals.base import Signal
 from lightning_modules.storage import cache_key, read_verified, write_verified
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_modules.signals.base import Candidates, Signal
+from lightning_modules.candidates import Candidates
+from lightning_modules.signals.base import Signal
 
 
 class GoldAnswer(Signal):

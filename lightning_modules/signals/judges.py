@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from lightning_modules.batching import pad
+from lightning_modules.candidates import Candidates
 from lightning_modules.sampling import SamplingParams, finish_text, generate_batch
-from lightning_modules.signals.base import Candidates, Signal
+from lightning_modules.signals.base import Signal
 
 CORRECTNESS_PROMPT = "Q: {question}\nA: {answer}\nIs the answer to this question correct?"
 SCORE_PROMPT = "Q: {question}\nA: {answer}\nPlease give the answer a score from 1 to 10. Score:"

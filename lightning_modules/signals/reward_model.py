@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_modules.candidates import Candidates
 from lightning_modules.model_store import resolve_model
-from lightning_modules.signals.base import Candidates, Signal
+from lightning_modules.signals.base import Signal
 
 
 def check_reward_model(model_dir: str) -> None:

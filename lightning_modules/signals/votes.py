@@ -25,7 +25,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_modules.signals.base import Candidates, Signal
+from lightning_modules.candidates import Candidates
+from lightning_modules.signals.base import Signal
 
 
 def answer_clusters(candidates: Candidates) -> Tensor:

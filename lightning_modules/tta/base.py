@@ -31,12 +31,12 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.batching import pad
+from lightning_modules.candidates import Candidates, candidate_tensors, sample
 from lightning_modules.distributed import all_ranks
 from lightning_modules.losses.functional import IGNORE_INDEX, entropy, predicting_labels
 from lightning_modules.optim import restore, unwrap
 from lightning_modules.optim.sam import SAM
 from lightning_modules.sampling import SamplingParams
-from lightning_modules.signals import Candidates, candidate_tensors, sample_candidates
 
 LEVELS = ("label", "token")
 
@@ -94,8 +94,8 @@ class TokenView:
         """n answers per item (no gradient): `temperature` 0 is greedy."""
         params = SamplingParams(n=n, temperature=temperature, max_new_tokens=self.max_new_tokens)
         b = self.batch
-        return sample_candidates(self.policy, b["questions"], b["tasks"], b["prompt_ids"], params,
-                                 generator=generator)
+        return sample(self.policy, b["questions"], b["tasks"], params, generator, suffix_ids=b["prompt_ids"],
+                      prefix_ids=[])
 
     def _tensors(self, candidates: Candidates) -> tuple[Tensor, Tensor, Tensor]:
         device = next(self.policy.parameters()).device
