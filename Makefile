@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv install install-dev setup demo test test-fast lint bench
+.PHONY: venv install install-dev setup demo test test-fast lint bench docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,12 @@ setup: install
 demo: setup
 	$(VENV)/bin/labelfree fit -c configs/self_improve/base.yaml -c configs/self_improve/iwsi.yaml
 
-test: install-dev setup
+test: install-dev setup docs
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# the documentation site (site/): README.md, docs/*.md and the docstrings; a warning (a broken link) is an error
+docs: install-dev
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 test-fast: install-dev
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
