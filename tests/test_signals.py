@@ -288,11 +288,31 @@ def test_score_checks_length_and_values_and_scores_only_what_is_asked(rollout):
         def forward(self, candidates, policy):
             return torch.tensor([0.0, math.nan] + [0.0] * (len(candidates) - 2))
 
-    with pytest.raises(ValueError, match=r"signal short returned \(7,\) for 8 candidates"):
+    with pytest.raises(ValueError, match=r"signal short returned \(6,\) for 7 candidates"):  # 7 distinct answers
         score(Short(), r, policy)
     with pytest.raises(ValueError, match="signal broken returned 1 non-finite values .first at candidate 1"):
         score(Broken(), r, policy)
     assert score(MajorityAnswer(), replace(r, answers=[None] * 7 + ["1"]), policy).isnan().all()  # abstains: fine
+
+
+def test_score_scores_each_distinct_answer_of_a_question_once(rollout):
+    """Question 1's "The answer is 7." twice: a deterministic signal sees it once and both get its value; a
+    sampling judge (not deterministic) sees every candidate; the same text under another question is its own."""
+    policy, r = rollout
+    Length.calls = []
+    got = score(Length(), r, policy)
+    assert Length.calls == [7] and got.tolist() == [float(len(t)) for t in r.texts]
+
+    class Drawn(Length):
+        deterministic = False
+
+    Length.calls = []
+    score(Drawn(), r, policy)
+    assert Length.calls == [8]
+    same_text = replace(r, texts=[r.texts[4]] * 8, response_ids=[r.response_ids[4]] * 8)
+    Length.calls = []
+    score(Length(), same_text, policy)
+    assert Length.calls == [2]  # one per question
 
 
 # ---------------------------------------------------------------------------------------------- quality metrics
@@ -354,7 +374,7 @@ def test_a_vote_weighted_by_the_values_themselves(rollout):
     policy, r = rollout
 
     class Confidence(Signal):
-        judge = "none"
+        judge, deterministic = "none", False  # values by position, not by answer
 
         def forward(self, candidates, policy):
             return torch.tensor([5.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 3.0])

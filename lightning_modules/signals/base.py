@@ -36,13 +36,15 @@ class Signal(nn.Module):
     """A label-free signal: `forward(candidates, policy) -> (N,)` float tensor, NaN = no value.
 
     Class attributes a signal sets: `higher_is_better`, `judge` ("current", "initial" or "none"), `needs_group`
-    (reads the other candidates of its question), `abstains` (may return NaN), `labeled` (the labeled questions it
-    needs, as `(split, count)`, or None)."""
+    (reads the other candidates of its question), `abstains` (may return NaN), `deterministic` (one value per
+    question and answer: `score` then scores each distinct answer of a question once), `labeled` (the labeled
+    questions it needs, as `(split, count)`, or None)."""
 
     higher_is_better: bool = True
     judge: Literal["current", "initial", "none"] = "current"
     needs_group: bool = False
     abstains: bool = False
+    deterministic: bool = True  # the value is a function of the question and the answer (a sampling judge: False)
 
     @property
     def name(self) -> str:
@@ -74,24 +76,45 @@ class Signal(nn.Module):
 def score(signal: Signal, candidates: Candidates, policy, where: Tensor | None = None) -> Tensor:
     """`signal` on the candidates where `where` (N,) bool is set (all when None, and always all for a signal that
     `needs_group`), checked: one finite value per candidate asked for (NaN only from a signal that abstains).
-    (N,) float32 on the CPU, NaN for the candidates not asked for."""
+    A `deterministic` signal that reads one candidate at a time scores each distinct answer of a question once (the
+    samples of a question repeat each other: at T 0.5 the demo's 512 are 216 distinct) and its value is copied to
+    the repeats. (N,) float32 on the CPU, NaN for the candidates not asked for."""
     n = len(candidates)
     index = torch.arange(n) if where is None or signal.needs_group else torch.nonzero(where.cpu()).flatten()
     out = torch.full((n,), float("nan"))
     if len(index) == 0:
         return out
     asked = candidates if len(index) == n else candidates.subset(index.tolist())
+    first, inverse = distinct(asked) if signal.deterministic and not signal.needs_group else (None, None)
+    if first is not None and len(first) < len(asked):
+        asked = asked.subset(first)
     with phase(f"signal {signal.name}"):
         values = signal(asked, policy)
-    if not isinstance(values, Tensor) or values.shape != (len(index),):
+    if not isinstance(values, Tensor) or values.shape != (len(asked),):
         shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
-        raise ValueError(f"signal {signal.name} returned {shape} for {len(index)} candidates: one value each expected")
+        raise ValueError(f"signal {signal.name} returned {shape} for {len(asked)} candidates: one value each expected")
     values = values.detach().float().cpu()
+    if inverse is not None and len(first) < len(inverse):
+        values = values[inverse]
     bad = torch.isinf(values) | (torch.isnan(values) & (not signal.abstains))
     if bad.any():
         raise ValueError(f"signal {signal.name} returned {int(bad.sum())} non-finite values (first at candidate "
                          f"{int(index[bad.nonzero()[0]])}) for candidates it was asked to score")
     return out.index_put_((index,), values)
+
+
+def distinct(candidates: Candidates) -> tuple[list[int], Tensor]:
+    """The first candidate of each distinct (question, response tokens, text), and for every candidate the position
+    of its distinct one in that list. (D,) indices, (N,) long."""
+    seen: dict[tuple, int] = {}
+    first, inverse = [], []
+    for i, (g, ids, text) in enumerate(zip(candidates.group.tolist(), candidates.response_ids, candidates.texts)):
+        key = (g, tuple(ids), text)
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(i)
+        inverse.append(seen[key])
+    return first, torch.tensor(inverse, dtype=torch.long)
 
 
 def signal_names(signals: Sequence[Signal]) -> list[str]:

@@ -76,6 +76,7 @@ class SelfEvaluation(_Judge):
                  seed: int = 0) -> None:
         super().__init__(CORRECTNESS_PROMPT, judge, batch_size, strip=True)
         self.mode, self.temperature = mode, temperature
+        self.deterministic = mode == "probability"  # a sampled reply is drawn anew for each repeat of an answer
         self.generator = torch.Generator().manual_seed(seed)
 
     def judge_batch(self, prompts: list[list[int]], policy) -> Tensor:
@@ -103,6 +104,7 @@ class SelfRating(_Judge):
             raise ValueError(f"SelfRating: low must be below high, got {low} and {high}")
         self.low, self.high, self.scale = low, high, scale
         self.params = SamplingParams(n=1, temperature=temperature, max_new_tokens=max_new_tokens)
+        self.deterministic = temperature == 0  # a sampled rating is drawn anew for each repeat of an answer
         self.generator = torch.Generator().manual_seed(seed)
 
     def judge_batch(self, prompts: list[list[int]], policy) -> Tensor:
