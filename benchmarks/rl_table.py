@@ -31,7 +31,7 @@ from pathlib import Path
 
 import lightning as L
 from paired import cell, number_clusters, paired_difference, paired_rows  # benchmarks/paired.py, beside this script
-from tables import ROOT, load_records, mean_std, run_in_parts  # benchmarks/tables.py, beside this script
+from tables import PAGES, ROOT, load_records, mean_std, run_in_parts, write_page  # benchmarks/tables.py
 
 from callbacks.collapse_guard import CollapseGuard
 from callbacks.task_evaluation import TaskEvaluation
@@ -101,11 +101,17 @@ def accuracy(scores: list[bool]) -> float:
 def find_steps(args) -> None:
     settings = {"phase": "find_steps", "max_steps": args.max_steps, "every": args.every,
                 "eval_questions": args.eval_questions, "model": args.model}
-    records = run_in_parts(
-        args.records.with_name(args.records.name + "_oracle"), [f"gold-lr{lr:g}" for lr in args.lrs], [0],
+    directory = args.records.with_name(args.records.name + "_oracle")
+    records = load_records(directory, settings) if args.table else run_in_parts(
+        directory, [f"gold-lr{lr:g}" for lr in args.lrs], [0],
         lambda variant, seed, first: run("gold", seed, args, first, args.max_steps, float(variant[7:]), "valid",
                                          args.every),
         settings, "base")
+    if not records:
+        print("no record of phase 1 yet")
+        return
+    if args.table:
+        print("## Phase 1: steps and learning rate, the oracle on the validation split")
     base = next(r["base"] for r in records.values() if "base" in r)
     validation = Arithmetic(b_range=(3, 20), seed=1234).load("valid", len(base))
     print(f"\nthe oracle (gold reward, seed 0) on {len(base)} validation questions, 2-shot greedy; base "
@@ -135,6 +141,8 @@ def table(args) -> None:
     records = (load_records(args.records, settings) if args.table
                else run_in_parts(args.records, args.methods, args.seeds, run_one, settings, "base"))
     base = next((r["base"] for r in records.values() if "base" in r), None)
+    if args.table:
+        print("\n## Phase 2: every reward on the held-out questions")
     done = {m: [records[(m, s)] for s in args.seeds] for m in args.methods
             if all((m, s) in records for s in args.seeds)}
     if base is None or not done:
@@ -181,8 +189,15 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--runs", default="runs/rl_table")
     parser.add_argument("--records", type=Path, default=ROOT / "benchmarks/results/rl")
-    parser.add_argument("--table", action="store_true", help="print the table from the records; run nothing")
+    parser.add_argument("--table", action="store_true",
+                        help="print both phases' tables from the records and write their page (docs/results/)")
+    parser.add_argument("--pages", type=Path, default=PAGES, help="where --table writes its page")
     args = parser.parse_args()
+    if args.table:
+        command = (f"python benchmarks/rl_table.py --table --steps {args.steps} --lr {args.lr:g} --seeds "
+                   f"{' '.join(map(str, args.seeds))}")
+        write_page("rl", "Online RL: the powered table", command, lambda: (find_steps(args), table(args)), args.pages)
+        return
     find_steps(args) if args.find_steps else table(args)
 
 

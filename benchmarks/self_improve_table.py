@@ -28,7 +28,7 @@ from pathlib import Path
 
 import matplotlib
 from paired import cell, number_clusters, paired_difference, paired_rows, pool  # benchmarks/paired.py
-from tables import ROOT, load_records, mean_std, run_in_parts  # benchmarks/tables.py
+from tables import PAGES, ROOT, load_records, mean_std, run_in_parts, write_page  # benchmarks/tables.py
 
 from callbacks.round_restart import RestartEachRound
 from callbacks.task_evaluation import TaskEvaluation
@@ -236,12 +236,18 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--runs", default="runs/self_improve_table")
     parser.add_argument("--records", type=Path, default=ROOT / "benchmarks/results/self_improve")
-    parser.add_argument("--table", action="store_true", help="print the table from the records; run nothing")
+    parser.add_argument("--table", action="store_true",
+                        help="print the table from the records and write its page (docs/results/); run nothing")
+    parser.add_argument("--pages", type=Path, default=PAGES, help="where --table writes its page")
     parser.add_argument("--plot", type=Path, help="draw the k sweep's figure to this PNG (once k has two values)")
     args = parser.parse_args()
     settings = {"questions": args.questions, "eval_questions": args.eval_questions, "model": args.model}
     if args.table:
         records = load_records(args.records, settings)
+        command = f"python benchmarks/self_improve_table.py --table --seeds {' '.join(map(str, args.seeds))}"
+        write_page("self-training", "Self-training: the powered table", command,
+                   lambda: table(records, args.seeds, args.plot), args.pages)
+        return
     else:
         records = run_in_parts(args.records, args.variants, args.seeds,
                                lambda variant, seed, first: run(variant, seed, args, first), settings, "base_few_shot")

@@ -3,6 +3,8 @@ and mean ± std cells."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import statistics
 import subprocess
@@ -13,6 +15,28 @@ from pathlib import Path
 from datamodules.io import write_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
+PAGES = ROOT / "docs" / "results"  # the results pages, generated from the records by each table's --table
+READINGS = ROOT / "benchmarks" / "readings"  # what each page's tables say, written by hand
+
+
+def write_page(name: str, title: str, command: str, produce: Callable[[], None], directory: Path = PAGES) -> str:
+    """`directory/<name>.md`: the title, the command that regenerates it, what `produce()` prints (its tables,
+    from the committed records alone) and the reading (`benchmarks/readings/<name>.md`). Also printed."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        produce()
+    reading = READINGS / f"{name}.md"
+    lines = buffer.getvalue().strip().splitlines()
+    body = "\n".join(("\n" if line.startswith("|") and i and lines[i - 1] and not lines[i - 1].startswith("|")
+                      else "") + line for i, line in enumerate(lines))  # a table needs a blank line before it
+    text = (f"# {title}\n\n```bash\n{command}\n```\n\nGenerated from the records in `benchmarks/results/` by the "
+            f"command above; do not edit by hand.\n\n{body}\n")
+    if reading.exists():
+        text += f"\n## Reading\n\n{reading.read_text().strip()}\n"
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomically(directory / f"{name}.md", text)
+    print(text)
+    return text
 
 
 def load_records(records: Path, settings: dict) -> dict[tuple[str, int], dict]:

@@ -14,6 +14,7 @@ accuracy on a validation stream of the same kind built from the `train` split (s
 prediction, the last batch's entropy, the resets. Every method of a seed runs in this one process.
 
     python benchmarks/tta_table.py --streams label_bias one_class mixed format_shift --seeds 0 1 2
+    python benchmarks/tta_table.py --table   # the tables of the committed records (benchmarks/results/tta/)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from tables import PAGES, write_page  # benchmarks/tables.py, beside this script
 
 from callbacks.statistics import cell, paired_difference, pool
 from lightning_modules.cli import build_cli, exit_status_on_signal, recipe_args, recipe_configs
@@ -106,8 +108,17 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="keep each recipe's learning rate (say so)")
     parser.add_argument("--runs", default="runs/tta_table")
     parser.add_argument("--out", default="runs/tta_table/results.json")
+    parser.add_argument("--records", type=Path, default=ROOT / "benchmarks/results/tta",
+                        help="the committed results files (an --out each) that --table reads")
+    parser.add_argument("--table", action="store_true",
+                        help="print the tables of the records and write their page (docs/results/); run nothing")
+    parser.add_argument("--pages", type=Path, default=PAGES, help="where --table writes its page")
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # build_cli gets its own arguments
+    if args.table:
+        write_page("tta", "Test-time adaptation: the re-measured streams", "python benchmarks/tta_table.py --table",
+                   lambda: print_records(args.records, args.seeds), args.pages)
+        return
 
     start, results = time.perf_counter(), {}
     for stream in args.streams:
@@ -144,6 +155,13 @@ def main() -> None:
         best = max((m for m in accuracy if m != "none"), key=accuracy.get)
         ratios.append(f"{stream} {accuracy[best] / max(accuracy['none'], 1e-9):.3f} ({best})")
     print("online accuracy ratio, best method / no adaptation: " + ", ".join(ratios))
+
+
+def print_records(records: Path, seeds) -> None:
+    """Every stream's table from the results files under `records` (file by file, in name order)."""
+    for path in sorted(records.glob("*.json")):
+        for stream, result in json.loads(path.read_text()).items():
+            print(f"\n## {stream} (`{path.relative_to(ROOT)}`)\n{table(stream, result, seeds)}")
 
 
 def table(stream: str, result: dict, seeds) -> str:
