@@ -141,8 +141,10 @@ class QuestionDynamics(L.Callback):
             trainer.logger.log_metrics({f"dynamics/{k}": v for k, v in found.items()}, step=trainer.global_step)
         return found
 
-    def _probe_and_log(self, trainer, pl_module) -> None:
-        for name, value in self.probe(trainer, pl_module).items():  # for ModelCheckpoint / EarlyStopping monitors
+    def _log_latest(self, pl_module) -> None:
+        """The last probe's figures where Lightning's callbacks read them (`ModelCheckpoint`, `EarlyStopping`,
+        `CollapseGuard`), at every step: a monitor sees the figure of the newest probe."""
+        for name, value in self.probes[-1]["figures"].items():
             pl_module.log(f"dynamics/{name}", value, logger=False)
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -152,12 +154,14 @@ class QuestionDynamics(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and self.probes[-1]["step"] != step:
-            self._probe_and_log(trainer, pl_module)
+            self.probe(trainer, pl_module)
+        self._log_latest(pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0 \
                 and self.probes[-1]["step"] != trainer.global_step:
-            self._probe_and_log(trainer, pl_module)
+            self.probe(trainer, pl_module)
+            self._log_latest(pl_module)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.probes[-1]["step"] != trainer.global_step:

@@ -19,8 +19,20 @@ def command_configs(config: Path) -> list[str]:
     return files
 
 
-def test_there_are_configs():
-    assert len(CONFIGS) >= 10
+def test_every_config_the_docs_name_exists_and_every_recipe_is_documented():
+    """A path in the README or a page (`configs/rl/{rlc,ttrl}.yaml` expanded) is a file; every recipe's name is
+    in the README or a page."""
+    import itertools
+    import re
+
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))])
+    named = set()
+    for path in re.findall(r"configs/[\w/{},.]+?\.yaml", text):
+        parts = [part.split(",") for part in re.split(r"[{}]", path)]  # alternate fixed text and choices
+        named |= {"".join(choice) for choice in itertools.product(*parts)}
+    assert named and all((ROOT / p).is_file() for p in named), sorted(p for p in named if not (ROOT / p).is_file())
+    undocumented = [str(c.relative_to(ROOT)) for c in CONFIGS if not re.search(rf"\b{re.escape(c.stem)}\b", text)]
+    assert not undocumented, undocumented
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))

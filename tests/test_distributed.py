@@ -60,7 +60,7 @@ def test_online_rl_steps_under_ddp_with_one_sampling_stream_per_rank(tiny_model_
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
 
 
-def _sar_worker(rank: int, port: int, out: str) -> None:
+def _sar_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from lightning.pytorch.overrides.distributed import prepare_for_backward
     from torch.nn.parallel import DistributedDataParallel
@@ -93,15 +93,10 @@ def _sar_worker(rank: int, port: int, out: str) -> None:
     os._exit(0)
 
 
-def test_sar_steps_on_every_rank_when_one_ranks_reliable_set_is_empty(tmp_path):
+def test_sar_steps_on_every_rank_when_one_ranks_reliable_set_is_empty(tmp_path, spawn_ranks):
     """A rank with no reliable sample backpropagates a zero loss instead of skipping, so the other rank's gradient
     all-reduce completes (it used to wait forever) and both ranks end with the same weights."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_sar_worker, args=(port, str(tmp_path)), nprocs=2)
+    spawn_ranks(_sar_worker, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["reliable"] == 0 < r1["reliable"]
     assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))

@@ -10,19 +10,13 @@ import torch
 from callbacks.task_evaluation import TaskEvaluation
 from datamodules.generation import sample
 from datamodules.tasks import Arithmetic
-from lightning_modules.cli import build_cli
 
 ROOT = Path(__file__).parents[1]
 
 
-def test_labelfree_test_scores_greedy_majority_and_pass(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    cli = build_cli([
-        "test", "-c", "configs/eval/arithmetic.yaml", f"--model.init_args.policy.init_args.model={tiny_model_dir}",
-        "--data.init_args.num_questions=5", "--data.init_args.batch_size=2", "--model.init_args.k=3",
-        "--model.init_args.max_new_tokens=6", f"--trainer.logger.init_args.save_dir={tmp_path}",
-        "--trainer.enable_progress_bar=false",
-    ])
+def test_labelfree_test_scores_greedy_majority_and_pass(tiny_cli, tmp_path):
+    cli = tiny_cli("configs/eval/arithmetic.yaml", "--data.init_args.num_questions=5", "--data.init_args.batch_size=2",
+                   "--model.init_args.k=3", "--model.init_args.max_new_tokens=6", subcommand="test", run=True)
     metrics = cli.trainer.callback_metrics
     keys = {f"test/arithmetic-2shot/{m}" for m in ("greedy_accuracy", "maj@3", "pass@3", "greedy_parse_rate")}
     assert keys <= set(metrics)
@@ -127,14 +121,10 @@ def test_two_evaluations_in_one_config_never_overwrite_each_other(tiny_model_dir
     assert TaskEvaluation(Arithmetic(), name="mine").name() == "mine"
 
 
-def test_labelfree_test_on_math_from_a_local_file(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    cli = build_cli([
-        "test", "-c", "configs/eval/math.yaml", f"--model.init_args.policy.init_args.model={tiny_model_dir}",
-        "--data.init_args.task.init_args.data_path=tests/fixtures/math500_{split}.jsonl",
-        "--data.init_args.num_questions=6", "--model.init_args.k=2", "--model.init_args.max_new_tokens=4",
-        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-    ])
+def test_labelfree_test_on_math_from_a_local_file(tiny_cli, tmp_path):
+    local = "--data.init_args.task.init_args.data_path=tests/fixtures/math500_{split}.jsonl"
+    cli = tiny_cli("configs/eval/math.yaml", local, "--data.init_args.num_questions=6", "--model.init_args.k=2",
+                   "--model.init_args.max_new_tokens=4", subcommand="test", run=True)
     rows = [json.loads(x) for x in next(tmp_path.rglob("predictions-math-0shot-test.jsonl")).read_text().splitlines()]
     assert [r["gold"] for r in rows][:3] == ["3/4", "$2\\sqrt{2}$", "4"]  # gold normalised at load
     assert "test/math-0shot/greedy_accuracy" in cli.trainer.callback_metrics

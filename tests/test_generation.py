@@ -180,13 +180,9 @@ def _ddp_worker(rank, world, port, model_dir, out):
     dist.destroy_process_group()
 
 
-def test_two_processes_gather_in_question_order(policy, task, tiny_model_dir, tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, tiny_model_dir, str(tmp_path)), nprocs=2)
+@pytest.mark.slow
+def test_two_processes_gather_in_question_order(policy, task, tiny_model_dir, tmp_path, spawn_ranks):
+    spawn_ranks(_ddp_worker, tiny_model_dir, str(tmp_path))
     single = HFGenerator(chunk_size=2, progress=False).sample(policy, task.load("test", 7), task,
                                                              SamplingParams(n=2, temperature=1.0, max_new_tokens=5))
     for rank in range(2):

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_args
 
-from lightning_modules.cli import build_cli, recipe_args
+from lightning_modules.cli import build_cli
 
 ROOT = Path(__file__).parents[1]
 
@@ -17,9 +18,8 @@ def _trainable(cli) -> dict[str, torch.Tensor]:
 
 
 def _fit(config: str, tiny_model_dir: str, save_dir: Path, *extra: str):
-    return build_cli(["fit", *recipe_args(ROOT / config), f"--model.init_args.policy.init_args.model={tiny_model_dir}",
-                      f"--trainer.logger.init_args.save_dir={save_dir}", "--trainer.enable_progress_bar=false",
-                      "--trainer.enable_model_summary=false", *extra])
+    return build_cli(["fit", *tiny_args(config, tiny_model_dir, save_dir, "--trainer.enable_model_summary=false",
+                                        *extra)])
 
 
 def _straight_and_resumed(config, tiny_model_dir, tmp_path, steps: list[str], cut: int, *extra):

@@ -135,15 +135,10 @@ def test_kl_is_zero_while_the_adapter_is_zero(rollout):
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs" / "rl").glob("*.yaml")), ids=lambda p: p.stem)
-def test_two_step_fit_changes_only_adapter_weights(config, tiny_model_dir, tmp_path, monkeypatch):
-    from lightning_modules.cli import build_cli, recipe_args
-
-    monkeypatch.chdir(ROOT)
-    cli = build_cli([*recipe_args(config), f"--model.init_args.policy.init_args.model={tiny_model_dir}",
-                     f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-                     "--trainer.max_steps=2", "--model.init_args.max_new_tokens=6",
-                     "--model.init_args.optimizer.init_args.lr=0.01", "--data.init_args.num_questions=4",
-                     "--data.init_args.batch_size=2"], run=False)
+def test_two_step_fit_changes_only_adapter_weights(config, tiny_cli):
+    cli = tiny_cli(config, "--trainer.max_steps=2", "--model.init_args.max_new_tokens=6",
+                   "--model.init_args.optimizer.init_args.lr=0.01", "--data.init_args.num_questions=4",
+                   "--data.init_args.batch_size=2")
     before = {n: p.detach().clone() for n, p in cli.model.named_parameters()}
     cli.trainer.fit(cli.model, cli.datamodule)
     assert cli.trainer.global_step == 2

@@ -109,13 +109,9 @@ def _percentile_worker(rank, world, port, out):
     dist.destroy_process_group()
 
 
-def test_percentiles_are_global_across_ranks(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_percentile_worker, args=(2, port, str(tmp_path)), nprocs=2)
+@pytest.mark.slow
+def test_percentiles_are_global_across_ranks(tmp_path, spawn_ranks):
+    spawn_ranks(_percentile_worker, str(tmp_path))
     single = torch.arange(100, dtype=torch.float32)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert results[0]["cut"] == results[1]["cut"] == global_percentile(single, 80)

@@ -169,8 +169,9 @@ def test_ckpt_path_last_resumes_the_newest_run_in_its_version(tiny_model_dir, tm
     assert sorted(p.name for p in (tmp_path / "sft").iterdir()) == ["version_0"]
 
 
-def test_the_demo_config_runs_as_shipped(tiny_model_dir, tmp_path, monkeypatch):
-    """`make demo` runs configs/sft.yaml as is; only the model (and where logs go) differ here."""
+def test_the_sft_config_runs_as_shipped(tiny_model_dir, tmp_path, monkeypatch):
+    """configs/sft.yaml runs as shipped (the README's weighted-SFT command); only the model (and where logs go)
+    differ here."""
     monkeypatch.chdir(Path(__file__).parents[1])
     cli = build_cli(["fit", "-c", "configs/sft.yaml", f"--model.init_args.policy.init_args.model={tiny_model_dir}",
                      f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"])

@@ -386,15 +386,11 @@ def test_a_vote_weighted_by_the_values_themselves(rollout):
         judge_samples(r, policy, [Length()], vote_weighting="value")
 
 
-def test_the_signal_quality_report_end_to_end(tiny_model_dir, tmp_path, monkeypatch):
-    from lightning_modules.cli import build_cli
-
-    monkeypatch.chdir(ROOT)
-    cli = build_cli(["test", "-c", "configs/eval/signals.yaml",
-                     f"--model.init_args.policy.init_args.model={tiny_model_dir}",
-                     f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-                     "--data.init_args.num_questions=4", "--data.init_args.batch_size=4",
-                     "--data.init_args.task.init_args.unfinished=read"])  # the tiny model never finishes an answer
+@pytest.mark.slow  # an end-to-end run of more than 5 s
+def test_the_signal_quality_report_end_to_end(tiny_cli, tmp_path):
+    cli = tiny_cli("configs/eval/signals.yaml", "--data.init_args.num_questions=4", "--data.init_args.batch_size=4",
+                   "--data.init_args.task.init_args.unfinished=read",  # the tiny model never finishes an answer
+                   subcommand="test", run=True)
     run = Path(cli.trainer.log_dir)
     report = json.loads((run / "signal_quality.json").read_text())
     names = ["majority_answer", "cluster_share", "answer_entropy", "token_nll", "self_certainty", "negative_entropy",
@@ -407,12 +403,10 @@ def test_the_signal_quality_report_end_to_end(tiny_model_dir, tmp_path, monkeypa
     assert (tmp_path / "signals" / "candidates").exists()  # the cached engine: a re-run reuses the samples
 
 
-def test_the_signal_quality_report_stops_after_the_first_chunk_when_nothing_parses(tiny_model_dir, tmp_path,
-                                                                                  monkeypatch):
+def test_the_signal_quality_report_stops_after_the_first_batch_when_nothing_parses(tiny_cli, monkeypatch):
     """A model none of whose answers can be read (the tiny model's, read as unreadable): the report says so with the
     figures after the first test batch, not after all the sampling."""
     from datamodules import generation
-    from lightning_modules.cli import build_cli
 
     chunks = []
     original = generation.sample_candidates
@@ -423,11 +417,8 @@ def test_the_signal_quality_report_stops_after_the_first_chunk_when_nothing_pars
         return replace(out, answers=[None] * len(out))
 
     monkeypatch.setattr(generation, "sample_candidates", unreadable)
-    monkeypatch.chdir(ROOT)
     readable = r"no question among the first 32 has two readable answers \(parse rate 0/256; \d+ answers hit"
     with pytest.raises(ValueError, match=readable):
-        build_cli(["test", "-c", "configs/eval/signals.yaml",
-                   f"--model.init_args.policy.init_args.model={tiny_model_dir}",
-                   f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-                   "--data.init_args.num_questions=64", "--data.init_args.batch_size=32"])
+        tiny_cli("configs/eval/signals.yaml", "--data.init_args.num_questions=64", "--data.init_args.batch_size=32",
+                 subcommand="test", run=True)
     assert len(chunks) == 1  # 64 questions are 2 test batches of 32: it stopped after the first

@@ -176,19 +176,16 @@ def test_weight_ensembling(adapt):
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs" / "tta").glob("*.yaml")), ids=lambda p: p.stem)
-def test_two_step_fit_changes_only_adapted_parameters(config, tiny_model_dir, tmp_path, monkeypatch):
-    from lightning_modules.cli import build_cli, recipe_args, recipe_configs
+def test_two_step_fit_changes_only_adapted_parameters(config, tiny_cli):
+    from lightning_modules.cli import recipe_configs
 
-    monkeypatch.chdir(ROOT)
-    args = [*recipe_args(config), f"--model.init_args.policy.init_args.model={tiny_model_dir}",
-            f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-            "--data.init_args.num_questions=8", "--data.init_args.batch_size=4"]
+    args = ["--data.init_args.num_questions=8", "--data.init_args.batch_size=4"]
     token = any("level: token" in f.read_text() for f in recipe_configs(config))
     if token:  # an open-ended stream
         args += ["--data.init_args.tasks=datamodules.tasks.Arithmetic", "--model.init_args.max_new_tokens=5"]
     else:
         args.append("--data.init_args.tasks=datamodules.tasks.Comparison")  # single-token verbalizers here
-    cli = build_cli(args, run=False)
+    cli = tiny_cli(config, *args)
     before = {n: p.detach().clone() for n, p in cli.model.named_parameters()}
     if config.stem == "sar":  # the tiny model is never confident: widen the margin so SAR adapts
         cli.model.method.margin_factor = 1.0
@@ -216,7 +213,9 @@ def test_two_step_fit_changes_only_adapted_parameters(config, tiny_model_dir, tm
     elif config.stem != "pseudo_label":  # a random model's answers rarely have a majority: tested on its own
         assert changed
     metrics = cli.trainer.callback_metrics
-    assert 0 <= metrics["tta/online_accuracy"] <= 1
+    outcomes = cli.model.outcomes  # each item right or wrong, predicted before its update
+    assert outcomes and cli.model.online_accuracy.weight.item() == len(outcomes)
+    assert metrics["tta/online_accuracy"].item() == pytest.approx(sum(outcomes) / len(outcomes))
     assert "tta/entropy" not in metrics or torch.isfinite(metrics["tta/entropy"])
 
 

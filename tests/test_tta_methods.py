@@ -220,14 +220,14 @@ def test_a_method_is_refused_at_a_level_it_does_not_support(tiny_model_dir):
 
 
 def _cli(config, tiny_model_dir, tmp_path, monkeypatch, *extra, task="Comparison"):
-    from lightning_modules.cli import build_cli, recipe_args
+    from tiny import tiny_args
+
+    from lightning_modules.cli import build_cli
 
     monkeypatch.chdir(ROOT)
-    return build_cli([*recipe_args(ROOT / "configs" / "tta" / config), f"--model.init_args.policy.init_args.model="
-                      f"{tiny_model_dir}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-                      "--trainer.enable_progress_bar=false", "--data.init_args.num_questions=12",
-                      "--data.init_args.batch_size=4", f"--data.init_args.tasks=datamodules.tasks.{task}", *extra],
-                     run=False)
+    return build_cli(tiny_args(f"configs/tta/{config}", tiny_model_dir, tmp_path, "--data.init_args.num_questions=12",
+                               "--data.init_args.batch_size=4", f"--data.init_args.tasks=datamodules.tasks.{task}",
+                               *extra), run=False)
 
 
 def test_a_stream_without_verbalizers_is_refused_at_the_label_level_naming_the_task(
@@ -268,7 +268,9 @@ def test_online_accuracy_counts_every_item_of_the_stream(tiny_model_dir, tmp_pat
     assert cli.model.online_accuracy.weight.item() == 10  # every item once, the partial batch included
     metrics = cli.trainer.callback_metrics
     assert metrics["tta/online_accuracy"] == metrics["tta/source_accuracy"]  # no update: the same predictions
-    assert 0 <= metrics["tta/online_accuracy"] <= 1 and torch.isfinite(entropy(torch.zeros(2)))
+    outcomes = cli.model.outcomes
+    assert len(outcomes) == 10 and metrics["tta/online_accuracy"].item() == pytest.approx(sum(outcomes) / 10)
+    assert entropy(torch.zeros(2)).item() == pytest.approx(math.log(2))  # uniform over 2 classes
 
 
 def test_the_one_padding_helper_pads_right_or_left_and_places_the_targets():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+ROOT = Path(__file__).parents[1]  # the repository
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -67,3 +69,12 @@ def run_labelfree(*args: str, cwd: Path) -> None:
                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
         raise AssertionError(f"labelfree {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+
+
+def tiny_args(config: str | Path, tiny_model_dir: str, save_dir, *overrides: str) -> list[str]:
+    """The arguments of a shipped recipe (composed as its first line says) on the tiny model, logging under
+    `save_dir`, no progress bar, then `overrides`."""
+    from lightning_modules.cli import recipe_args
+
+    return [*recipe_args(ROOT / config), f"--model.init_args.policy.init_args.model={tiny_model_dir}",
+            f"--trainer.logger.init_args.save_dir={save_dir}", "--trainer.enable_progress_bar=false", *overrides]

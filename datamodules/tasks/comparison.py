@@ -1,8 +1,9 @@
 """Comparison: "which of two numbers is larger?", a procedural two-way classification task (labels A / B).
 
-The default stream for label-level test-time adaptation: the label distribution is read at the answer slot
-"The answer is (" over the verbalizers "A" and "B". The default model answers it greedily about 60% of the
-time (see the README), so adaptation has room either way.
+A label-level stream for test-time adaptation (the mixed-domain stream interleaves it with `Sentiment`, the
+default stream of `configs/tta/base.yaml`): the label distribution is read at the answer slot "The answer is ("
+over the verbalizers "A" and "B". The default model answers it greedily about 60% of the time (docs/tta.md), so
+adaptation has room either way.
 """
 
 from __future__ import annotations
