@@ -15,7 +15,7 @@ lines run unmodified in a scratch directory, torch 2.13 CPU; only the numbers ar
 import pytest
 import torch
 import torch.nn.functional as F
-from test_signals import answers_only  # tests/, on the path as rootdir
+from tiny import answers_only
 
 from lightning_modules.losses.functional import entropy
 from lightning_modules.losses.policy_gradient import combined_advantages

@@ -78,3 +78,16 @@ def tiny_args(config: str | Path, tiny_model_dir: str, save_dir, *overrides: str
 
     return [*recipe_args(ROOT / config), f"--model.init_args.policy.init_args.model={tiny_model_dir}",
             f"--trainer.logger.init_args.save_dir={save_dir}", "--trainer.enable_progress_bar=false", *overrides]
+
+
+def answers_only(groups: list[list[str | None]]):
+    """`Candidates` that carry answers only (enough for the vote signals), zero-shot demo task."""
+    import torch
+
+    from datamodules.tasks import Arithmetic
+    from lightning_modules.candidates import Candidates
+
+    answers = [a for g in groups for a in g]
+    return Candidates(questions=[None] * len(groups), tasks=[Arithmetic(few_shot=0)] * len(groups),
+                      group=torch.tensor([i for i, g in enumerate(groups) for _ in g]), texts=[""] * len(answers),
+                      answers=answers, prompt_ids=[[1]] * len(groups), response_ids=[[1]] * len(answers))

@@ -104,12 +104,13 @@ def score(signal: Signal, candidates: Candidates, policy, where: Tensor | None =
 
 
 def distinct(candidates: Candidates) -> tuple[list[int], Tensor]:
-    """The first candidate of each distinct (question, response tokens, text), and for every candidate the position
-    of its distinct one in that list. (D,) indices, (N,) long."""
+    """The first candidate of each distinct (question, response tokens, text, answer), and for every candidate the
+    position of its distinct one in that list. (D,) indices, (N,) long."""
     seen: dict[tuple, int] = {}
     first, inverse = [], []
-    for i, (g, ids, text) in enumerate(zip(candidates.group.tolist(), candidates.response_ids, candidates.texts)):
-        key = (g, tuple(ids), text)
+    rows = zip(candidates.group.tolist(), candidates.response_ids, candidates.texts, candidates.answers)
+    for i, (g, ids, text, answer) in enumerate(rows):
+        key = (g, tuple(ids), text, answer)
         if key not in seen:
             seen[key] = len(first)
             first.append(i)

@@ -2,17 +2,15 @@
 on the tiny LM (label level, and token level on an open-ended stream)."""
 
 import copy
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from tiny import ROOT
 
 from lightning_modules.losses.functional import entropy, prior_correction
 from lightning_modules.optim.sam import SAM
 from lightning_modules.tta import ROID, SAR, sar_adapt_step
-
-ROOT = Path(__file__).parents[1]
 
 
 def _linear_problem(seed=0):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import answers_only
 
 from datamodules.tasks import Arithmetic
 from lightning_modules.candidates import Candidates, candidate_tensors
@@ -33,16 +34,7 @@ from lightning_modules.signals.judges import parse_rating
 from lightning_modules.signals.quality import auroc, best_of_k, rank_weights, ranking_auc
 from lightning_modules.signals.votes import answer_clusters, weighted_vote
 
-ROOT = Path(__file__).parents[1]
 TASK = Arithmetic(few_shot=0)
-
-
-def answers_only(groups: list[list[str | None]]) -> Candidates:
-    """Candidates that carry answers only (enough for the vote signals)."""
-    answers = [a for g in groups for a in g]
-    return Candidates(questions=[None] * len(groups), tasks=[TASK] * len(groups),
-                      group=torch.tensor([i for i, g in enumerate(groups) for _ in g]), texts=[""] * len(answers),
-                      answers=answers, prompt_ids=[[1]] * len(groups), response_ids=[[1]] * len(answers))
 
 
 def full_logits(policy, r: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,10 +301,13 @@ def test_score_scores_each_distinct_answer_of_a_question_once(rollout):
     Length.calls = []
     score(Drawn(), r, policy)
     assert Length.calls == [8]
-    same_text = replace(r, texts=[r.texts[4]] * 8, response_ids=[r.response_ids[4]] * 8)
+    same_text = replace(r, texts=[r.texts[4]] * 8, response_ids=[r.response_ids[4]] * 8, answers=[r.answers[4]] * 8)
     Length.calls = []
     score(Length(), same_text, policy)
     assert Length.calls == [2]  # one per question
+    Length.calls = []
+    score(Length(), replace(same_text, answers=["1", "2"] * 4), policy)  # same text, other answers: not the same
+    assert Length.calls == [4]
 
 
 # ---------------------------------------------------------------------------------------------- quality metrics

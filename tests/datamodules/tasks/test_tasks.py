@@ -1,10 +1,10 @@
 """Tasks: extractors on hand cases and arbitrary text, majority vote, prompts, the paper datasets' schemas."""
 
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from tiny import ROOT
 
 from datamodules.io import DataError
 from datamodules.tasks import (
@@ -23,7 +23,7 @@ from datamodules.tasks import (
 from datamodules.tasks.extract import extract_choice, extract_math, extract_word, parse_gold, same_math
 from lightning_modules.evaluation import score_question as score
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 @pytest.mark.parametrize("text, want", [

@@ -4,11 +4,10 @@ page, fails here)."""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from tiny import ROOT
 
-ROOT = Path(__file__).parents[1]
 PAGES = {
     "self-training": ["benchmarks/self_improve_table.py", "--table"],
     "rl": ["benchmarks/rl_table.py", "--table"],

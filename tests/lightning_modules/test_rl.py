@@ -2,10 +2,10 @@
 
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
+from tiny import ROOT
 
 from datamodules.tasks import Arithmetic
 from lightning_modules.candidates import candidate_tensors
@@ -14,8 +14,6 @@ from lightning_modules.policy import Policy
 from lightning_modules.rl import SelfRewardRLModule
 from lightning_modules.signals import GoldAnswer, MajorityAnswer, SelfCertainty
 from lightning_modules.signals.quality import ranking_auc
-
-ROOT = Path(__file__).parents[1]
 
 
 def test_group_advantages_hand_values():

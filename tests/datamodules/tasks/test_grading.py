@@ -5,11 +5,12 @@ completion cut off at the token limit before stating one) and whether it is righ
 --labels tests/fixtures/graded_completions.jsonl` prints the same figures and every disagreement."""
 
 import json
-from pathlib import Path
+
+from tiny import ROOT
 
 from datamodules.tasks import GSM8K, MATH
 
-LABELS = Path(__file__).parent / "fixtures" / "graded_completions.jsonl"
+LABELS = ROOT / "tests" / "fixtures" / "graded_completions.jsonl"
 TASKS = {"gsm8k": GSM8K(few_shot=0), "math": MATH()}
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from tiny import ROOT
 
 from datamodules.selection import (
     DSWeightFilter,
@@ -200,7 +201,7 @@ def test_the_self_training_recipe_under_ddp_gives_what_one_process_gives(tiny_mo
             "--trainer.accelerator=cpu", "--trainer.callbacks=[]", "--data.init_args.num_questions=32",
             "--data.init_args.max_new_tokens=8", f"--trainer.logger.init_args.save_dir={tmp_path / name}",
             f"--data.init_args.cache_dir={tmp_path / name / 'candidates'}", "--trainer.enable_progress_bar=false",
-            *extra, cwd=Path(__file__).parents[1])
+            *extra, cwd=ROOT)
         return tmp_path / name / "self_improve_greedy_control" / "version_0" / "round-0"
 
     one = fit("one")

@@ -2,12 +2,12 @@
 
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from tiny import ROOT
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from paired import cell, mcnemar_exact, paired_difference, pool  # noqa: E402
 
 

@@ -4,10 +4,10 @@ update, the level and optimizer checks, and resets inside a real fit."""
 import contextlib
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
+from tiny import ROOT
 
 from datamodules.tasks import Comparison
 from lightning_modules.losses.functional import entropy
@@ -26,8 +26,6 @@ from lightning_modules.tta import (
 )
 from lightning_modules.tta.infomax import information_maximisation
 from lightning_modules.tta.tlm import tlm_loss
-
-ROOT = Path(__file__).parents[1]
 
 
 class NoOptions(Comparison):

@@ -6,12 +6,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from tiny import ROOT
 
 from callbacks.task_evaluation import TaskEvaluation
 from datamodules.generation import sample
 from datamodules.tasks import Arithmetic
-
-ROOT = Path(__file__).parents[1]
 
 
 def test_labelfree_test_scores_greedy_majority_and_pass(tiny_cli, tmp_path):

@@ -2,21 +2,21 @@
 
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny import ROOT
 
 from lightning_modules.cli import CheckpointError, build_cli
 from lightning_modules.sft import WeightedSFTModule
 
-DATA = str(Path(__file__).parents[1] / "configs" / "data" / "arithmetic_sft.jsonl")
+DATA = str(ROOT / "configs" / "data" / "arithmetic_sft.jsonl")
 
 
 def run_cli(tiny_model_dir, tmp_path, *extra, subcommand="fit", config="configs/sft.yaml"):
     args = [
-        subcommand, "-c", str(Path(__file__).parents[1] / config),
+        subcommand, "-c", str(ROOT / config),
         f"--model.init_args.policy.init_args.model={tiny_model_dir}",
         f"--data.init_args.train_file={DATA}",
         "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2",
@@ -153,7 +153,7 @@ def test_interrupted_run_sees_the_same_batches_as_an_uninterrupted_one(tiny_mode
 def test_ckpt_path_last_resumes_the_newest_run_in_its_version(tiny_model_dir, tmp_path):
     def fit(*extra):
         return build_cli([
-            "fit", "-c", str(Path(__file__).parents[1] / "configs/sft.yaml"),
+            "fit", "-c", str(ROOT / "configs/sft.yaml"),
             f"--model.init_args.policy.init_args.model={tiny_model_dir}", f"--data.init_args.train_file={DATA}",
             f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.val_check_interval=2",
             "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
@@ -172,7 +172,7 @@ def test_ckpt_path_last_resumes_the_newest_run_in_its_version(tiny_model_dir, tm
 def test_the_sft_config_runs_as_shipped(tiny_model_dir, tmp_path, monkeypatch):
     """configs/sft.yaml runs as shipped (the README's weighted-SFT command); only the model (and where logs go)
     differ here."""
-    monkeypatch.chdir(Path(__file__).parents[1])
+    monkeypatch.chdir(ROOT)
     cli = build_cli(["fit", "-c", "configs/sft.yaml", f"--model.init_args.policy.init_args.model={tiny_model_dir}",
                      f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
     assert cli.trainer.global_step == cli.trainer.max_steps == 30

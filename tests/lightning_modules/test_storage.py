@@ -2,14 +2,12 @@
 
 import errno
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from tiny import ROOT
 
 from lightning_modules.storage import atomic_checkpoint_io, read_verified, write_atomically, write_verified
-
-ROOT = Path(__file__).parents[1]
 
 
 def _disk_full(fd):
