@@ -67,7 +67,9 @@ def quarter_mean(steps: list[dict], key: str, last: bool) -> float | None:
     return statistics.mean(values) if values else None
 
 
-def run(method: str, seed: int, args, with_base: bool, steps: int, lr: float, split: str, every: int) -> dict:
+def run(method: str, seed: int, args, with_base: bool, steps: int, lr: float, split: str, every: int,
+        dynamics: L.Callback | None = None) -> dict:
+    """One run of `method`; `dynamics` (a `QuestionDynamics`) is added to its callbacks and its probes recorded."""
     recipe, reward = REWARDS[method]
     overrides = [
         f"--seed_everything={seed}", f"--model.init_args.seed={seed}", f"--data.init_args.seed={seed}",
@@ -83,15 +85,16 @@ def run(method: str, seed: int, args, with_base: bool, steps: int, lr: float, sp
     cli = build_cli([*recipe_args(ROOT / f"configs/rl/{recipe}.yaml"), *overrides], run=False)
     evaluation = TaskEvaluation(Arithmetic(b_range=(3, 20), seed=1234), split=split,
                                 num_questions=args.eval_questions, k=0, at_fit_start=with_base,
-                                every_n_epochs=1 if split == "valid" else 0,
+                                every_n_epochs=1 if split == "valid" or dynamics is not None else 0,
                                 batch_size=64)  # 96 questions: 65 s at batch 8, 27 s at 96, the same answers
     history, guard = History(), CollapseGuard(dict(GUARD), patience=3, action="log")
-    cli.trainer.callbacks.extend([evaluation, history, guard])
+    cli.trainer.callbacks.extend([evaluation, history, guard] + ([dynamics] if dynamics is not None else []))
     cli.trainer.fit(cli.model, cli.datamodule)
     correct = {when: [r["greedy_correct"] for r in rows] for when, rows in evaluation.predictions.items()}
     return {"correct": {k: v for k, v in correct.items() if k != "fit_start"},
             **({"base": correct["fit_start"]} if with_base else {}),
-            "history": history.steps, "collapse": guard.events}
+            "history": history.steps, "collapse": guard.events,
+            **({"probes": [{"step": p["step"], "figures": p["figures"]} for p in dynamics.probes]} if dynamics else {})}
 
 
 def accuracy(scores: list[bool]) -> float:
