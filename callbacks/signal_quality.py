@@ -2,9 +2,9 @@
 (SPEC §7, signal quality; gold is read for this report only and never reaches training).
 
 `labelfree test -c configs/eval/signals.yaml`: each test step evaluates its questions (`AnswerSamplingModule`:
-greedy and k sampled answers, cached under the module's `cache_dir`, so a re-run or another set of signals reuses
-them); this callback gathers the steps' `Evaluation`s, computes every configured signal on the sampled answers at
-the end, and reports per signal:
+greedy and k sampled answers through the one evaluation path); this callback gathers the steps' `Evaluation`s,
+computes every configured signal on their sampled answers at the end (nothing is sampled twice), and reports per
+signal:
 - `auroc`: right vs wrong over all candidates; `ranking_auc`: right vs wrong within a question (ties 1/2), what
   group-normalised RL advantages see;
 - `precision@keep` and `recall@keep` of the kept set for each keep fraction (`PercentileFilter`, the selection

@@ -213,7 +213,7 @@ class TaskEvaluation(L.Callback):
         k = self.k if k is None else k
         # as many rows per batch for the greedy pass (1 per question) as for the sampled one (k per question)
         return evaluate(policy, task, questions, self.greedy, replace(self.sampled, n=k) if k else None,
-                        self.signals, self.batch_size, self.batch_size * max(self.k, 1), None, self.vote_power,
+                        self.signals, self.batch_size, self.batch_size * max(self.k, 1), self.vote_power,
                         self.vote_weighting)
 
     def _fit_eval(self, trainer, pl_module, when: str) -> None:

@@ -19,7 +19,6 @@ FSDP / ZeRO-3 call it from a separate predict pass on a gathered (unsharded) cop
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -31,12 +30,11 @@ from pathlib import Path
 from typing import Protocol
 
 import datasets
-import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tqdm.auto import tqdm
 
 from datamodules.tasks.base import Question, Task
-from lightning_modules.candidates import FEATURES, Candidates, prompts
+from lightning_modules.candidates import FEATURES, Candidates, chunk_generator, prompts
 from lightning_modules.candidates import sample as sample_candidates
 from lightning_modules.distributed import dist_info, gather_objects
 from lightning_modules.progress import ProgressLog, phase
@@ -178,7 +176,7 @@ class HFGenerator:
             start, generated = time.perf_counter(), 0
             for i in todo:
                 first = i * self.chunk_size
-                generator = torch.Generator().manual_seed(hash_seed(params.seed, i))
+                generator = chunk_generator(params.seed, i)
                 rows = sample_candidates(
                     policy, chunks[i], tasks[: len(chunks[i])], params, generator,
                     suffix_ids[first : first + len(chunks[i])], prefix_ids, self.batch_size).table_rows()
@@ -202,10 +200,6 @@ class HFGenerator:
         all_rows = {i: rows for part in gather_objects(done) for i, rows in part.items()}
         return Candidates.from_table([r for i in range(len(chunks)) for r in all_rows[i]], questions, tasks,
                                      suffix_ids, prefix_ids)
-
-
-def hash_seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def sample(

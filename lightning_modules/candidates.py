@@ -9,6 +9,7 @@ the `FEATURES` format), RL rollouts, TTA's token-level answers and every evaluat
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -113,6 +114,13 @@ FEATURES = datasets.Features({
 
 
 # ---------------------------------------------------------------------------------------------- sampling
+def chunk_generator(seed: int, chunk: int) -> torch.Generator:
+    """The generator that samples chunk `chunk` of a call seeded `seed` (the cached engine's chunks; an evaluation
+    is one chunk): a resumed or sharded run draws what an uninterrupted one draws."""
+    digest = hashlib.sha256(repr((seed, chunk)).encode()).digest()[:8]
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
 def prompts(tokenizer, questions: Sequence[Any], tasks: Sequence[Any]) -> tuple[list[int], list[list[int]]]:
     """The prefix shared by every prompt (a task's few-shot exemplars) and each question's suffix ids."""
     parts = [task.prompt_parts(tokenizer, q) for q, task in zip(questions, tasks)]

@@ -19,14 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
 
-from datamodules.generation import HFGenerator
-from datamodules.tasks.base import Question, Task
-from lightning_modules.candidates import Candidates
+from lightning_modules.candidates import Candidates, chunk_generator, sample
 from lightning_modules.checkpointing import TrainableStateMixin
 from lightning_modules.policy import Policy
 from lightning_modules.progress import phase
@@ -36,7 +33,7 @@ from lightning_modules.signals.quality import best_of_k, rank_weights
 from lightning_modules.signals.votes import weighted_vote
 
 
-def score_question(task: Task, question: Question, greedy: str, samples: list[str], greedy_finish: str = "stop",
+def score_question(task, question, greedy: str, samples: list[str], greedy_finish: str = "stop",
                    sample_finish: list[str] | None = None) -> dict:
     """One question's evaluation row; each completion is read given why it ended (`task.answer`: one that hit the
     token limit has an answer only where it states one)."""
@@ -108,23 +105,22 @@ class Evaluation:
 
 
 @phase("evaluation")
-def evaluate(policy, task: Task, questions: Sequence[Question], greedy: SamplingParams,
+def evaluate(policy, task, questions: Sequence, greedy: SamplingParams,
              sampled: SamplingParams | None = None, signals: Sequence[Signal] = (), batch_size: int = 8,
-             greedy_batch_size: int | None = None, cache_dir: str | None = None, vote_power: float = 0.5,
+             greedy_batch_size: int | None = None, vote_power: float = 0.5,
              vote_weighting: Literal["rank", "value"] = "rank") -> Evaluation:
     """Greedy answers (`greedy`, temperature 0) and, with `sampled`, `sampled.n` sampled answers to each question,
     graded, with each signal's vote and best-of-k columns. `batch_size`: questions per sampling batch
-    (`greedy_batch_size`, default `batch_size * sampled.n`: as many rows per greedy batch); `cache_dir`: reuse and
-    keep the sampled answers there (the engine's content-keyed cache)."""
+    (`greedy_batch_size`, default `batch_size * sampled.n`: as many rows per greedy batch)."""
     questions = list(questions)
+    if not questions:
+        raise ValueError("no questions to evaluate")
     k = sampled.n if sampled is not None else 0
-    greedy_engine = HFGenerator(batch_size=greedy_batch_size or batch_size * max(k, 1), chunk_size=10**9,
-                                progress=False)
-    first = greedy_engine.sample(policy, questions, task, greedy)
+    tasks = [task] * len(questions)
+    first = sample(policy, questions, tasks, greedy, batch_size=greedy_batch_size or batch_size * max(k, 1))
     candidates = None
-    if sampled is not None:
-        engine = HFGenerator(batch_size=batch_size, chunk_size=10**9, cache_dir=cache_dir, progress=False)
-        candidates = engine.sample(policy, questions, task, sampled)
+    if sampled is not None:  # drawn as the cached engine draws one chunk (the same answers as through it)
+        candidates = sample(policy, questions, tasks, sampled, chunk_generator(sampled.seed, 0), batch_size=batch_size)
     texts = candidates.texts if candidates is not None else []
     ends = candidates.finish if candidates is not None else []
     rows = [score_question(task, q, first.texts[i], texts[i * k : (i + 1) * k], first.finish[i],
@@ -143,14 +139,12 @@ class AnswerSamplingModule(TrainableStateMixin, L.LightningModule):
         k: sampled answers per prompt (for maj@k and pass@k); 0 = greedy only.
         temperature, top_p, max_new_tokens, seed: sampling settings of the k answers (batch b samples with the seed
             `seed * 1_000_003 + b`).
-        cache: keep the sampled answers in `<experiment dir>/candidates/` (the engine's content-keyed cache, shared
-            by the experiment's versions), so a re-run, or another set of signals, reuses them.
     """
 
     def __init__(self, policy: Policy, k: int = 8, temperature: float = 0.7, top_p: float = 1.0,
-                 max_new_tokens: int = 128, seed: int = 0, cache: bool = False) -> None:
+                 max_new_tokens: int = 128, seed: int = 0) -> None:
         super().__init__()
-        self.policy, self.k, self.cache = policy, k, cache
+        self.policy, self.k = policy, k
         self.greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
         self.sampled = SamplingParams(n=max(k, 1), temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                       seed=seed)
@@ -158,9 +152,8 @@ class AnswerSamplingModule(TrainableStateMixin, L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> Evaluation:
         sampled = replace(self.sampled, seed=self.sampled.seed * 1_000_003 + batch_idx) if self.k else None
         size = len(batch["questions"])
-        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         return evaluate(self.policy, batch["task"], batch["questions"], self.greedy, sampled, batch_size=size,
-                        greedy_batch_size=size, cache_dir=str(run_dir.parent / "candidates") if self.cache else None)
+                        greedy_batch_size=size)
 
     def predict_step(self, batch: dict, batch_idx: int) -> Evaluation:
         return self.test_step(batch, batch_idx)

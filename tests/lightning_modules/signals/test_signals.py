@@ -395,23 +395,22 @@ def test_the_signal_quality_report_end_to_end(tiny_cli, tmp_path):
     table = (run / "signal_quality.md").read_text()
     assert all(f"| {n} |" in table for n in names)
     assert len((run / "signal_quality.jsonl").read_text().splitlines()) == 4
-    assert (tmp_path / "signals" / "candidates").exists()  # the cached engine: a re-run reuses the samples
 
 
 def test_the_signal_quality_report_stops_after_the_first_batch_when_nothing_parses(tiny_cli, monkeypatch):
     """A model none of whose answers can be read (the tiny model's, read as unreadable): the report says so with the
     figures after the first test batch, not after all the sampling."""
-    from datamodules import generation
+    from lightning_modules import evaluation
 
     chunks = []
-    original = generation.sample_candidates
+    original = evaluation.sample
 
     def unreadable(*args, **kwargs):
         out = original(*args, **kwargs)
         chunks.extend([1] * (args[3].n > 1))  # the sampled answers' calls, not the greedy ones
         return replace(out, answers=[None] * len(out))
 
-    monkeypatch.setattr(generation, "sample_candidates", unreadable)
+    monkeypatch.setattr(evaluation, "sample", unreadable)
     readable = r"no question among the first 32 has two readable answers \(parse rate 0/256; \d+ answers hit"
     with pytest.raises(ValueError, match=readable):
         tiny_cli("configs/eval/signals.yaml", "--data.init_args.num_questions=64", "--data.init_args.batch_size=32",
