@@ -188,17 +188,19 @@ class SelfGeneratedDataModule(L.LightningDataModule):
             unfinished_unparsed=global_sum(sum(f == "length" and a is None
                                                for f, a in zip(batch.finish, batch.answers))),
             selectors=selection.audit, kept=kept, kept_fraction=kept / total, signals=signals)
-        kept_rows = []
-        for i in torch.nonzero(keep).flatten().tolist():
-            q = questions[int(batch.group[i])]
+        index = torch.nonzero(keep).flatten().tolist()
+        mine = (batch.subset(index), weight[index], {k: v[index] for k, v in signals.items() if len(v) == len(batch)},
+                [majority[i] for i in index])
+        parts = gather_objects(mine)  # every rank's kept candidates, weights, signal values and majorities
+        order = sorted((int(c.group[i]), p, i) for p, (c, *_) in enumerate(parts) for i in range(len(c)))
+        kept_rows = []  # the record of each kept candidate, in question order (as one process has them)
+        for g, p, i in order:
+            c, w, values, majority_of = parts[p]
             kept_rows.append({
-                "question_id": q.id, "prompt": self.task.format_question(q), "completion": batch.texts[i],
-                "answer": batch.answers[i], "majority": majority[i], "weight": float(weight[i]),
-                **{k: float(v[i]) for k, v in signals.items() if len(v) == len(batch)},
+                "question_id": questions[g].id, "prompt": self.task.format_question(questions[g]),
+                "completion": c.texts[i], "answer": c.answers[i], "majority": majority_of[i], "weight": float(w[i]),
+                **{k: float(v[i]) for k, v in values.items()},
             })
-        position = {q.id: i for i, q in enumerate(questions)}  # back into question order, as one process has them
-        kept_rows = sorted((r for part in gather_objects(kept_rows) for r in part),
-                           key=lambda r: position[r["question_id"]])
         report.samples = [(r["weight"], r["completion"]) for r in kept_rows[:SAMPLES]]
         self.reports = self.reports + [report]
         if rank == 0:
@@ -213,9 +215,8 @@ class SelfGeneratedDataModule(L.LightningDataModule):
                   f"{report.parsed_fraction:.0%} parsed ({report.unfinished_unparsed} hit the token limit "
                   f"without an answer); kept {len(kept_rows)} "
                   f"({len(kept_rows) / total:.0%}). Audit against gold: {audit}")
-        by_id = {q.id: q for q in questions}
-        return [self._example(by_id[r["question_id"]], r["completion"], r["weight"], f"round-{self.round}")
-                for r in kept_rows]
+        return [self._example(questions[g], parts[p][0].texts[i], float(parts[p][1][i]), f"round-{self.round}")
+                for g, p, i in order]  # the kept candidates themselves, as training examples
 
     # ------------------------------------------------------------------ Lightning
     def train_dataloader(self) -> DataLoader:
