@@ -1,10 +1,10 @@
 """`Candidates`, the one currency of sampled answers, and `sample`, the only way to make them.
 
-Every pipeline samples through `sample` (the only caller of the decode loop, answer finishing and extraction):
-self-training through the cached engine (`datamodules/generation.py`, which stores `Candidates` as table chunks in
-the `FEATURES` format), RL rollouts, TTA's token-level answers and every evaluation
-(`lightning_modules/evaluation.evaluate`). Signals score them (`signals/base.py`), selectors keep and weigh them
-(`datamodules/selection.py`), kept ones become training examples.
+Every pipeline samples through `sample` (with `complete`, a judge's replies to its own prompts, the only callers of
+the decode loop; the only place answers are finished and extracted): self-training through the cached engine
+(`datamodules/generation.py`, which stores `Candidates` as table chunks in the `FEATURES` format), RL rollouts,
+TTA's token-level answers and every evaluation (`lightning_modules/evaluation.evaluate`). Signals score them
+(`signals/base.py`), selectors keep and weigh them (`datamodules/selection.py`), kept ones become training examples.
 """
 
 from __future__ import annotations
@@ -167,6 +167,15 @@ def sample(policy, questions: Sequence[Any], tasks: Sequence[Any], params: Sampl
         prompt_ids=[list(s) for s in suffix_ids], response_ids=[c.tokens for _, c in finished],
         logprobs=[c.logprobs for _, c in finished], prefix_ids=prefix_ids,
         finish=[c.finish_reason for _, c in finished])
+
+
+def complete(policy, prompts: Sequence[Sequence[int]], params: SamplingParams,
+             generator: torch.Generator | None = None) -> list[str]:
+    """The texts of `params.n` completions of each whole prompt (no shared prefix, no stop string, special tokens
+    dropped), under the model as the caller set it: a judge's replies to its own prompts, not candidates."""
+    tok = policy.tokenizer
+    completions = generate_batch(policy.model, tok, None, 0, prompts, params, (), generator)
+    return [finish_text(tok, c, ())[0] for c in completions]
 
 
 def candidate_tensors(candidates: Candidates, pad_token_id: int, device) -> tuple[Tensor, Tensor, Tensor]:

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from lightning_modules.batching import pad
-from lightning_modules.candidates import Candidates
-from lightning_modules.sampling import SamplingParams, finish_text, generate_batch
+from lightning_modules.candidates import Candidates, complete
+from lightning_modules.sampling import SamplingParams
 from lightning_modules.signals.base import Signal
 
 CORRECTNESS_PROMPT = "Q: {question}\nA: {answer}\nIs the answer to this question correct?"
@@ -83,8 +83,7 @@ class SelfEvaluation(_Judge):
         tok, model = policy.tokenizer, policy.model
         if self.mode == "sampled":
             params = SamplingParams(n=1, temperature=self.temperature, max_new_tokens=8)
-            texts = [finish_text(tok, c, ())[0]
-                     for c in generate_batch(model, tok, None, 0, prompts, params, (), self.generator)]
+            texts = complete(policy, prompts, params, self.generator)
             return torch.tensor([float("yes" in t.lower()) for t in texts])
         ids, mask, _ = pad(prompts, tok.pad_token_id, left=True)
         device = next(model.parameters()).device
@@ -108,7 +107,6 @@ class SelfRating(_Judge):
         self.generator = torch.Generator().manual_seed(seed)
 
     def judge_batch(self, prompts: list[list[int]], policy) -> Tensor:
-        tok = policy.tokenizer
-        completions = generate_batch(policy.model, tok, None, 0, prompts, self.params, (), self.generator)
-        ratings = torch.tensor([parse_rating(finish_text(tok, c, ())[0], self.low, self.high) for c in completions])
+        replies = complete(policy, prompts, self.params, self.generator)
+        ratings = torch.tensor([parse_rating(reply, self.low, self.high) for reply in replies])
         return (ratings - self.low) / (self.high - self.low) if self.scale else ratings
