@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -46,10 +45,8 @@ def question_rows(evaluation: Evaluation, task: Task) -> list[dict]:
     rows = []
     for r in evaluation.rows:
         answers, k = r["sample_answers"], max(len(r["sample_answers"]), 1)
-        clusters = task.answer_clusters(answers)[0] if answers else []
-        outcomes = Counter(c for c, a in zip(clusters, answers) if a is not None)
-        outcomes[None] = sum(a is None for a in answers)
-        probs = [n / k for n in outcomes.values() if n]
+        outcomes = [n for _, n in task.answer_counts(answers)] + [sum(a is None for a in answers)]  # unparsed: one
+        probs = [n / k for n in outcomes if n]
         entropy = -sum(p * math.log(p) for p in probs) / math.log(k) if k > 1 else 0.0
         row = {"id": r["id"], "majority": r["majority"], "vote_share": r["votes"] / k if r["majority"] else 0.0,
                "answer_entropy": entropy, "parse_rate": r["parsed"] / k, "greedy": r["greedy_answer"]}
