@@ -42,6 +42,11 @@ def held_out_by_step(record: dict, base: list[bool], every: int, steps: int) -> 
     return out
 
 
+def probe_share(phases: dict[str, float]) -> float:
+    """The share of a run's time its probes took (the phases are exclusive: every one under a `probe`)."""
+    return sum(v for k, v in phases.items() if "probe" in k.split("/")) / phases["total"]
+
+
 def picks(record: dict, steps: int) -> dict[str, int]:
     """The step each label-free criterion picks from the run's probes (ties: the earliest)."""
     probes = record["probes"]
@@ -67,6 +72,9 @@ def table(records: dict, args) -> None:
     print(f"{len(args.seeds)} seeds x {args.steps} steps at lr {args.lr:g}; held-out greedy accuracy on {len(base)} "
           f"questions every {args.every} steps (base {accuracy(base):.3f}); probe: {args.probe_questions} validation "
           f"questions x {args.k} samples")
+    shares = [probe_share(r["phases"]) for runs in done.values() for r in runs if "phases" in r]
+    if shares:
+        print(f"the probe took {mean_std(shares, 2)} of a run's time ({len(shares)} runs; phase `probe`)")
     print("\n| method | criterion | steps picked | held-out acc. | vs end | share of the peak's gain |")
     print("|---|---|---|---|---|---|")
     for method, runs in done.items():

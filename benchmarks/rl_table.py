@@ -37,6 +37,7 @@ from callbacks.collapse_guard import CollapseGuard
 from callbacks.task_evaluation import TaskEvaluation
 from datamodules.tasks import Arithmetic
 from lightning_modules.cli import build_cli, exit_status_on_signal, recipe_args
+from lightning_modules.progress import phase
 
 REWARDS = {  # method -> (recipe, the reward that replaces the recipe's; None keeps it)
     "gold": ("ttrl", "GoldAnswer"),
@@ -93,7 +94,7 @@ def run(method: str, seed: int, args, with_base: bool, steps: int, lr: float, sp
     correct = {when: [r["greedy_correct"] for r in rows] for when, rows in evaluation.predictions.items()}
     return {"correct": {k: v for k, v in correct.items() if k != "fit_start"},
             **({"base": correct["fit_start"]} if with_base else {}),
-            "history": history.steps, "collapse": guard.events,
+            "history": history.steps, "collapse": guard.events, "phases": phase.report(),
             **({"probes": [{"step": p["step"], "figures": p["figures"]} for p in dynamics.probes]} if dynamics else {})}
 
 

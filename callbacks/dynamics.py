@@ -23,7 +23,7 @@ probe) and `learned_from_zero` (pass@k = 0 at the first probe, majority right no
 
 Written to the run directory: `dynamics.jsonl` (one line per probe: step, epoch, figures, every question's row) and,
 at fit end, `dynamics.png` (per question, its majority's vote share at every probe; with gold, right majorities in
-green) also logged to TensorBoard. The probes are kept in the callback's checkpoint state (a resumed run goes on).
+green) also logged to TensorBoard. Its time is the phase `probe` (`time/.../probe` in `phases.json`). The probes are kept in the callback's checkpoint state (a resumed run goes on).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import lightning as L
 
 from datamodules.tasks.base import Question, Task
 from lightning_modules.evaluation import Evaluation, evaluate
+from lightning_modules.progress import phase
 from lightning_modules.sampling import SamplingParams
 from lightning_modules.storage import write_atomically
 
@@ -120,6 +121,7 @@ class QuestionDynamics(L.Callback):
         if stage == "fit" and not self.questions:  # before any work: a probe that cannot load fails now
             self.questions = self._task(trainer).load(self.split, self.num_questions)
 
+    @phase("probe")
     def probe(self, trainer, pl_module) -> dict[str, float]:
         task = self._task(trainer)
         evaluation = evaluate(pl_module.policy, task, self.questions, self.greedy, self.sampled,

@@ -14,6 +14,7 @@ from datamodules.questions import QuestionDataModule
 from datamodules.tasks import Arithmetic
 from lightning_modules.candidates import Candidates
 from lightning_modules.evaluation import Evaluation, evaluate, score_question
+from lightning_modules.progress import phase
 from lightning_modules.losses.policy_gradient import combined_advantages
 from lightning_modules.sampling import SamplingParams
 from lightning_modules.signals import Gated, MajorityAnswer, VoteShare, score
@@ -85,12 +86,14 @@ def test_the_probe_runs_in_an_rl_fit_and_feeds_a_checkpoint_monitor(tiny_model_d
     trainer = L.Trainer(max_steps=2, default_root_dir=tmp_path, enable_progress_bar=False, limit_val_batches=0,
                         callbacks=[dynamics, best], logger=L.pytorch.loggers.TensorBoardLogger(tmp_path))
     module = SelfRewardRLModule(Policy(tiny_model_dir), [MajorityAnswer()], max_new_tokens=4)
+    phase.reset()
     trainer.fit(module, QuestionDataModule(Arithmetic(), num_questions=4, batch_size=2, tokenizer=tiny_model_dir))
     lines = [json.loads(x) for x in (Path(trainer.log_dir) / "dynamics.jsonl").read_text().splitlines()]
     assert [p["step"] for p in lines] == [0, 1, 2] and all(len(p["questions"]) == 3 for p in lines)
     assert "audit/match_rate" in lines[0]["figures"]  # the procedural task has gold: the audit is there
     assert (Path(trainer.log_dir) / "dynamics.png").stat().st_size > 1000
     assert best.best_model_path and "dynamics/sharpened_agreement" in trainer.callback_metrics
+    assert "probe/evaluation/generation" in phase.report()  # its cost is its own phase (all 3 probes)
 
 
 def test_cuma_mask_zeroes_the_advantages_of_a_group_without_a_clear_majority(rollout):
