@@ -46,6 +46,8 @@ REWARDS = {  # method -> (recipe, the reward that replaces the recipe's; None ke
     "intuitor": ("intuitor", None),
     "empo": ("empo", None),
     "rent": ("rent", None),
+    "cuma": ("cuma", None),  # TTRL's reward with CuMa's mask (guards: against plain TTRL, same seeds)
+    "scrl": ("scrl", None),  # SCRL's selective positives and entropy-gated negatives
 }
 FIGURES = ("rl/sample_accuracy", "rl/reward_ranking", "rl/entropy", "rl/response_length", "rl/kl",
            "rl/parsed_fraction")

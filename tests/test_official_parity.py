@@ -9,7 +9,10 @@ lines run unmodified in a scratch directory, torch 2.13 CPU; only the numbers ar
 - DeepConf: facebookresearch/deepconf `deepconf/utils.py` (`compute_confidence` on vLLM-style top-20 log-prob
   dicts that add the sampled token when it is not among them, `calculate_bottom_window_confidence`);
 - EMPO: QingyangZhang/EMPO `trl/src/open_r1/rewards.py` (`get_empo_math_reward(4)`, math-verify 0.9.0) on boxed
-  completions.
+  completions;
+- SCRL: Jasper-Yan/SCRL `verl/verl/trainer/ppo/scrl_utils.py` (`determine_pseudo_labels`) and
+  `verl/verl/utils/reward_score/scrl_math/__init__.py` (`reward_func`, binary mode), defaults, on extracted answers
+  (the answer extraction stubbed: each solution string is its answer, "" none, compared as strings).
 """
 
 import pytest
@@ -19,7 +22,7 @@ from tiny import answers_only
 
 from lightning_modules.losses.functional import entropy
 from lightning_modules.losses.policy_gradient import combined_advantages
-from lightning_modules.signals import ClusterShare, DeepConf, NegativeEntropy
+from lightning_modules.signals import ClusterShare, DeepConf, NegativeEntropy, SelectiveComplementary, Signal
 from lightning_modules.tta.tlm import tlm_loss
 
 
@@ -167,3 +170,41 @@ def test_cluster_share_equals_empos_reward():
     # code compares the extracted strings and gives the group [0.5, 1/2, 2, none] 0 0 0 0
     deviation = ClusterShare()(answers_only([["0.5", "1/2", "2", None]]), None)
     assert deviation.tolist() == [0.5, 0.5, 0.25, 0.0]
+
+
+# -------------------------------------------------------------------------------------------------------- SCRL
+OFFICIAL_SCRL = [  # (answers, each sample's mean token entropy) -> official rewards (positive, negative set)
+    (["5", "5", "5", "5", "5", "7", "9", None], [0.2, 0.3, 0.25, 0.2, 0.3, 0.9, 0.1, 1.2],
+     [1, 1, 1, 1, 1, -1, 0, -1]),  # "5" positive; "7" rare and unsure: negative; "9" rare but sure
+    (["5", "5", "5", "5", "7", "7", "7", "9"], [0.2, 0.3, 0.2, 0.2, 0.5, 0.6, 0.4, 0.8],
+     [0, 0, 0, 0, 0, 0, 0, -1]),  # 0.5 against 0.375: margin 0.125, no positive; negatives still
+    (["5", "5", "5", "7", "7", "9", "11", None], [0.3, 0.3, 0.3, 0.4, 0.4, 0.9, 0.2, 0.5],
+     [0, 0, 0, 0, 0, -1, 0, -1]),  # top share 0.375 < 0.5
+    ([None] * 8, [0.5] * 8, [-1] * 8),
+    (["3"] * 8, [0.4] * 8, [1] * 8),
+    (["3"] * 6 + [None] * 2, [0.4] * 6 + [0.1] * 2, [1] * 6 + [-1] * 2),  # the only parsed answer, 0.75
+    ([str(2 * i) for i in range(1, 9)], [0.1 * i for i in range(1, 9)], [0, 0, 0, 0, -1, -1, -1, -1]),
+    (["5"] * 6 + ["7", "8"], [0.5] * 7 + [0.4], [1] * 6 + [-1, 0]),
+]
+
+
+class _Fixed(Signal):
+    judge, higher_is_better = "none", False
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = torch.tensor(values)
+
+    def forward(self, candidates, policy):
+        return self.values
+
+
+def test_selective_complementary_equals_scrls_reward():
+    entropies = [h for _, hs, _ in OFFICIAL_SCRL for h in hs]
+    signal = SelectiveComplementary(_Fixed(entropies))
+    got = signal(answers_only([answers for answers, _, _ in OFFICIAL_SCRL]), None)
+    assert got.tolist() == [r for _, _, rewards in OFFICIAL_SCRL for r in rewards]
+    # the same from the confidence instead of the entropy (higher is better): the gate flips with it
+    negated = _Fixed([-h for h in entropies])
+    negated.higher_is_better = True
+    assert SelectiveComplementary(negated)(answers_only([a for a, _, _ in OFFICIAL_SCRL]), None).equal(got)

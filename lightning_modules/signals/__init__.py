@@ -1,7 +1,7 @@
 """Label-free signals: one interface (`base.Signal`) used for selection, RL rewards and evaluation."""
 
 from lightning_modules.signals.base import Signal, score, signal_names
-from lightning_modules.signals.compose import Gated
+from lightning_modules.signals.compose import Gated, SelectiveComplementary
 from lightning_modules.signals.confidence import DeepConf, NegativeEntropy, SelfCertainty, TokenNLL
 from lightning_modules.signals.ds_weight import DSWeight
 from lightning_modules.signals.gold import GoldAnswer
@@ -10,5 +10,5 @@ from lightning_modules.signals.reward_model import RewardModelScore
 from lightning_modules.signals.votes import AnswerEntropy, ClusterShare, MajorityAnswer, VoteShare
 
 __all__ = ["AnswerEntropy", "ClusterShare", "DSWeight", "DeepConf", "Gated", "GoldAnswer", "MajorityAnswer",
-           "NegativeEntropy", "RewardModelScore", "SelfCertainty", "SelfEvaluation", "SelfRating", "Signal",
+           "NegativeEntropy", "RewardModelScore", "SelectiveComplementary", "SelfCertainty", "SelfEvaluation", "SelfRating", "Signal",
            "TokenNLL", "VoteShare", "score", "signal_names"]

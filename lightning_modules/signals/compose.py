@@ -13,6 +13,8 @@ from torch import Tensor
 
 from lightning_modules.candidates import Candidates
 from lightning_modules.signals.base import Signal
+from lightning_modules.signals.confidence import NegativeEntropy
+from lightning_modules.signals.votes import answer_clusters
 
 
 class Gated(Signal):
@@ -33,3 +35,44 @@ class Gated(Signal):
         value, gate = self.signal(candidates, policy).float(), self.gate(candidates, policy).float()
         passed = gate >= self.threshold if self.gate.higher_is_better else gate <= self.threshold  # NaN: False
         return torch.where(passed, value, torch.full_like(value, self.fill))
+
+
+class SelectiveComplementary(Signal):
+    judge, needs_group = "none", True  # the confidence signal applies its own judge
+
+    def __init__(self, confidence: Signal | None = None, tau_pos: float = 0.5, tau_marg: float = 0.15,
+                 tau_low: float = 0.15) -> None:
+        super().__init__()
+        self.confidence = confidence if confidence is not None else NegativeEntropy(unparsable_value=None)
+        if self.confidence.abstains:
+            raise ValueError(f"SelectiveComplementary: the confidence signal {self.confidence.name} may have no "
+                             "value; give one that scores every answer (e.g. NegativeEntropy)")
+        self.tau_pos, self.tau_marg, self.tau_low = tau_pos, tau_marg, tau_low
+        self.deterministic = self.confidence.deterministic
+
+    def forward(self, candidates: Candidates, policy) -> Tensor:
+        clusters = answer_clusters(candidates)
+        confidence = self.confidence(candidates, policy).float()
+        if not self.confidence.higher_is_better:
+            confidence = -confidence
+        out = torch.full((len(candidates),), -1.0)  # unparsable answers keep -1
+        for rows in candidates.members():
+            ids, conf = clusters[rows], confidence[rows]
+            parsed = ids >= 0
+            if not parsed.any():
+                continue
+            counts = torch.bincount(ids[parsed])
+            share = counts.float() / len(rows)  # (C,) over all G answers
+            order = sorted(range(len(counts)), key=lambda k: -int(counts[k]))  # stable: ties in first-seen order
+            top = order[0]
+            second = share[order[1]] if len(order) > 1 else None
+            clear = share[top] >= self.tau_pos and (second is None or share[top] - second > self.tau_marg)
+            positive = top if clear else -1
+            values = torch.zeros(len(rows))
+            for k in range(len(counts)):
+                if k == positive:
+                    values[ids == k] = 1.0
+                elif share[k] < self.tau_low and conf[ids == k].mean() <= conf.mean():
+                    values[ids == k] = -1.0
+            out[rows] = torch.where(parsed, values, out[rows])
+        return out

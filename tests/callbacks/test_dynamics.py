@@ -17,7 +17,7 @@ from lightning_modules.evaluation import Evaluation, evaluate, score_question
 from lightning_modules.progress import phase
 from lightning_modules.losses.policy_gradient import combined_advantages
 from lightning_modules.sampling import SamplingParams
-from lightning_modules.signals import Gated, MajorityAnswer, VoteShare, score
+from lightning_modules.signals import Gated, MajorityAnswer, NegativeEntropy, SelectiveComplementary, VoteShare, score
 
 TASK = Arithmetic(few_shot=0)
 
@@ -108,3 +108,19 @@ def test_cuma_mask_zeroes_the_advantages_of_a_group_without_a_clear_majority(rol
     advantages = combined_advantages(values[:, None], [1.0], [False], r.group)
     assert advantages[4:].abs().max() == 0 and advantages[:4].abs().max() > 0
     assert score(Gated(MajorityAnswer(), VoteShare(), threshold=0.4), r, policy)[4:].tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_scrl_rewards_a_clear_majority_and_punishes_rare_unsure_answers(rollout):
+    """SCRL's reward from the tiny model's own entropies, against the rule written as a loop: question 0's majority
+    (gold, 1/2 against 1/4) and question 1's (7, 1/2 against 1/4) pass; with tau_low 0.3 the single answers are
+    negatives where their mean entropy is at least the group's; the unparsable answer gets -1."""
+    policy, r = rollout
+    entropy = -score(NegativeEntropy(unparsable_value=None), r, policy)
+    got = score(SelectiveComplementary(tau_low=0.3), r, policy)
+    want = []
+    for rows, positive, singles in [(range(4), {0, 2}, {1}), (range(4, 8), {4, 5}, {6, 7})]:
+        mean = entropy[list(rows)].mean()
+        want += [1.0 if i in positive else -1.0 if r.answers[i] is None or (i in singles and entropy[i] >= mean)
+                 else 0.0 for i in rows]
+    assert got.tolist() == want, (got, want)
+    assert SelectiveComplementary(tau_pos=0.6)(r, policy)[[0, 2, 4, 5]].tolist() == [0.0] * 4  # no clear majority
