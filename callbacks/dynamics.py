@@ -23,7 +23,8 @@ probe) and `learned_from_zero` (pass@k = 0 at the first probe, majority right no
 
 Written to the run directory: `dynamics.jsonl` (one line per probe: step, epoch, figures, every question's row) and,
 at fit end, `dynamics.png` (per question, its majority's vote share at every probe; with gold, right majorities in
-green) also logged to TensorBoard. Its time is the phase `probe` (`time/.../probe` in `phases.json`). The probes are kept in the callback's checkpoint state (a resumed run goes on).
+green) also logged to TensorBoard. Its time is the phase `probe` (`time/.../probe` in `phases.json`). The probes are
+kept in the callback's checkpoint state (a resumed run goes on).
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ def generate_batch(
     """`params.n` completions for each suffix (row order: suffix 0 samples 0..n-1, suffix 1 ...)."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    eos_ids = torch.tensor(sorted(_eos_ids(model, tokenizer)), device=device)
+    end_tokens = torch.tensor(sorted(eos_ids(model, tokenizer)), device=device)
     b, s = len(suffixes), max(len(x) for x in suffixes)
     ids = torch.full((b, s), pad, dtype=torch.long, device=device)  # (B, S) left-padded
     mask = torch.zeros((b, prefix_len + s), dtype=torch.long, device=device)  # (B, P+S)
@@ -187,7 +187,7 @@ def generate_batch(
     for step in range(params.max_new_tokens):
         chosen = choose_tokens(logits, params.temperature, params.top_p, generator)  # (R,)
         chosen_lp = logits.log_softmax(-1).gather(-1, chosen[:, None]).squeeze(-1)  # (R,) at temperature 1
-        is_eos = torch.isin(chosen, eos_ids)
+        is_eos = torch.isin(chosen, end_tokens)
         for j, (tok, lp, eos) in enumerate(zip(chosen.tolist(), chosen_lp.tolist(), is_eos.tolist())):
             if not alive[j]:
                 continue
@@ -214,7 +214,7 @@ def generate_batch(
     return [Completion(t, lp, r) for t, lp, r in zip(tokens, logprobs, reasons)]
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
     ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     return ids | {tokenizer.eos_token_id}

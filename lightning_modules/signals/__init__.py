@@ -10,5 +10,5 @@ from lightning_modules.signals.reward_model import RewardModelScore
 from lightning_modules.signals.votes import AnswerEntropy, ClusterShare, MajorityAnswer, VoteShare
 
 __all__ = ["AnswerEntropy", "ClusterShare", "DSWeight", "DeepConf", "Gated", "GoldAnswer", "MajorityAnswer",
-           "NegativeEntropy", "RewardModelScore", "SelectiveComplementary", "SelfCertainty", "SelfEvaluation", "SelfRating", "Signal",
-           "TokenNLL", "VoteShare", "score", "signal_names"]
+           "NegativeEntropy", "RewardModelScore", "SelectiveComplementary", "SelfCertainty", "SelfEvaluation",
+           "SelfRating", "Signal", "TokenNLL", "VoteShare", "score", "signal_names"]

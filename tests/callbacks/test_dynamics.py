@@ -14,8 +14,8 @@ from datamodules.questions import QuestionDataModule
 from datamodules.tasks import Arithmetic
 from lightning_modules.candidates import Candidates
 from lightning_modules.evaluation import Evaluation, evaluate, score_question
-from lightning_modules.progress import phase
 from lightning_modules.losses.policy_gradient import combined_advantages
+from lightning_modules.progress import phase
 from lightning_modules.sampling import SamplingParams
 from lightning_modules.signals import Gated, MajorityAnswer, NegativeEntropy, SelectiveComplementary, VoteShare, score
 
