@@ -133,8 +133,8 @@ class QuestionDynamics(L.Callback):
         found = figures(rows, previous, first, task)
         record = {"step": trainer.global_step, "epoch": trainer.current_epoch, "figures": found, "questions": rows}
         self.probes.append(record)
+        directory = Path(trainer.log_dir or trainer.default_root_dir)  # every rank asks: a broadcast under DDP
         if trainer.is_global_zero:
-            directory = Path(trainer.log_dir or trainer.default_root_dir)
             directory.mkdir(parents=True, exist_ok=True)
             write_atomically(directory / "dynamics.jsonl", "".join(json.dumps(p) + "\n" for p in self.probes))
         if trainer.logger is not None:
@@ -166,9 +166,9 @@ class QuestionDynamics(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.probes[-1]["step"] != trainer.global_step:
             self.probe(trainer, pl_module)
+        directory = Path(trainer.log_dir or trainer.default_root_dir)  # every rank asks: a broadcast under DDP
         if trainer.is_global_zero:
             figure = self.trajectories()
-            directory = Path(trainer.log_dir or trainer.default_root_dir)
             figure.savefig(directory / "dynamics.png", dpi=100)
             experiment = getattr(trainer.logger, "experiment", None)
             if hasattr(experiment, "add_figure"):

@@ -28,12 +28,24 @@ from lightning_modules.policy import Policy
 log = logging.getLogger(__name__)
 
 
+def _plain(value) -> bool:
+    """A value a checkpoint holds as data (loadable with `weights_only=True`)."""
+    if isinstance(value, (list, tuple)):
+        return all(map(_plain, value))
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
 def save_config_hyperparameters(module: L.LightningModule) -> None:
     """Under LightningCLI the hparams are the config (class paths + init args), which lets `load_from_checkpoint`
-    rebuild the policy; built from Python, the policy and loss objects are not pickled into checkpoints."""
+    rebuild the policy; built from Python, only the plain arguments are kept: objects (the policy, a loss, rewards,
+    an optimizer factory) are not pickled into checkpoints, which then load with `weights_only=True` (a resume)."""
     from_cli = _given_hyperparameters.get() is not None
     caller = inspect.currentframe().f_back  # the module's __init__
-    module.save_hyperparameters(ignore=[] if from_cli else ["policy", "loss", "method"], frame=caller)
+    given = {k: v for k, v in caller.f_locals.items() if k in inspect.signature(type(module).__init__).parameters}
+    ignore = [] if from_cli else [k for k, v in given.items() if k != "self" and not _plain(v)]
+    module.save_hyperparameters(ignore=ignore, frame=caller)
 
 
 def adapter_differences(saved: dict, ours: dict, shown: int = 3) -> list[str]:

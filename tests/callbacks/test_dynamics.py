@@ -124,3 +124,28 @@ def test_scrl_rewards_a_clear_majority_and_punishes_rare_unsure_answers(rollout)
                  else 0.0 for i in rows]
     assert got.tolist() == want, (got, want)
     assert SelectiveComplementary(tau_pos=0.6)(r, policy)[[0, 2, 4, 5]].tolist() == [0.0] * 4  # no clear majority
+
+
+def test_a_resumed_run_goes_on_with_the_probes_of_an_uninterrupted_one(tiny_model_dir, tmp_path):
+    """Four steps in one go against two, then `ckpt_path=last` to four: the same probes (the probe history is in the
+    checkpoint, the fit-start probe is not taken again, and the weights and the probe's sampling resume exactly)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_modules.policy import Policy
+    from lightning_modules.rl import SelfRewardRLModule
+
+    def fit(root, steps, ckpt_path=None):
+        dynamics = QuestionDynamics(Arithmetic(), num_questions=3, k=2, max_new_tokens=4, every_n_steps=1)
+        last = ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1)
+        trainer = L.Trainer(max_steps=steps, default_root_dir=root, enable_progress_bar=False, logger=False,
+                            limit_val_batches=0, callbacks=[dynamics, last])
+        module = SelfRewardRLModule(Policy(tiny_model_dir), [MajorityAnswer()], max_new_tokens=4)
+        trainer.fit(module, QuestionDataModule(Arithmetic(), num_questions=8, batch_size=2, tokenizer=tiny_model_dir),
+                    ckpt_path=ckpt_path)
+        return dynamics.probes
+
+    whole = fit(tmp_path / "whole", 4)
+    fit(tmp_path / "parts", 2)
+    resumed = fit(tmp_path / "parts", 4, ckpt_path=str(tmp_path / "parts" / "last.ckpt"))
+    assert [p["step"] for p in resumed] == [0, 1, 2, 3, 4]
+    assert resumed == whole

@@ -145,7 +145,7 @@ def test_two_step_fit_changes_only_adapter_weights(config, tiny_cli):
     metrics = cli.trainer.callback_metrics
     assert {"rl/reward", "rl/kl", "rl/clip_fraction", "rl/response_length", "rl/entropy",
             "rl/sample_accuracy"} <= set(metrics)
-    if config.stem not in ("intuitor", "rent"):  # rewards in [0, 1]; self-certainty and -entropy are not
+    if config.stem not in ("intuitor", "rent", "scrl"):  # rewards in [0, 1]; self-certainty, -entropy, SCRL not
         assert "rl/reward_accuracy" in metrics
     assert "rl/sample_accuracy" in cli.model.step_metrics and set(cli.model.step_metrics) <= set(metrics)
 
