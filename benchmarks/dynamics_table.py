@@ -1,20 +1,26 @@
-"""Learning or sharpening, and where to stop without labels: every RL reward run long, probed question by question.
+"""Learning or sharpening, and where to stop without labels: every method run long, probed question by question.
 
-Each run is `benchmarks/rl_table.py`'s (the method's recipe, the demo family 2..12 x 3..20, 4 prompts per step) for
-`--steps` steps at `--lr`, with, after every `--every` steps: held-out greedy accuracy on `--eval-questions`
-questions (seed 1234, `test` split: reported, never used to pick anything but the gold-picked reference) and a
-`QuestionDynamics` probe of `--probe-questions` validation questions (seed 1234, `valid` split) x `--k` samples at
-T 1.0 (SPEC §11). Records: `benchmarks/results/rl_dynamics/seed<s>-<method>.json` (run in parts, like the tables).
+`--pipeline rl` (default): each run is `benchmarks/rl_table.py`'s (the method's recipe, the demo family 2..12 x 3..20,
+4 prompts per step) for `--steps` steps at `--lr`, an epoch being `--every` steps. `--pipeline self_training`: each
+run is `benchmarks/self_improve_table.py`'s LMSI or IWSI (`--questions` unlabeled questions) over `--rounds` rounds,
+an epoch being a round. After every epoch: held-out greedy accuracy on `--eval-questions` questions (seed 1234,
+`test` split, the zero-shot prompt for self-training, the format it trains on; reported, never used to pick anything
+but the gold-picked reference) and a `QuestionDynamics` probe of `--probe-questions` validation questions (seed 1234,
+`valid` split) x `--k` samples at T 1.0 (SPEC §11). Records: `benchmarks/results/rl_dynamics/` and
+`benchmarks/results/self_improve_dynamics/` (`seed<s>-<method>.json`, run in parts, like the tables).
 
-The table: per method, held-out accuracy at the end, at the step the gold picks on the held-out questions (the
-peak: a reference no label-free run can use) and at the step each label-free criterion picks from the probe
-(`sharpened_agreement` and `vote_share` highest, `answer_entropy` lowest, the first step whose flip rate exceeds
-0.5 less one probe), paired against the end over seeds (cluster bootstrap), and the share of the peak's gain over
-the end each criterion recovers; then the per-question decomposition on the probe set at the end (audit: learned,
-corrupted, stable right, stable wrong, solvable at the start, learned from zero).
+The table: per method, held-out accuracy at the end, at the epoch the gold picks on the held-out questions (the
+peak: a reference no label-free run can use) and at the epoch each label-free criterion picks from the probes
+(`sharpened_agreement` and `vote_share` highest, `answer_entropy` lowest, the last probe before the flip rate first
+exceeds 0.5), paired against the end over seeds (cluster bootstrap), and the share of the peak's gain over the end
+each criterion recovers; then the per-question decomposition on the probe set at the end (audit: learned,
+corrupted, stable right, stable wrong, solvable at the start, learned from zero), and the probe's share of a run's
+time (phase `probe`).
 
     python benchmarks/dynamics_table.py --methods gold ttrl intuitor empo rent --seeds 0 1 2 --steps 100 --lr 1e-4
+    python benchmarks/dynamics_table.py --methods ttrl cuma scrl --seeds 0 1 2 --steps 100 --lr 1e-4  # the guards
     python benchmarks/dynamics_table.py --lr 1e-3 --records benchmarks/results/rl_dynamics_lr1e-3  # the collapse lr
+    python benchmarks/dynamics_table.py --pipeline self_training --methods lmsi iwsi --rounds 3
     python benchmarks/dynamics_table.py --table   # from the records; writes docs/results/dynamics.md
 """
 
@@ -24,40 +30,70 @@ import argparse
 from pathlib import Path
 
 from paired import cell, number_clusters, paired_difference, pool  # benchmarks/paired.py, beside this script
-from rl_table import REWARDS, accuracy, run  # benchmarks/rl_table.py, beside this script
 from tables import PAGES, ROOT, load_records, mean_std, run_in_parts, write_page  # benchmarks/tables.py
 
 from callbacks.dynamics import QuestionDynamics
 from datamodules.tasks import Arithmetic
 from lightning_modules.cli import exit_status_on_signal
+from lightning_modules.progress import phase
 
 AUDIT = ("learned", "corrupted", "stable_right", "stable_wrong", "solvable_at_start", "learned_from_zero")
+METHODS = {"rl": ("gold", "ttrl", "intuitor", "empo", "rent", "rlc", "cuma", "scrl"), "self_training": ("lmsi", "iwsi")}
 
 
-def held_out_by_step(record: dict, base: list[bool], every: int, steps: int) -> dict[int, list[bool]]:
-    """The run's held-out per-question outcomes by training step (step 0: the base model)."""
-    out = {0: base}
-    for when, scores in record["correct"].items():
-        out[steps if when == "fit_end" else int(when.split("-")[1]) * every] = scores
-    return out
+def probe() -> QuestionDynamics:
+    """The probe of every run: after every epoch (an RL epoch of `--every` steps, a self-training round)."""
+    return QuestionDynamics(Arithmetic(b_range=(3, 20), seed=1234), split="valid", num_questions=ARGS.probe_questions,
+                            k=ARGS.k, temperature=1.0, max_new_tokens=64, every_n_steps=0, every_n_epochs=1,
+                            batch_size=8)
+
+
+def run_rl(method: str, seed: int, first: bool) -> dict:
+    from rl_table import run  # benchmarks/rl_table.py, beside this script
+
+    return run(method, seed, ARGS, first, ARGS.steps, ARGS.lr, "test", ARGS.every, dynamics=probe())
+
+
+def run_self_training(method: str, seed: int, first: bool) -> dict:
+    """LMSI or IWSI over `--rounds` rounds; held-out: the zero-shot prompt (the format trained on)."""
+    from self_improve_table import build  # benchmarks/self_improve_table.py, beside this script
+
+    cli, evaluations = build(method, seed, ARGS, rounds=ARGS.rounds)
+    dynamics = probe()
+    cli.trainer.callbacks.append(dynamics)
+    evaluations["few_shot"].every_n_epochs = 0  # one held-out prompt per epoch is enough here
+    evaluation = evaluations["zero_shot"]
+    evaluation.at_fit_start = first
+    cli.trainer.fit(cli.model, cli.datamodule)
+    correct = {when: [r["greedy_correct"] for r in rows] for when, rows in evaluation.predictions.items()}
+    return {"correct": {k: v for k, v in correct.items() if k != "fit_start"},
+            **({"base": correct["fit_start"]} if first else {}), "phases": phase.report(),
+            "rounds": [{"kept": r.kept, "precision": r.selectors[-1]["precision"]} for r in cli.datamodule.reports],
+            "probes": [{"step": p["step"], "figures": p["figures"]} for p in dynamics.probes]}
+
+
+def held_out_by_epoch(record: dict, base: list[bool]) -> list[list[bool]]:
+    """The run's held-out per-question outcomes after each epoch, epoch 0 being the base model."""
+    epochs = sorted(int(when.split("-")[1]) for when in record["correct"] if when != "fit_end")
+    return [base, *(record["correct"][f"epoch-{e}"] for e in epochs), record["correct"]["fit_end"]]
+
+
+def picks(record: dict) -> dict[str, int]:
+    """The epoch each label-free criterion picks from the run's probes (probe i follows epoch i; ties: the
+    earliest)."""
+    probes = record["probes"]
+    figure = lambda name: [(p["figures"][name], i) for i, p in enumerate(probes)]  # noqa: E731
+    flipped = [i for i, p in enumerate(probes) if p["figures"]["flip_rate"] > 0.5]
+    return {"end": len(probes) - 1,
+            "max sharpened_agreement": max(figure("sharpened_agreement"), key=lambda v: (v[0], -v[1]))[1],
+            "max vote_share": max(figure("vote_share"), key=lambda v: (v[0], -v[1]))[1],
+            "min answer_entropy": min(figure("answer_entropy"), key=lambda v: (v[0], v[1]))[1],
+            "before flip rate > 0.5": max(flipped[0] - 1, 0) if flipped else len(probes) - 1}
 
 
 def probe_share(phases: dict[str, float]) -> float:
     """The share of a run's time its probes took (the phases are exclusive: every one under a `probe`)."""
     return sum(v for k, v in phases.items() if "probe" in k.split("/")) / phases["total"]
-
-
-def picks(record: dict, steps: int) -> dict[str, int]:
-    """The step each label-free criterion picks from the run's probes (ties: the earliest)."""
-    probes = record["probes"]
-    figure = lambda name: [(p["figures"][name], p["step"]) for p in probes]  # noqa: E731
-    out = {"end": steps,
-           "max sharpened_agreement": max(figure("sharpened_agreement"), key=lambda v: (v[0], -v[1]))[1],
-           "max vote_share": max(figure("vote_share"), key=lambda v: (v[0], -v[1]))[1],
-           "min answer_entropy": min(figure("answer_entropy"), key=lambda v: (v[0], v[1]))[1]}
-    flipped = [i for i, p in enumerate(probes) if p["figures"]["flip_rate"] > 0.5]
-    out["before flip rate > 0.5"] = probes[max(flipped[0] - 1, 0)]["step"] if flipped else steps
-    return out
 
 
 def table(records: dict, args) -> None:
@@ -67,29 +103,33 @@ def table(records: dict, args) -> None:
     if base is None or not done:
         print("no complete method in the records yet")
         return
+    rl = args.pipeline == "rl"
+    unit = (lambda e: str(e * args.every)) if rl else str  # noqa: E731
     heldout = Arithmetic(b_range=(3, 20), seed=1234).load("test", len(base))
     clusters = number_clusters(heldout, len(args.seeds))
-    print(f"{len(args.seeds)} seeds x {args.steps} steps at lr {args.lr:g}; held-out greedy accuracy on {len(base)} "
-          f"questions every {args.every} steps (base {accuracy(base):.3f}); probe: {args.probe_questions} validation "
-          f"questions x {args.k} samples")
+    accuracy = lambda scores: sum(scores) / len(scores)  # noqa: E731
+    run = f"{args.steps} steps at lr {args.lr:g}" if rl else f"{args.rounds} rounds"
+    print(f"{len(args.seeds)} seeds x {run}; held-out greedy accuracy on {len(base)} questions after every "
+          f"{f'{args.every} steps' if rl else 'round'} (base {accuracy(base):.3f}); probe: {args.probe_questions} "
+          f"validation questions x {args.k} samples")
     shares = [probe_share(r["phases"]) for runs in done.values() for r in runs if "phases" in r]
     if shares:
         print(f"the probe took {mean_std(shares, 2)} of a run's time ({len(shares)} runs; phase `probe`)")
-    print("\n| method | criterion | steps picked | held-out acc. | vs end | share of the peak's gain |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| method | criterion | {'steps' if rl else 'rounds'} picked | held-out acc. | vs end | share of the "
+          "peak's gain |\n|---|---|---|---|---|---|")
     for method, runs in done.items():
-        series = [held_out_by_step(r, base, args.every, args.steps) for r in runs]
-        peak = [max(s, key=lambda t, s=s: (accuracy(s[t]), -t)) for s in series]
+        series = [held_out_by_epoch(r, base) for r in runs]
+        peak = [max(range(len(s)), key=lambda e, s=s: (accuracy(s[e]), -e)) for s in series]
         chosen = {"gold-picked peak (reference)": peak} | {
-            name: [p[name] for p in (picks(r, args.steps) for r in runs)] for name in picks(runs[0], args.steps)}
-        end = [s[args.steps] for s in series]
-        gain = sum(accuracy(s[t]) for s, t in zip(series, peak)) - sum(map(accuracy, end))
-        for name, steps in chosen.items():
-            at = [s[t] for s, t in zip(series, steps)]
+            name: [p[name] for p in map(picks, runs)] for name in picks(runs[0])}
+        end = [s[-1] for s in series]
+        gain = sum(accuracy(s[e]) for s, e in zip(series, peak)) - sum(map(accuracy, end))
+        for name, epochs in chosen.items():
+            at = [s[e] for s, e in zip(series, epochs)]
             diff = "-" if name == "end" else cell(paired_difference(*pool(list(zip(at, end))), clusters=clusters))
-            share = (sum(map(accuracy, at)) - sum(map(accuracy, end))) / gain if gain > 0 else float("nan")
-            print(f"| {method} | {name} | {', '.join(map(str, steps))} | {mean_std([accuracy(a) for a in at])} | "
-                  f"{diff} | {'-' if name == 'end' else f'{share:.2f}'} |")
+            share = f"{(sum(map(accuracy, at)) - sum(map(accuracy, end))) / gain:.2f}" if gain > 0 else "- (no gain)"
+            print(f"| {method} | {name} | {', '.join(map(unit, epochs))} | {mean_std([accuracy(a) for a in at])} | "
+                  f"{diff} | {'-' if name == 'end' else share} |")
     print("\nthe probe questions' majority answers at the end against the start (audit, gold read for this table "
           "only), mean ± std over seeds:")
     print("| method | " + " | ".join(AUDIT) + " |\n|---|" + "---|" * len(AUDIT))
@@ -99,40 +139,66 @@ def table(records: dict, args) -> None:
 
 
 def main() -> None:
+    global ARGS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=["gold", "ttrl", "intuitor", "empo", "rent"],
-                        choices=list(REWARDS))
+    parser.add_argument("--pipeline", choices=list(METHODS), default="rl")
+    parser.add_argument("--methods", nargs="+", choices=[m for ms in METHODS.values() for m in ms],
+                        help="default: gold ttrl intuitor empo rent (rl), lmsi iwsi (self_training)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--every", type=int, default=10, help="steps between held-out evaluations and probes")
+    parser.add_argument("--steps", type=int, default=100, help="rl: training steps")
+    parser.add_argument("--lr", type=float, default=1e-4, help="rl: learning rate")
+    parser.add_argument("--every", type=int, default=20, help="rl: steps per epoch (a held-out evaluation and a probe)")
+    parser.add_argument("--rounds", type=int, default=3, help="self_training: rounds")
+    parser.add_argument("--questions", type=int, default=200, help="self_training: unlabeled questions per run")
     parser.add_argument("--eval-questions", type=int, default=500)
     parser.add_argument("--probe-questions", type=int, default=32)
     parser.add_argument("--k", type=int, default=8, help="samples per probe question")
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--runs", default="runs/dynamics_table")
-    parser.add_argument("--records", type=Path, default=ROOT / "benchmarks/results/rl_dynamics")
+    parser.add_argument("--runs", help="default runs/dynamics_table/<pipeline>")
+    parser.add_argument("--records", type=Path, help="default benchmarks/results/{rl,self_improve}_dynamics")
     parser.add_argument("--table", action="store_true", help="print the table from the records, write its page")
     parser.add_argument("--pages", type=Path, default=PAGES, help="where --table writes its page")
-    args = parser.parse_args()
-    settings = {"phase": "dynamics", "steps": args.steps, "lr": args.lr, "every": args.every,
-                "eval_questions": args.eval_questions, "probe_questions": args.probe_questions, "k": args.k,
-                "model": args.model}
-
-    def one(method: str, seed: int, first: bool) -> dict:
-        probe = QuestionDynamics(Arithmetic(b_range=(3, 20), seed=1234), split="valid",
-                                 num_questions=args.probe_questions, k=args.k, temperature=1.0, max_new_tokens=64,
-                                 every_n_steps=0, every_n_epochs=1, batch_size=8)
-        return run(method, seed, args, first, args.steps, args.lr, "test", args.every, dynamics=probe)
-
+    ARGS = args = parser.parse_args()
     if args.table:
-        records = load_records(args.records, settings)
-        command = (f"python benchmarks/dynamics_table.py --table --steps {args.steps} --lr {args.lr:g} --seeds "
-                   f"{' '.join(map(str, args.seeds))}")
-        write_page("dynamics", "Per-question dynamics and label-free stopping", command,
-                   lambda: table(records, args), args.pages)
+        def produce() -> None:
+            for pipeline, title in (("rl", "Online RL"), ("self_training", "Self-training")):
+                print(f"\n## {title}\n")
+                one = for_pipeline(args, pipeline, methods=None)
+                table(load_records(one.records, settings(one)), one)
+
+        command = (f"python benchmarks/dynamics_table.py --table --steps {args.steps} --lr {args.lr:g} --every "
+                   f"{args.every} --rounds {args.rounds} --seeds {' '.join(map(str, args.seeds))}")
+        write_page("dynamics", "Per-question dynamics and label-free stopping", command, produce, args.pages)
         return
-    table(run_in_parts(args.records, args.methods, args.seeds, one, settings, "base"), args)
+    ARGS = args = for_pipeline(args, args.pipeline, args.methods)
+    if wrong := [m for m in args.methods if m not in METHODS[args.pipeline]]:
+        parser.error(f"--pipeline {args.pipeline} has no method {', '.join(wrong)}")
+    run = run_rl if args.pipeline == "rl" else run_self_training
+    table(run_in_parts(args.records, args.methods, args.seeds, run, settings(args), "base"), args)
+
+
+def for_pipeline(args: argparse.Namespace, pipeline: str, methods: list[str] | None) -> argparse.Namespace:
+    """The arguments of one pipeline's table, its defaults filled in."""
+    rl = pipeline == "rl"
+    one = argparse.Namespace(**vars(args))
+    one.pipeline = pipeline
+    one.methods = methods or (["gold", "ttrl", "intuitor", "empo", "rent", "cuma", "scrl"] if rl and args.table
+                              else ["gold", "ttrl", "intuitor", "empo", "rent"] if rl else ["lmsi", "iwsi"])
+    one.runs = args.runs or f"runs/dynamics_table/{pipeline}"
+    one.records = args.records or ROOT / f"benchmarks/results/{'rl' if rl else 'self_improve'}_dynamics"
+    return one
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """What a record must have been made with to be in this table."""
+    common = {"eval_questions": args.eval_questions, "probe_questions": args.probe_questions, "k": args.k,
+              "model": args.model}
+    if args.pipeline == "rl":
+        return {"phase": "dynamics", "steps": args.steps, "lr": args.lr, "every": args.every} | common
+    return {"phase": "dynamics_self_training", "rounds": args.rounds, "questions": args.questions} | common
+
+
+ARGS: argparse.Namespace
 
 
 if __name__ == "__main__":

@@ -91,9 +91,11 @@ SWEEP = {"iwsi_k50": 0.5, "iwsi_k65": 0.65, "iwsi (round 1)": 0.8, "iwsi_k95": 0
 PROMPTS = ("few_shot", "zero_shot")
 
 
-def build(variant: str, seed: int, args):
-    """The variant's run for this seed, built and not started: (LightningCLI, {prompt: its TaskEvaluation})."""
-    recipe, rounds, tweak = VARIANTS[variant]
+def build(variant: str, seed: int, args, rounds: int | None = None):
+    """The variant's run for this seed (`rounds` instead of the variant's own), built and not started:
+    (LightningCLI, {prompt: its TaskEvaluation})."""
+    recipe, own_rounds, tweak = VARIANTS[variant]
+    rounds = rounds or own_rounds
     overrides = [
         f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
         f"--data.init_args.num_questions={args.questions}",
@@ -116,8 +118,8 @@ def build(variant: str, seed: int, args):
     evaluations = dict(zip(PROMPTS, [cb for cb in cli.trainer.callbacks if isinstance(cb, TaskEvaluation)]))
     for evaluation in evaluations.values():
         # held-out questions: the recipe's family with a fixed seed, the same for every method and seed
-        task = evaluation.task
-        evaluation.task = Arithmetic(task.a_range, task.b_range, seed=1234, few_shot=task.few_shot)
+        task = type(data.task)(**{**data.task.settings(), **evaluation.task_overrides, "seed": 1234})
+        evaluation.task, evaluation.task_overrides = task, {}
         evaluation.num_questions, evaluation.every_n_epochs = args.eval_questions, 1 if rounds > 1 else 0
     return cli, evaluations
 

@@ -104,3 +104,41 @@ def test_sar_steps_on_every_rank_when_one_ranks_reliable_set_is_empty(tmp_path, 
     initial = torch.nn.Linear(4, 3).weight.detach() * 20
     assert not torch.equal(r0["params"][0], initial)  # the step happened
     assert r0["ema"] is None and r1["ema"] is not None  # each rank's EMA is its own loss's
+
+
+def test_the_dynamics_probe_under_ddp_is_one_process_probe_of_the_same_weights(tiny_model_dir, tmp_path):
+    """`QuestionDynamics` on two ranks (every rank probes the same questions with the same weights and draws; rank 0
+    writes): the probes are in the checkpoint and `dynamics.jsonl`, and the last one's rows equal one process's probe
+    of the checkpoint's weights."""
+    import json
+
+    from callbacks.dynamics import question_rows
+    from datamodules.tasks import Arithmetic
+    from lightning_modules.evaluation import evaluate
+    from lightning_modules.sampling import SamplingParams
+
+    probe = tmp_path / "probe.yaml"
+    probe.write_text("""trainer:
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {save_last: true, every_n_train_steps: 1}
+    - class_path: callbacks.dynamics.QuestionDynamics
+      init_args: {num_questions: 3, k: 2, temperature: 1.0, max_new_tokens: 4, every_n_steps: 1}
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {monitor: dynamics/sharpened_agreement, mode: max, every_n_train_steps: 1, save_top_k: 1}
+""")
+    recipe = ["-c", str(probe), "--model.init_args.max_new_tokens=4", "--data.init_args.num_questions=8",
+              "--data.init_args.batch_size=2"]
+    checkpoint = _fit("configs/rl/ttrl.yaml", tiny_model_dir, tmp_path, *DDP, *recipe, "--trainer.max_steps=2")
+    written = [json.loads(line) for line in next(tmp_path.rglob("dynamics.jsonl")).read_text().splitlines()]
+    assert [p["step"] for p in written] == [0, 1, 2]
+    state = next(v for k, v in checkpoint["callbacks"].items() if "QuestionDynamics" in k)
+    assert json.loads(json.dumps(state["probes"])) == written
+    one = build_cli([*recipe_args(ROOT / "configs/rl/ttrl.yaml"), *recipe[2:],
+                     f"--model.init_args.policy.init_args.model={tiny_model_dir}",
+                     f"--trainer.logger.init_args.save_dir={tmp_path / 'one'}"], run=False)
+    one.model.load_state_dict(checkpoint["state_dict"], strict=False)
+    task = Arithmetic()
+    evaluation = evaluate(one.model.policy, task, task.load("valid", 3), SamplingParams(1, 0.0, 1.0, 4),
+                          SamplingParams(2, 1.0, 1.0, 4))
+    assert json.loads(json.dumps(question_rows(evaluation, task))) == written[-1]["questions"]
