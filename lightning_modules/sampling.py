@@ -215,6 +215,7 @@ def generate_batch(
 
 
 def eos_ids(model, tokenizer) -> set[int]:
+    """The tokens that end a sample: the generation config's end-of-sequence ids and the tokenizer's."""
     ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     return ids | {tokenizer.eos_token_id}
