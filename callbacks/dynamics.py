@@ -35,7 +35,9 @@ from pathlib import Path
 
 import lightning as L
 
+from datamodules.generation import cached_sampler
 from datamodules.tasks.base import Question, Task
+from lightning_modules.candidates import sample
 from lightning_modules.evaluation import Evaluation, evaluate
 from lightning_modules.progress import phase
 from lightning_modules.sampling import SamplingParams
@@ -95,11 +97,13 @@ class QuestionDynamics(L.Callback):
         k, temperature, top_p, max_new_tokens, seed: the k sampled answers of each probe.
         every_n_steps: probe every n training steps (0: never); every_n_epochs: after every n-th epoch (0: never).
         batch_size: questions per sampling batch.
+        cache: keep each probe's answers under `<experiment dir>/evaluations`, as `TaskEvaluation` does (a rerun or
+            another run from the same weights reads them; the same answers either way).
     """
 
     def __init__(self, task: Task | None = None, split: str = "valid", num_questions: int = 32, k: int = 8,
                  temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0,
-                 every_n_steps: int = 10, every_n_epochs: int = 0, batch_size: int = 8) -> None:
+                 every_n_steps: int = 10, every_n_epochs: int = 0, batch_size: int = 8, cache: bool = True) -> None:
         if k < 2:
             raise ValueError(f"QuestionDynamics needs k >= 2 samples per question for a vote, got {k}")
         if every_n_steps < 0 or every_n_epochs < 0:
@@ -108,6 +112,7 @@ class QuestionDynamics(L.Callback):
         self.sampled = SamplingParams(k, temperature, top_p, max_new_tokens, seed)
         self.greedy = SamplingParams(1, 0.0, 1.0, max_new_tokens, seed)
         self.every_n_steps, self.every_n_epochs, self.batch_size = every_n_steps, every_n_epochs, batch_size
+        self.cache = cache
         self.probes: list[dict] = []  # {"step", "epoch", "figures", "questions"}
         self.questions: list[Question] = []
 
@@ -125,15 +130,16 @@ class QuestionDynamics(L.Callback):
     @phase("probe")
     def probe(self, trainer, pl_module) -> dict[str, float]:
         task = self._task(trainer)
+        directory = Path(trainer.log_dir or trainer.default_root_dir)  # every rank asks: a broadcast under DDP
+        sampler = cached_sampler(str(directory.parent / "evaluations")) if self.cache else sample
         evaluation = evaluate(pl_module.policy, task, self.questions, self.greedy, self.sampled,
-                              batch_size=self.batch_size)
+                              batch_size=self.batch_size, sampler=sampler)
         rows = question_rows(evaluation, task)
         first = self.probes[0]["questions"] if self.probes else rows
         previous = self.probes[-1]["questions"] if self.probes else None
         found = figures(rows, previous, first, task)
         record = {"step": trainer.global_step, "epoch": trainer.current_epoch, "figures": found, "questions": rows}
         self.probes.append(record)
-        directory = Path(trainer.log_dir or trainer.default_root_dir)  # every rank asks: a broadcast under DDP
         if trainer.is_global_zero:
             directory.mkdir(parents=True, exist_ok=True)
             write_atomically(directory / "dynamics.jsonl", "".join(json.dumps(p) + "\n" for p in self.probes))

@@ -29,8 +29,10 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric, SumMetric
 
+from datamodules.generation import cached_sampler
 from datamodules.io import check_at_least
 from datamodules.tasks.base import Question, Task
+from lightning_modules.candidates import sample
 from lightning_modules.evaluation import Evaluation, evaluate
 from lightning_modules.progress import ProgressLog
 from lightning_modules.sampling import SamplingParams
@@ -70,6 +72,10 @@ class TaskEvaluation(L.Callback):
         num_text_rows: rows shown as TensorBoard text.
         signals, vote_power, vote_weighting: label-free signals reported as a weighted vote (Borda rank weights, or
             the values themselves) and a best-of-k pick over the k samples.
+        cache: keep each fit-time evaluation's answers under `<experiment dir>/evaluations` (shared by the
+            experiment's versions, keyed by the weights, the task, the questions and the sampling settings, verified
+            when read, like the candidates): a rerun reads the base model's answers (and any other weights' it has
+            seen) instead of generating them again; the same answers either way.
     """
 
     def __init__(
@@ -78,7 +84,7 @@ class TaskEvaluation(L.Callback):
         temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0, batch_size: int = 8,
         at_fit_start: bool = True, at_fit_end: bool = True, k_at_fit_end: int | None = None, num_text_rows: int = 5,
         name: str | None = None, signals: list[Signal] | None = None, vote_power: float = 0.5,
-        vote_weighting: Literal["rank", "value"] = "rank", every_n_epochs: int = 0,
+        vote_weighting: Literal["rank", "value"] = "rank", every_n_epochs: int = 0, cache: bool = True,
     ) -> None:
         self.task, self.split, self.num_questions, self.k, self._name = task, split, num_questions, k, name
         self.task_overrides = dict(task_overrides or {})
@@ -89,7 +95,7 @@ class TaskEvaluation(L.Callback):
         self.k_at_fit_end = k if k_at_fit_end is None else k_at_fit_end
         check_at_least("TaskEvaluation", 0, every_n_epochs=every_n_epochs)
         self.every_n_epochs = every_n_epochs
-        self.num_text_rows = num_text_rows
+        self.num_text_rows, self.cache = num_text_rows, cache
         self.signals, self.vote_power, self.vote_weighting = list(signals or []), vote_power, vote_weighting
         self.rows: list[dict] = []
         self.results: dict[str, dict[str, float]] = {}  # when -> metrics
@@ -208,13 +214,15 @@ class TaskEvaluation(L.Callback):
         pl_module.log_dict(self._report(trainer, "test", self.rows, "test"))
 
     # ------------------------------------------------------------------ during fit
-    def evaluate(self, policy, task: Task, questions: list[Question], k: int | None = None) -> Evaluation:
-        """This callback's evaluation of `policy` on `questions` with k sampled answers (default its `k`)."""
+    def evaluate(self, policy, task: Task, questions: list[Question], k: int | None = None,
+                 cache_dir: Path | None = None) -> Evaluation:
+        """This callback's evaluation of `policy` on `questions` with k sampled answers (default its `k`), the
+        answers kept in (and read from) `cache_dir` when given."""
         k = self.k if k is None else k
         # as many rows per batch for the greedy pass (1 per question) as for the sampled one (k per question)
         return evaluate(policy, task, questions, self.greedy, replace(self.sampled, n=k) if k else None,
                         self.signals, self.batch_size, self.batch_size * max(self.k, 1), self.vote_power,
-                        self.vote_weighting)
+                        self.vote_weighting, cached_sampler(str(cache_dir)) if cache_dir is not None else sample)
 
     def _fit_eval(self, trainer, pl_module, when: str) -> None:
         task = self._task(trainer)
@@ -222,7 +230,9 @@ class TaskEvaluation(L.Callback):
         policy = pl_module.policy
         questions = task.fit_prompts(policy.tokenizer, task.load(self.split, self.num_questions),
                                      getattr(policy.model.config, "max_position_embeddings", None))
-        rows = self.evaluate(policy, task, questions, k).rows
+        # beside the candidates' cache (every rank asks for the log directory: a broadcast under DDP)
+        cache = Path(trainer.log_dir or trainer.default_root_dir).parent / "evaluations" if self.cache else None
+        rows = self.evaluate(policy, task, questions, k, cache).rows
         metrics = self._report(trainer, when, rows, "eval")
         if when == "fit_end" and "fit_start" in self.results and trainer.is_global_zero:
             print(self.before_after(f"{len(rows)} held-out, {task.few_shot}-shot prompt"))

@@ -202,6 +202,20 @@ class HFGenerator:
                                      suffix_ids, prefix_ids)
 
 
+def cached_sampler(cache_dir: str) -> Callable[..., Candidates]:
+    """`lightning_modules.candidates.sample` through this engine's cache: the questions as one chunk (so the draws
+    are what `sample` draws with `chunk_generator(params.seed, 0)`, the generator `evaluate` gives it), read from
+    `cache_dir` when an earlier call sampled them with the same weights, task, questions and settings."""
+    def draw(policy, questions: Sequence[Question], tasks: Sequence[Task], params: SamplingParams,
+             generator=None, batch_size: int | None = None) -> Candidates:
+        questions = list(questions)
+        engine = HFGenerator(batch_size=batch_size or len(questions), chunk_size=len(questions), cache_dir=cache_dir,
+                             progress=False)
+        return engine.sample(policy, questions, tasks[0], params)
+
+    return draw
+
+
 def sample(
     policy, questions: Sequence[Question], task: Task, n: int = 8, temperature: float = 0.7, top_p: float = 1.0,
     max_new_tokens: int = 128, seed: int = 0, **engine_kwargs,

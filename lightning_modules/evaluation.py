@@ -17,7 +17,7 @@ the checkpoint's (base model and adapter settings, see `cli.py`) and its trained
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -108,19 +108,22 @@ class Evaluation:
 def evaluate(policy, task, questions: Sequence, greedy: SamplingParams,
              sampled: SamplingParams | None = None, signals: Sequence[Signal] = (), batch_size: int = 8,
              greedy_batch_size: int | None = None, vote_power: float = 0.5,
-             vote_weighting: Literal["rank", "value"] = "rank") -> Evaluation:
+             vote_weighting: Literal["rank", "value"] = "rank", sampler: Callable[..., Candidates] = sample
+             ) -> Evaluation:
     """Greedy answers (`greedy`, temperature 0) and, with `sampled`, `sampled.n` sampled answers to each question,
     graded, with each signal's vote and best-of-k columns. `batch_size`: questions per sampling batch
-    (`greedy_batch_size`, default `batch_size * sampled.n`: as many rows per greedy batch)."""
+    (`greedy_batch_size`, default `batch_size * sampled.n`: as many rows per greedy batch). `sampler`: what draws
+    the answers, `candidates.sample` or a function of its signature (`datamodules.generation.cached_sampler`: the
+    same answers, kept on disk for the next evaluation of the same weights)."""
     questions = list(questions)
     if not questions:
         raise ValueError("no questions to evaluate")
     k = sampled.n if sampled is not None else 0
     tasks = [task] * len(questions)
-    first = sample(policy, questions, tasks, greedy, batch_size=greedy_batch_size or batch_size * max(k, 1))
+    first = sampler(policy, questions, tasks, greedy, batch_size=greedy_batch_size or batch_size * max(k, 1))
     candidates = None
     if sampled is not None:  # drawn as the cached engine draws one chunk (the same answers as through it)
-        candidates = sample(policy, questions, tasks, sampled, chunk_generator(sampled.seed, 0), batch_size=batch_size)
+        candidates = sampler(policy, questions, tasks, sampled, chunk_generator(sampled.seed, 0), batch_size=batch_size)
     texts = candidates.texts if candidates is not None else []
     ends = candidates.finish if candidates is not None else []
     rows = [score_question(task, q, first.texts[i], texts[i * k : (i + 1) * k], first.finish[i],

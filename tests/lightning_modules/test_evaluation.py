@@ -54,6 +54,37 @@ def test_fit_time_evaluation_logs_before_and_after(tiny_model_dir, tmp_path):
     assert table[2].startswith("| greedy_accuracy |") and len(table) == 7
 
 
+def test_a_rerun_reads_the_evaluations_answers_from_the_cache(tiny_model_dir, tmp_path, monkeypatch):
+    """The fit-time evaluation's answers go to `<experiment dir>/evaluations`; they equal the uncached evaluation's,
+    and a second run of the same weights reads them without generating (the engine's sampling made to fail)."""
+    import datamodules.generation as generation
+    from datamodules.labeled import LabeledDataModule
+    from lightning_modules.policy import Policy
+    from lightning_modules.sft import WeightedSFTModule
+
+    def fit(cache: bool) -> TaskEvaluation:
+        evaluation = TaskEvaluation(Arithmetic(), num_questions=3, k=2, max_new_tokens=5, cache=cache)
+        trainer = L.Trainer(max_steps=1, default_root_dir=tmp_path, callbacks=[evaluation], enable_progress_bar=False,
+                            limit_val_batches=0, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path))
+        torch.manual_seed(0)
+        module = WeightedSFTModule(Policy(tiny_model_dir), export_adapter=False)
+        trainer.fit(module, LabeledDataModule(str(ROOT / "configs/data/arithmetic_sft.jsonl"),
+                                              tokenizer=tiny_model_dir))
+        return evaluation
+
+    uncached = fit(False)
+    assert not (tmp_path / "lightning_logs" / "evaluations").exists()
+    cached = fit(True)
+    assert len(list((tmp_path / "lightning_logs" / "evaluations").iterdir())) == 4  # greedy and k=2, before and after
+    assert cached.predictions == uncached.predictions
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(generation, "sample_candidates", refuse)
+    assert fit(True).predictions == uncached.predictions
+
+
 def test_fit_end_evaluation_can_skip_sampling(tiny_model_dir, tmp_path):
     from datamodules.labeled import LabeledDataModule
     from lightning_modules.policy import Policy
