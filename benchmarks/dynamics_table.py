@@ -130,6 +130,17 @@ def table(records: dict, args) -> None:
             share = f"{(sum(map(accuracy, at)) - sum(map(accuracy, end))) / gain:.2f}" if gain > 0 else "- (no gain)"
             print(f"| {method} | {name} | {', '.join(map(unit, epochs))} | {mean_std([accuracy(a) for a in at])} | "
                   f"{diff} | {'-' if name == 'end' else share} |")
+    guards = [m for m in ("cuma", "scrl") if m in done and "ttrl" in done]
+    if guards:
+        print("\nthe guards against plain TTRL on the same seeds, held-out accuracy at the end, paired (method - "
+              "ttrl):")
+        print("| method | held-out acc. | ttrl | difference |\n|---|---|---|---|")
+        plain = [held_out_by_epoch(r, base)[-1] for r in done["ttrl"]]
+        for method in guards:
+            ends = [held_out_by_epoch(r, base)[-1] for r in done[method]]
+            difference = paired_difference(*pool(list(zip(ends, plain))), clusters=clusters)
+            print(f"| {method} | {mean_std([accuracy(e) for e in ends])} | {mean_std([accuracy(e) for e in plain])} "
+                  f"| {cell(difference)} |")
     print("\nthe probe questions' majority answers at the end against the start (audit, gold read for this table "
           "only), mean ± std over seeds:")
     print("| method | " + " | ".join(AUDIT) + " |\n|---|" + "---|" * len(AUDIT))
