@@ -185,6 +185,8 @@ OFFICIAL_SCRL = [  # (answers, each sample's mean token entropy) -> official rew
     (["3"] * 6 + [None] * 2, [0.4] * 6 + [0.1] * 2, [1] * 6 + [-1] * 2),  # the only parsed answer, 0.75
     ([str(2 * i) for i in range(1, 9)], [0.1 * i for i in range(1, 9)], [0, 0, 0, 0, -1, -1, -1, -1]),
     (["5"] * 6 + ["7", "8"], [0.5] * 7 + [0.4], [1] * 6 + [-1, 0]),
+    (["5"] * 10 + ["7"] * 7 + ["9"] * 2 + ["11"], [0.3] * 10 + [0.4] * 7 + [0.5, 0.6, 0.35],
+     [1] * 10 + [0] * 7 + [-1, -1, 0]),  # G = 20: margin 0.5 - 0.35 is just above 0.15 in float64, as officially
 ]
 
 

@@ -52,7 +52,7 @@ class SelectiveComplementary(Signal):
 
     def forward(self, candidates: Candidates, policy) -> Tensor:
         clusters = answer_clusters(candidates)
-        confidence = self.confidence(candidates, policy).float()
+        confidence = self.confidence(candidates, policy).double()  # float64 and Python floats, as the official
         if not self.confidence.higher_is_better:
             confidence = -confidence
         out = torch.full((len(candidates),), -1.0)  # unparsable answers keep -1
@@ -61,15 +61,14 @@ class SelectiveComplementary(Signal):
             parsed = ids >= 0
             if not parsed.any():
                 continue
-            counts = torch.bincount(ids[parsed])
-            share = counts.float() / len(rows)  # (C,) over all G answers
-            order = sorted(range(len(counts)), key=lambda k: -int(counts[k]))  # stable: ties in first-seen order
+            share = [int(c) / len(rows) for c in torch.bincount(ids[parsed])]  # over all G answers
+            order = sorted(range(len(share)), key=lambda k: -share[k])  # stable: ties in first-seen order
             top = order[0]
             second = share[order[1]] if len(order) > 1 else None
             clear = share[top] >= self.tau_pos and (second is None or share[top] - second > self.tau_marg)
             positive = top if clear else -1
             values = torch.zeros(len(rows))
-            for k in range(len(counts)):
+            for k in range(len(share)):
                 if k == positive:
                     values[ids == k] = 1.0
                 elif share[k] < self.tau_low and conf[ids == k].mean() <= conf.mean():
