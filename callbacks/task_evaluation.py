@@ -32,7 +32,6 @@ from torchmetrics import MeanMetric, SumMetric
 from datamodules.generation import cached_sampler
 from datamodules.io import check_at_least
 from datamodules.tasks.base import Question, Task
-from lightning_modules.candidates import sample
 from lightning_modules.evaluation import Evaluation, evaluate
 from lightning_modules.progress import ProgressLog
 from lightning_modules.sampling import SamplingParams
@@ -222,7 +221,7 @@ class TaskEvaluation(L.Callback):
         # as many rows per batch for the greedy pass (1 per question) as for the sampled one (k per question)
         return evaluate(policy, task, questions, self.greedy, replace(self.sampled, n=k) if k else None,
                         self.signals, self.batch_size, self.batch_size * max(self.k, 1), self.vote_power,
-                        self.vote_weighting, cached_sampler(str(cache_dir)) if cache_dir is not None else sample)
+                        self.vote_weighting, cached_sampler(str(cache_dir)) if cache_dir is not None else None)
 
     def _fit_eval(self, trainer, pl_module, when: str) -> None:
         task = self._task(trainer)

@@ -108,18 +108,19 @@ class Evaluation:
 def evaluate(policy, task, questions: Sequence, greedy: SamplingParams,
              sampled: SamplingParams | None = None, signals: Sequence[Signal] = (), batch_size: int = 8,
              greedy_batch_size: int | None = None, vote_power: float = 0.5,
-             vote_weighting: Literal["rank", "value"] = "rank", sampler: Callable[..., Candidates] = sample
+             vote_weighting: Literal["rank", "value"] = "rank", sampler: Callable[..., Candidates] | None = None
              ) -> Evaluation:
     """Greedy answers (`greedy`, temperature 0) and, with `sampled`, `sampled.n` sampled answers to each question,
     graded, with each signal's vote and best-of-k columns. `batch_size`: questions per sampling batch
     (`greedy_batch_size`, default `batch_size * sampled.n`: as many rows per greedy batch). `sampler`: what draws
-    the answers, `candidates.sample` or a function of its signature (`datamodules.generation.cached_sampler`: the
+    the answers, `candidates.sample` (None) or a function of its signature (`datamodules.generation.cached_sampler`: the
     same answers, kept on disk for the next evaluation of the same weights)."""
     questions = list(questions)
     if not questions:
         raise ValueError("no questions to evaluate")
     k = sampled.n if sampled is not None else 0
     tasks = [task] * len(questions)
+    sampler = sampler or sample
     first = sampler(policy, questions, tasks, greedy, batch_size=greedy_batch_size or batch_size * max(k, 1))
     candidates = None
     if sampled is not None:  # drawn as the cached engine draws one chunk (the same answers as through it)
