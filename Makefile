@@ -26,7 +26,7 @@ install-dev: venv
 setup: install
 	$(PY) -m lightning_modules.model_store fetch
 
-# IWSI self-training on the demo task with the default model (about 9 minutes on 2 CPU cores)
+# IWSI self-training on the demo task with the default model (about 9 minutes on 2 CPU cores; a rerun about 4)
 demo: setup
 	$(VENV)/bin/labelfree fit -c configs/self_improve/base.yaml -c configs/self_improve/iwsi.yaml
 
