@@ -35,7 +35,7 @@ from pathlib import Path
 
 import lightning as L
 
-from datamodules.generation import cached_sampler
+from datamodules.generation import cached_sampler, shared_cache
 from datamodules.tasks.base import Question, Task
 from lightning_modules.evaluation import Evaluation, evaluate
 from lightning_modules.progress import phase
@@ -130,7 +130,7 @@ class QuestionDynamics(L.Callback):
     def probe(self, trainer, pl_module) -> dict[str, float]:
         task = self._task(trainer)
         directory = Path(trainer.log_dir or trainer.default_root_dir)  # every rank asks: a broadcast under DDP
-        sampler = cached_sampler(str(directory.parent / "evaluations")) if self.cache else None
+        sampler = cached_sampler(str(shared_cache(trainer, "evaluations"))) if self.cache else None
         evaluation = evaluate(pl_module.policy, task, self.questions, self.greedy, self.sampled,
                               batch_size=self.batch_size, sampler=sampler)
         rows = question_rows(evaluation, task)

@@ -29,7 +29,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric, SumMetric
 
-from datamodules.generation import cached_sampler
+from datamodules.generation import cached_sampler, shared_cache
 from datamodules.io import check_at_least
 from datamodules.tasks.base import Question, Task
 from lightning_modules.evaluation import Evaluation, evaluate
@@ -229,8 +229,7 @@ class TaskEvaluation(L.Callback):
         policy = pl_module.policy
         questions = task.fit_prompts(policy.tokenizer, task.load(self.split, self.num_questions),
                                      getattr(policy.model.config, "max_position_embeddings", None))
-        # beside the candidates' cache (every rank asks for the log directory: a broadcast under DDP)
-        cache = Path(trainer.log_dir or trainer.default_root_dir).parent / "evaluations" if self.cache else None
+        cache = shared_cache(trainer, "evaluations") if self.cache else None  # beside the candidates' cache
         rows = self.evaluate(policy, task, questions, k, cache).rows
         metrics = self._report(trainer, when, rows, "eval")
         if when == "fit_end" and "fit_start" in self.results and trainer.is_global_zero:

@@ -202,6 +202,13 @@ class HFGenerator:
                                      suffix_ids, prefix_ids)
 
 
+def shared_cache(trainer, name: str) -> Path:
+    """`<experiment dir>/<name>`: a cache shared by every version of a run (the log directory's parent), safe to
+    share because what it holds is keyed by what it depends on. Every rank must ask (the log directory is a
+    broadcast under DDP)."""
+    return Path(trainer.log_dir or trainer.default_root_dir).parent / name
+
+
 def cached_sampler(cache_dir: str) -> Callable[..., Candidates]:
     """`lightning_modules.candidates.sample` through this engine's cache: the questions as one chunk (so the draws
     are what `sample` draws with `chunk_generator(params.seed, 0)`, the generator `evaluate` gives it), read from

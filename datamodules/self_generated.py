@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.collate import LengthBucketSampler, SFTExample, collate, tokenize_example
-from datamodules.generation import HFGenerator
+from datamodules.generation import HFGenerator, shared_cache
 from datamodules.io import check_at_least, write_atomically
 from datamodules.labeled import TokenizedDataset
 from datamodules.selection import Selector, load_with_labeled, select
@@ -170,7 +170,7 @@ class SelfGeneratedDataModule(L.LightningDataModule):
         questions = self.questions
         # shared by every version of the experiment: a re-run after an interruption finds what was generated
         # (the key hashes model, adapter, prompts, sampling and questions, so sharing is safe)
-        cache = hp.cache_dir or str(run_dir.parent / "candidates")
+        cache = hp.cache_dir or str(shared_cache(self.trainer, "candidates"))
         engine = HFGenerator(batch_size=hp.generation_batch_size, cache_dir=cache,
                              should_stop=lambda: self.trainer is not None and self.trainer.received_sigterm)
         everything = engine.sample(policy, questions, self.task, self.params)
