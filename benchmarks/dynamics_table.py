@@ -39,6 +39,8 @@ from lightning_modules.progress import phase
 
 AUDIT = ("learned", "corrupted", "stable_right", "stable_wrong", "solvable_at_start", "learned_from_zero")
 METHODS = {"rl": ("gold", "ttrl", "intuitor", "empo", "rent", "rlc", "cuma", "scrl"), "self_training": ("lmsi", "iwsi")}
+DEFAULTS = {"rl": ["gold", "ttrl", "intuitor", "empo", "rent"], "self_training": ["lmsi", "iwsi"]}  # what a run runs
+GUARDS = ["cuma", "scrl"]  # TTRL with a guard against a wrong majority: paired against plain TTRL
 
 
 def probe() -> QuestionDynamics:
@@ -130,7 +132,7 @@ def table(records: dict, args) -> None:
             share = f"{(sum(map(accuracy, at)) - sum(map(accuracy, end))) / gain:.2f}" if gain > 0 else "- (no gain)"
             print(f"| {method} | {name} | {', '.join(map(unit, epochs))} | {mean_std([accuracy(a) for a in at])} | "
                   f"{diff} | {'-' if name == 'end' else share} |")
-    guards = [m for m in ("cuma", "scrl") if m in done and "ttrl" in done]
+    guards = [m for m in GUARDS if m in done and "ttrl" in done]
     if guards:
         print("\nthe guards against plain TTRL on the same seeds, held-out accuracy at the end, paired (method - "
               "ttrl):")
@@ -154,7 +156,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", choices=list(METHODS), default="rl")
     parser.add_argument("--methods", nargs="+", choices=[m for ms in METHODS.values() for m in ms],
-                        help="default: gold ttrl intuitor empo rent (rl), lmsi iwsi (self_training)")
+                        help=f"default: {' '.join(DEFAULTS['rl'])} (rl), {' '.join(DEFAULTS['self_training'])} "
+                             "(self_training)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=100, help="rl: training steps")
     parser.add_argument("--lr", type=float, default=1e-4, help="rl: learning rate")
@@ -193,8 +196,7 @@ def for_pipeline(args: argparse.Namespace, pipeline: str, methods: list[str] | N
     rl = pipeline == "rl"
     one = argparse.Namespace(**vars(args))
     one.pipeline = pipeline
-    one.methods = methods or (["gold", "ttrl", "intuitor", "empo", "rent", "cuma", "scrl"] if rl and args.table
-                              else ["gold", "ttrl", "intuitor", "empo", "rent"] if rl else ["lmsi", "iwsi"])
+    one.methods = methods or DEFAULTS[pipeline] + (GUARDS if rl and args.table else [])
     one.runs = args.runs or f"runs/dynamics_table/{pipeline}"
     one.records = args.records or ROOT / f"benchmarks/results/{'rl' if rl else 'self_improve'}_dynamics"
     return one
