@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import matplotlib
 from paired import cell, number_clusters, paired_difference, pool  # benchmarks/paired.py, beside this script
 from tables import PAGES, ROOT, load_records, mean_std, run_in_parts, write_page  # benchmarks/tables.py
 
@@ -37,6 +38,10 @@ from datamodules.tasks import Arithmetic
 from lightning_modules.cli import exit_status_on_signal
 from lightning_modules.progress import phase
 
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CRITERIA = ("vote_share", "sharpened_agreement", "answer_entropy", "flip_rate")  # what the picks read, drawn
 AUDIT = ("learned", "corrupted", "stable_right", "stable_wrong", "solvable_at_start", "learned_from_zero")
 METHODS = {"rl": ("gold", "ttrl", "intuitor", "empo", "rent", "rlc", "cuma", "scrl"), "self_training": ("lmsi", "iwsi")}
 DEFAULTS = {"rl": ["gold", "ttrl", "intuitor", "empo", "rent"], "self_training": ["lmsi", "iwsi"]}  # what a run runs
@@ -149,6 +154,35 @@ def table(records: dict, args) -> None:
     for method, runs in done.items():
         last = [r["probes"][-1]["figures"] for r in runs]
         print(f"| {method} | " + " | ".join(mean_std([f[f"audit/{k}"] for f in last], 2) for k in AUDIT) + " |")
+    if args.table:
+        path = args.pages / f"dynamics-{args.pipeline}.png"
+        epochs = len(next(iter(done.values()))[0]["probes"])  # probe i follows epoch i
+        plot(done, base, [e * args.every if rl else e for e in range(epochs)], "step" if rl else "round", path)
+        print(f"\n![held-out accuracy and the label-free criteria over {'steps' if rl else 'rounds'}]({path.name})")
+
+
+def plot(done: dict[str, list[dict]], base: list[bool], steps: list[int], unit: str, path: Path) -> None:
+    """One panel per method: held-out accuracy (gold, for the reader) and the probe's label-free criteria after
+    every epoch, each the mean over seeds."""
+    figure, axes = plt.subplots(1, len(done), figsize=(2.6 * len(done) + 0.6, 3.9), sharey=True, squeeze=False)
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    for axis, (method, runs) in zip(axes[0], done.items()):
+        held_out = [mean([mean(s[e]) for s in (held_out_by_epoch(r, base) for r in runs)]) for e in range(len(steps))]
+        axis.plot(steps, held_out, "o-", color="black", linewidth=2, label="held-out acc. (gold)")
+        for name in CRITERIA:
+            axis.plot(steps, [mean([r["probes"][e]["figures"][name] for r in runs]) for e in range(len(steps))],
+                      ".--", label=name.replace("_", " "))
+        axis.set_title(f"{method} ({len(runs)} seed{'s' * (len(runs) > 1)})", fontsize=9)
+        axis.set_xticks(steps)
+        axis.set_xlabel(unit, fontsize=8)
+        axis.tick_params(labelsize=7)
+    axes[0][0].set_ylim(0, 1)
+    figure.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=2 if len(done) == 1 else 5,
+                  fontsize=7)
+    figure.tight_layout(rect=(0, 0.2 if len(done) == 1 else 0.1, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def main() -> None:
