@@ -19,7 +19,7 @@ time (phase `probe`).
 
     python benchmarks/dynamics_table.py --methods gold ttrl intuitor empo rent --seeds 0 1 2 --steps 100 --lr 1e-4
     python benchmarks/dynamics_table.py --methods ttrl cuma scrl --seeds 0 1 2 --steps 100 --lr 1e-4  # the guards
-    python benchmarks/dynamics_table.py --lr 1e-3 --records benchmarks/results/rl_dynamics_lr1e-3  # the collapse lr
+    python benchmarks/dynamics_table.py --steps 40 --lr 1e-3 --every 10 --records benchmarks/results/rl_dynamics_lr1e-3
     python benchmarks/dynamics_table.py --pipeline self_training --methods lmsi iwsi --rounds 3
     python benchmarks/dynamics_table.py --table   # from the records; writes docs/results/dynamics.md
 """
@@ -46,6 +46,10 @@ AUDIT = ("learned", "corrupted", "stable_right", "stable_wrong", "solvable_at_st
 METHODS = {"rl": ("gold", "ttrl", "intuitor", "empo", "rent", "rlc", "cuma", "scrl"), "self_training": ("lmsi", "iwsi")}
 DEFAULTS = {"rl": ["gold", "ttrl", "intuitor", "empo", "rent"], "self_training": ["lmsi", "iwsi"]}  # what a run runs
 GUARDS = ["cuma", "scrl"]  # TTRL with a guard against a wrong majority: paired against plain TTRL
+# the learning rate at which the oracle collapsed within 20 steps (docs/results/rl.md, phase 1): shorter runs, probed
+# more often; its own records and its own section of the page
+COLLAPSE = {"steps": 40, "lr": 1e-3, "every": 10, "records": ROOT / "benchmarks/results/rl_dynamics_lr1e-3",
+            "figure": "rl-lr1e-3"}
 
 
 def probe() -> QuestionDynamics:
@@ -155,7 +159,7 @@ def table(records: dict, args) -> None:
         last = [r["probes"][-1]["figures"] for r in runs]
         print(f"| {method} | " + " | ".join(mean_std([f[f"audit/{k}"] for f in last], 2) for k in AUDIT) + " |")
     if args.table:
-        path = args.pages / f"dynamics-{args.pipeline}.png"
+        path = args.pages / f"dynamics-{args.figure}.png"
         epochs = len(next(iter(done.values()))[0]["probes"])  # probe i follows epoch i
         plot(done, base, [e * args.every if rl else e for e in range(epochs)], "step" if rl else "round", path)
         print(f"\n![held-out accuracy and the label-free criteria over {'steps' if rl else 'rounds'}]({path.name})")
@@ -209,9 +213,11 @@ def main() -> None:
     ARGS = args = parser.parse_args()
     if args.table:
         def produce() -> None:
-            for pipeline, title in (("rl", "Online RL"), ("self_training", "Self-training")):
+            for pipeline, title, overrides in (("rl", "Online RL", {}),
+                                               ("rl", "Online RL at the learning rate the oracle collapsed", COLLAPSE),
+                                               ("self_training", "Self-training", {})):
                 print(f"\n## {title}\n")
-                one = for_pipeline(args, pipeline, methods=None)
+                one = argparse.Namespace(**vars(for_pipeline(args, pipeline, methods=None)) | overrides)
                 table(load_records(one.records, settings(one)), one)
 
         command = (f"python benchmarks/dynamics_table.py --table --steps {args.steps} --lr {args.lr:g} --every "
@@ -233,6 +239,7 @@ def for_pipeline(args: argparse.Namespace, pipeline: str, methods: list[str] | N
     one.methods = methods or DEFAULTS[pipeline] + (GUARDS if rl and args.table else [])
     one.runs = args.runs or f"runs/dynamics_table/{pipeline}"
     one.records = args.records or ROOT / f"benchmarks/results/{'rl' if rl else 'self_improve'}_dynamics"
+    one.figure = pipeline
     return one
 
 

@@ -41,7 +41,7 @@ def test_the_table_reads_the_peak_the_picks_and_draws_its_figure(tmp_path, capsy
                  vote_share=[0.4, 0.6, 0.8, 0.7], entropy=[0.6, 0.4, 0.3, 0.2], flips=[0.0, 0.1, 0.2, 0.3],
                  agreement=[0.4, 0.5, 0.6, 0.5])
     args = argparse.Namespace(pipeline="rl", methods=["ttrl"], seeds=[0], every=20, steps=60, lr=1e-4,
-                              probe_questions=4, k=8, table=True, pages=tmp_path)
+                              probe_questions=4, k=8, table=True, pages=tmp_path, figure="rl")
     dynamics_table.table({("ttrl", 0): run | {"base": base}}, args)
     out = capsys.readouterr().out
     assert "(base 0.500)" in out and "the probe took 0.10" in out
