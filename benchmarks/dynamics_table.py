@@ -102,9 +102,13 @@ def picks(record: dict) -> dict[str, int]:
             "before flip rate > 0.5": max(flipped[0] - 1, 0) if flipped else len(probes) - 1}
 
 
-def probe_share(phases: dict[str, float]) -> float:
-    """The share of a run's time its probes took (the phases are exclusive: every one under a `probe`)."""
-    return sum(v for k, v in phases.items() if "probe" in k.split("/")) / phases["total"]
+def probe_share(phases: dict[str, float], held_out: bool = True) -> float:
+    """The share of a run's time its probes took (the phases are exclusive: every one under a `probe`); without
+    `held_out`, of the run's time less its held-out evaluations (what a run without labels pays)."""
+    parts = {k: k.split("/") for k in phases if k != "total"}
+    probe = sum(phases[k] for k, p in parts.items() if "probe" in p)
+    evaluations = sum(phases[k] for k, p in parts.items() if "evaluation" in p and "probe" not in p)
+    return probe / (phases["total"] - (0 if held_out else evaluations))
 
 
 def table(records: dict, args) -> None:
@@ -123,9 +127,11 @@ def table(records: dict, args) -> None:
     print(f"{len(args.seeds)} seeds x {run}; held-out greedy accuracy on {len(base)} questions after every "
           f"{f'{args.every} steps' if rl else 'round'} (base {accuracy(base):.3f}); probe: {args.probe_questions} "
           f"validation questions x {args.k} samples")
-    shares = [probe_share(r["phases"]) for runs in done.values() for r in runs if "phases" in r]
-    if shares:
-        print(f"the probe took {mean_std(shares, 2)} of a run's time ({len(shares)} runs; phase `probe`)")
+    phases = [r["phases"] for runs in done.values() for r in runs if "phases" in r]
+    if phases:
+        print(f"the probe took {mean_std([probe_share(p) for p in phases], 2)} of a run's time, "
+              f"{mean_std([probe_share(p, held_out=False) for p in phases], 2)} of it without the held-out "
+              f"evaluations ({len(phases)} runs; phase `probe`)")
     print(f"\n| method | criterion | {'steps' if rl else 'rounds'} picked | held-out acc. | vs end | share of the "
           "peak's gain |\n|---|---|---|---|---|---|")
     for method, runs in done.items():

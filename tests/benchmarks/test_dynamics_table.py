@@ -19,8 +19,10 @@ def probes(vote_share, entropy, flips, agreement):
 
 def record(correct_by_epoch, **figures):
     *epochs, end = correct_by_epoch
+    phases = {"total": 12.0, "training/probe/evaluation/generation": 1.0, "training/generation": 9.0,
+              "training/evaluation/generation": 1.5, "evaluation": 0.5}  # 1 s probing, 2 s held-out evaluations
     return {"correct": {**{f"epoch-{i + 1}": c for i, c in enumerate(epochs)}, "fit_end": end},
-            "probes": probes(**figures), "phases": {"total": 10.0, "fit/probe": 1.0, "fit/rollout": 9.0}}
+            "probes": probes(**figures), "phases": phases}
 
 
 def test_each_criterion_picks_its_epoch_ties_the_earliest():
@@ -31,7 +33,8 @@ def test_each_criterion_picks_its_epoch_ties_the_earliest():
     calm = record([[1]] * 2, vote_share=[0.4, 0.5, 0.6], entropy=[0.5, 0.4, 0.3], flips=[0.0, 0.1, 0.2],
                   agreement=[0.4, 0.5, 0.6])
     assert dynamics_table.picks(calm)["before flip rate > 0.5"] == 2  # never above: the end
-    assert dynamics_table.probe_share(run["phases"]) == 0.1
+    assert dynamics_table.probe_share(run["phases"]) == 1 / 12
+    assert dynamics_table.probe_share(run["phases"], held_out=False) == 0.1
 
 
 def test_the_table_reads_the_peak_the_picks_and_draws_its_figure(tmp_path, capsys):
@@ -44,7 +47,7 @@ def test_the_table_reads_the_peak_the_picks_and_draws_its_figure(tmp_path, capsy
                               probe_questions=4, k=8, table=True, pages=tmp_path, figure="rl")
     dynamics_table.table({("ttrl", 0): run | {"base": base}}, args)
     out = capsys.readouterr().out
-    assert "(base 0.500)" in out and "the probe took 0.10" in out
+    assert "(base 0.500)" in out and "the probe took 0.08 ± 0.00 of a run's time, 0.10 ± 0.00 of it without" in out
     assert "| ttrl | gold-picked peak (reference) | 20 | 1.000 ± 0.000 |" in out
     assert "| ttrl | end | 60 | 0.500 ± 0.000 | - | - |" in out
     assert "| ttrl | max vote_share | 40 | 0.750 ± 0.000 |" in out and out.count("| 0.50 |") == 2  # half the gain
