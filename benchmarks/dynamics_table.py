@@ -124,7 +124,8 @@ def table(records: dict, args) -> None:
     clusters = number_clusters(heldout, len(args.seeds))
     accuracy = lambda scores: sum(scores) / len(scores)  # noqa: E731
     run = f"{args.steps} steps at lr {args.lr:g}" if rl else f"{args.rounds} rounds"
-    print(f"{len(args.seeds)} seeds x {run}; held-out greedy accuracy on {len(base)} questions after every "
+    print(f"{len(args.seeds)} seed{'s' * (len(args.seeds) > 1)} x {run}; held-out greedy accuracy on {len(base)} "
+          "questions after every "
           f"{f'{args.every} steps' if rl else 'round'} (base {accuracy(base):.3f}); probe: {args.probe_questions} "
           f"validation questions x {args.k} samples")
     phases = [r["phases"] for runs in done.values() for r in runs if "phases" in r]
