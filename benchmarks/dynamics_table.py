@@ -14,8 +14,9 @@ peak: a reference no label-free run can use) and at the epoch each label-free cr
 (`sharpened_agreement` and `vote_share` highest, `answer_entropy` lowest, the last probe before the flip rate first
 exceeds 0.5), paired against the end over seeds (cluster bootstrap), and the share of the peak's gain over the end
 each criterion recovers; then the per-question decomposition on the probe set at the end (audit: learned,
-corrupted, stable right, stable wrong, solvable at the start, learned from zero), and the probe's share of a run's
-time (phase `probe`).
+corrupted, stable right, stable wrong, solvable at the start, learned from zero), the probe's share of a run's
+time (phase `probe`), and beside the page a figure per section (`dynamics-<section>.png`: per method, held-out
+accuracy and the label-free criteria after every epoch, each the mean over seeds).
 
     python benchmarks/dynamics_table.py --methods gold ttrl intuitor empo rent --seeds 0 1 2 --steps 100 --lr 1e-4
     python benchmarks/dynamics_table.py --methods ttrl cuma scrl --seeds 0 1 2 --steps 100 --lr 1e-4  # the guards
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from statistics import mean
 
 import matplotlib
 from paired import cell, number_clusters, paired_difference, pool  # benchmarks/paired.py, beside this script
@@ -176,9 +178,9 @@ def plot(done: dict[str, list[dict]], base: list[bool], steps: list[int], unit: 
     """One panel per method: held-out accuracy (gold, for the reader) and the probe's label-free criteria after
     every epoch, each the mean over seeds."""
     figure, axes = plt.subplots(1, len(done), figsize=(2.6 * len(done) + 0.6, 3.9), sharey=True, squeeze=False)
-    mean = lambda values: sum(values) / len(values)  # noqa: E731
     for axis, (method, runs) in zip(axes[0], done.items()):
-        held_out = [mean([mean(s[e]) for s in (held_out_by_epoch(r, base) for r in runs)]) for e in range(len(steps))]
+        series = [held_out_by_epoch(r, base) for r in runs]
+        held_out = [mean(mean(s[e]) for s in series) for e in range(len(steps))]
         axis.plot(steps, held_out, "o-", color="black", linewidth=2, label="held-out acc. (gold)")
         for name in CRITERIA:
             axis.plot(steps, [mean([r["probes"][e]["figures"][name] for r in runs]) for e in range(len(steps))],
