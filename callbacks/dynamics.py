@@ -95,7 +95,8 @@ class QuestionDynamics(L.Callback):
         split, num_questions: the probe questions (default the validation split: neither trained on nor reported).
         k, temperature, top_p, max_new_tokens, seed: the k sampled answers of each probe.
         every_n_steps: probe every n training steps (0: never); every_n_epochs: after every n-th epoch (0: never).
-        batch_size: questions per sampling batch (32 x 8 samples in one batch: 1.4x faster than 8 on 2 CPU cores).
+        batch_size: questions per sampling batch (32 x 8 samples in one batch: 1.2x faster than 8 on 2 CPU cores,
+            `benchmarks/probe_batch.py`).
         cache: keep each probe's answers under `<experiment dir>/evaluations`, as `TaskEvaluation` does (a rerun or
             another run from the same weights reads them; the same answers either way).
     """

@@ -1,0 +1,45 @@
+"""One `QuestionDynamics` probe (32 validation questions x 8 samples at T 1.0 and a greedy answer each, 64 tokens,
+the default model) at two sampling batch sizes, side by side, alternating: what the callback's default batch buys.
+
+    python benchmarks/probe_batch.py          # batch 8 against 32 (the default)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from side_by_side import machine  # benchmarks/side_by_side.py, beside this script
+
+from datamodules.tasks import Arithmetic
+from lightning_modules.evaluation import evaluate
+from lightning_modules.policy import Policy
+from lightning_modules.sampling import SamplingParams
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs=2, default=[8, 32], help="questions per sampling batch: a b")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    args = parser.parse_args()
+    policy = Policy(args.model, adapt="lora")
+    task = Arithmetic(b_range=(3, 20), seed=1234)
+    questions = task.load("valid", 32)
+    greedy, sampled = SamplingParams(1, 0.0, 1.0, 64, 0), SamplingParams(8, 1.0, 1.0, 64, 0)
+    evaluate(policy, task, questions[:4], greedy, sampled, batch_size=4)  # warm-up
+    seconds = {b: [] for b in args.batches}
+    for _ in range(args.repeats):
+        for batch in args.batches:
+            start = time.perf_counter()
+            found = evaluate(policy, task, questions, greedy, sampled, batch_size=batch)
+            seconds[batch].append(time.perf_counter() - start)
+            right = sum(r["majority"] == r["gold"] for r in found.rows)
+            print(f"batch {batch}: {seconds[batch][-1]:.1f} s, majority right {right}/32", flush=True)
+    a, b = (min(seconds[x]) for x in args.batches)
+    print(f"{machine('cpu')}: a probe at batch {args.batches[1]} {b:.1f} s against {a:.1f} s at batch "
+          f"{args.batches[0]}: {a / b:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
