@@ -55,10 +55,11 @@ COLLAPSE = {"steps": 40, "lr": 1e-3, "every": 10, "records": ROOT / "benchmarks/
 
 
 def probe() -> QuestionDynamics:
-    """The probe of every run: after every epoch (an RL epoch of `--every` steps, a self-training round)."""
+    """The probe of every run: after every epoch (an RL epoch of `--every` steps, a self-training round); uncached,
+    so that every probe generates and its share of the run is a cost (a rerun of a killed run would read it)."""
     return QuestionDynamics(Arithmetic(b_range=(3, 20), seed=1234), split="valid", num_questions=ARGS.probe_questions,
                             k=ARGS.k, temperature=1.0, max_new_tokens=64, every_n_steps=0, every_n_epochs=1,
-                            batch_size=8)
+                            batch_size=8, cache=False)
 
 
 def run_rl(method: str, seed: int, first: bool) -> dict:
