@@ -1,5 +1,6 @@
-"""One `QuestionDynamics` probe (32 validation questions x 8 samples at T 1.0 and a greedy answer each, 64 tokens,
-the default model) at two sampling batch sizes, side by side, alternating: what the callback's default batch buys.
+"""One `QuestionDynamics` probe as `configs/rl/dynamics.yaml` sets it (32 validation questions x 8 samples at T 1.0
+and a greedy answer each, 64 tokens, the default model) at two sampling batch sizes, side by side, alternating: what
+the callback's default batch buys.
 
     python benchmarks/probe_batch.py          # batch 8 against 32 (the default)
 """
@@ -8,13 +9,26 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
+import yaml
 from side_by_side import machine  # benchmarks/side_by_side.py, beside this script
 
+from callbacks.dynamics import QuestionDynamics
 from datamodules.tasks import Arithmetic
 from lightning_modules.evaluation import evaluate
 from lightning_modules.policy import Policy
-from lightning_modules.sampling import SamplingParams
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "rl" / "dynamics.yaml"
+
+
+def recipe_probe() -> QuestionDynamics:
+    """The probe exactly as the recipe configures it (its `init_args`, nothing restated here)."""
+    callbacks = yaml.safe_load(RECIPE.read_text())["trainer"]["callbacks"]
+    found = [c for c in callbacks if c["class_path"].endswith(".QuestionDynamics")]
+    if len(found) != 1:
+        raise ValueError(f"{RECIPE}: expected one QuestionDynamics callback, found {len(found)}")
+    return QuestionDynamics(**found[0].get("init_args", {}))
 
 
 def main() -> None:
@@ -25,8 +39,9 @@ def main() -> None:
     args = parser.parse_args()
     policy = Policy(args.model, adapt="lora")
     task = Arithmetic(b_range=(3, 20), seed=1234)
-    questions = task.load("valid", 32)
-    greedy, sampled = SamplingParams(1, 0.0, 1.0, 64, 0), SamplingParams(8, 1.0, 1.0, 64, 0)
+    probe = recipe_probe()
+    questions = task.load(probe.split, probe.num_questions)
+    greedy, sampled = probe.greedy, probe.sampled
     evaluate(policy, task, questions[:4], greedy, sampled, batch_size=4)  # warm-up
     seconds = {b: [] for b in args.batches}
     for _ in range(args.repeats):
@@ -35,7 +50,7 @@ def main() -> None:
             found = evaluate(policy, task, questions, greedy, sampled, batch_size=batch)
             seconds[batch].append(time.perf_counter() - start)
             right = sum(r["majority"] == r["gold"] for r in found.rows)
-            print(f"batch {batch}: {seconds[batch][-1]:.1f} s, majority right {right}/32", flush=True)
+            print(f"batch {batch}: {seconds[batch][-1]:.1f} s, majority right {right}/{len(questions)}", flush=True)
     a, b = (min(seconds[x]) for x in args.batches)
     print(f"{machine('cpu')}: a probe at batch {args.batches[1]} {b:.1f} s against {a:.1f} s at batch "
           f"{args.batches[0]}: {a / b:.2f}x")
