@@ -38,9 +38,9 @@ def test_each_criterion_picks_its_epoch_ties_the_earliest():
 
 
 def test_the_table_reads_the_peak_the_picks_and_draws_its_figure(tmp_path, capsys):
-    base = [False, False, True, True]
-    # epoch 1 the peak (4/4), the end 2/4; vote share peaks at epoch 2 (3/4), entropy lowest at the end
-    run = record([[True] * 4, [False, True, True, True], [True, False, False, True]],
+    base = [False, False, True, True] * 8
+    # epoch 1 the peak (all right), the end half; vote share peaks at epoch 2 (3/4), entropy lowest at the end
+    run = record([[True] * 32, [False, True, True, True] * 8, [True, False, False, True] * 8],
                  vote_share=[0.4, 0.6, 0.8, 0.7], entropy=[0.6, 0.4, 0.3, 0.2], flips=[0.0, 0.1, 0.2, 0.3],
                  agreement=[0.4, 0.5, 0.6, 0.5])
     args = argparse.Namespace(pipeline="rl", methods=["ttrl"], seeds=[0], every=20, steps=60, lr=1e-4,
@@ -53,3 +53,15 @@ def test_the_table_reads_the_peak_the_picks_and_draws_its_figure(tmp_path, capsy
     assert "| ttrl | max vote_share | 40 | 0.750 ± 0.000 |" in out and out.count("| 0.50 |") == 2  # half the gain
     assert "| ttrl | min answer_entropy | 60 | 0.500 ± 0.000 | +0.000 [+0.000, +0.000] p 1 | 0.00 |" in out
     assert (tmp_path / "dynamics-rl.png").stat().st_size > 0 and "](dynamics-rl.png)" in out
+
+
+def test_no_share_of_a_peak_within_noise_of_the_end(tmp_path, capsys):
+    # the peak (epoch 1) one question of 8 above the end: its interval holds 0, so no criterion gets a share of it
+    run = record([[True] * 8, [True] * 7 + [False]], vote_share=[0.4, 0.6, 0.8], entropy=[0.6, 0.4, 0.3],
+                 flips=[0.0, 0.1, 0.2], agreement=[0.4, 0.6, 0.5])
+    args = argparse.Namespace(pipeline="rl", methods=["rent"], seeds=[0], every=20, steps=40, lr=1e-4,
+                              probe_questions=4, k=8, table=False, pages=tmp_path, figure="rl")
+    dynamics_table.table({("rent", 0): run | {"base": [False] * 8}}, args)
+    out = capsys.readouterr().out
+    assert "| rent | gold-picked peak (reference) | 20 | 1.000 ± 0.000 | +0.125 [+0.000, " in out
+    assert out.count("| - (peak not above the end) |") == 5 and "| rent | end | 40 | 0.875 ± 0.000 | - | - |" in out
