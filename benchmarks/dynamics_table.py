@@ -126,11 +126,10 @@ def table(records: dict, args) -> None:
     unit = (lambda e: str(e * args.every)) if rl else str  # noqa: E731
     heldout = Arithmetic(b_range=(3, 20), seed=1234).load("test", len(base))
     clusters = number_clusters(heldout, len(args.seeds))
-    accuracy = lambda scores: sum(scores) / len(scores)  # noqa: E731
     run = f"{args.steps} steps at lr {args.lr:g}" if rl else f"{args.rounds} rounds"
     print(f"{len(args.seeds)} seed{'s' * (len(args.seeds) > 1)} x {run}; held-out greedy accuracy on {len(base)} "
           "questions after every "
-          f"{f'{args.every} steps' if rl else 'round'} (base {accuracy(base):.3f}); probe: {args.probe_questions} "
+          f"{f'{args.every} steps' if rl else 'round'} (base {mean(base):.3f}); probe: {args.probe_questions} "
           f"validation questions x {args.k} samples")
     phases = [r["phases"] for runs in done.values() for r in runs if "phases" in r]
     if phases:
@@ -141,11 +140,11 @@ def table(records: dict, args) -> None:
           "peak's gain |\n|---|---|---|---|---|---|")
     for method, runs in done.items():
         series = [held_out_by_epoch(r, base) for r in runs]
-        peak = [max(range(len(s)), key=lambda e, s=s: (accuracy(s[e]), -e)) for s in series]
+        peak = [max(range(len(s)), key=lambda e, s=s: (mean(s[e]), -e)) for s in series]
         chosen = {"gold-picked peak (reference)": peak} | {
             name: [p[name] for p in map(picks, runs)] for name in picks(runs[0])}
         end = [s[-1] for s in series]
-        gain = sum(accuracy(s[e]) for s, e in zip(series, peak)) - sum(map(accuracy, end))
+        gain = sum(mean(s[e]) for s, e in zip(series, peak)) - sum(map(mean, end))
         rows = {}  # criterion -> (epochs, held-out outcomes there, paired difference against the end)
         for name, epochs in chosen.items():
             at = [s[e] for s, e in zip(series, epochs)]
@@ -153,9 +152,9 @@ def table(records: dict, args) -> None:
                                                                                     clusters=clusters)
         above = rows["gold-picked peak (reference)"][2]["low"] > 0  # a share only of a gain measurably above 0
         for name, (epochs, at, result) in rows.items():
-            share = (f"{(sum(map(accuracy, at)) - sum(map(accuracy, end))) / gain:.2f}" if above
+            share = (f"{(sum(map(mean, at)) - sum(map(mean, end))) / gain:.2f}" if above
                      else "- (peak not above the end)")
-            print(f"| {method} | {name} | {', '.join(map(unit, epochs))} | {mean_std([accuracy(a) for a in at])} | "
+            print(f"| {method} | {name} | {', '.join(map(unit, epochs))} | {mean_std([mean(a) for a in at])} | "
                   f"{'-' if result is None else cell(result)} | {'-' if result is None else share} |")
     guards = [m for m in GUARDS if m in done and "ttrl" in done]
     if guards:
@@ -166,7 +165,7 @@ def table(records: dict, args) -> None:
         for method in guards:
             ends = [held_out_by_epoch(r, base)[-1] for r in done[method]]
             difference = paired_difference(*pool(list(zip(ends, plain))), clusters=clusters)
-            print(f"| {method} | {mean_std([accuracy(e) for e in ends])} | {mean_std([accuracy(e) for e in plain])} "
+            print(f"| {method} | {mean_std([mean(e) for e in ends])} | {mean_std([mean(e) for e in plain])} "
                   f"| {cell(difference)} |")
     print("\nthe probe questions' majority answers at the end against the start (audit, gold read for this table "
           "only), mean ± std over seeds:")
