@@ -9,26 +9,24 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-import yaml
 from side_by_side import machine  # benchmarks/side_by_side.py, beside this script
+from tables import ROOT  # benchmarks/tables.py
 
 from callbacks.dynamics import QuestionDynamics
 from datamodules.tasks import Arithmetic
+from lightning_modules.cli import build_cli, recipe_args
 from lightning_modules.evaluation import evaluate
 from lightning_modules.policy import Policy
 
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "rl" / "dynamics.yaml"
+RECIPE = ROOT / "configs" / "rl" / "dynamics.yaml"
 
 
-def recipe_probe() -> QuestionDynamics:
-    """The probe exactly as the recipe configures it (its `init_args`, nothing restated here)."""
-    callbacks = yaml.safe_load(RECIPE.read_text())["trainer"]["callbacks"]
-    found = [c for c in callbacks if c["class_path"].endswith(".QuestionDynamics")]
-    if len(found) != 1:
-        raise ValueError(f"{RECIPE}: expected one QuestionDynamics callback, found {len(found)}")
-    return QuestionDynamics(**found[0].get("init_args", {}))
+def recipe_run(model: str) -> tuple[Policy, QuestionDynamics]:
+    """The recipe's policy and probe, built as `labelfree fit` builds them from its `-c` files (nothing restated)."""
+    cli = build_cli([*recipe_args(RECIPE), f"--model.init_args.policy.init_args.model={model}"], run=False)
+    (probe,) = (c for c in cli.trainer.callbacks if isinstance(c, QuestionDynamics))
+    return cli.model.policy, probe
 
 
 def main() -> None:
@@ -37,9 +35,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     args = parser.parse_args()
-    policy = Policy(args.model, adapt="lora")
+    policy, probe = recipe_run(args.model)
     task = Arithmetic(b_range=(3, 20), seed=1234)
-    probe = recipe_probe()
     questions = task.load(probe.split, probe.num_questions)
     greedy, sampled = probe.greedy, probe.sampled
     evaluate(policy, task, questions[:4], greedy, sampled, batch_size=4)  # warm-up
