@@ -27,12 +27,14 @@ def record(correct_by_epoch, **figures):
 
 def test_each_criterion_picks_its_epoch_ties_the_earliest():
     run = record([[1]] * 4, vote_share=[0.4, 0.7, 0.7, 0.6, 0.5], entropy=[0.6, 0.3, 0.2, 0.2, 0.4],
-                 flips=[0.0, 0.2, 0.6, 0.7, 0.1], agreement=[0.4, 0.5, 0.3, 0.5, 0.2])
+                 flips=[0.0, 0.4, 0.6, 0.7, 0.1], agreement=[0.4, 0.5, 0.3, 0.5, 0.2])
     assert dynamics_table.picks(run) == {"end": 4, "max sharpened_agreement": 1, "max vote_share": 1,
-                                         "min answer_entropy": 2, "before flip rate > 0.5": 1}
+                                         "min answer_entropy": 2, "before flip rate > 0.5": 1,
+                                         "before flip rate > 0.3": 0}  # the first probe flips: the start
     calm = record([[1]] * 2, vote_share=[0.4, 0.5, 0.6], entropy=[0.5, 0.4, 0.3], flips=[0.0, 0.1, 0.2],
                   agreement=[0.4, 0.5, 0.6])
-    assert dynamics_table.picks(calm)["before flip rate > 0.5"] == 2  # never above: the end
+    assert dynamics_table.picks(calm)["before flip rate > 0.5"] == dynamics_table.picks(calm)[
+        "before flip rate > 0.3"] == 2  # never above: the end
     assert dynamics_table.probe_share(run["phases"]) == 1 / 12
     assert dynamics_table.probe_share(run["phases"], held_out=False) == 0.1
 
@@ -56,7 +58,7 @@ def test_the_table_reads_the_peak_the_picks_and_draws_its_figure(tmp_path, capsy
 
 
 def test_no_share_of_a_peak_within_noise_of_the_end(tmp_path, capsys):
-    # the peak (epoch 1) one question of 8 above the end: its interval holds 0, so no criterion gets a share of it
+    # the peak (epoch 1) one question of 8 above the end: its interval holds 0, so none of the 6 rows gets a share
     run = record([[True] * 8, [True] * 7 + [False]], vote_share=[0.4, 0.6, 0.8], entropy=[0.6, 0.4, 0.3],
                  flips=[0.0, 0.1, 0.2], agreement=[0.4, 0.6, 0.5])
     args = argparse.Namespace(pipeline="rl", methods=["rent"], seeds=[0], every=20, steps=40, lr=1e-4,
@@ -64,4 +66,4 @@ def test_no_share_of_a_peak_within_noise_of_the_end(tmp_path, capsys):
     dynamics_table.table({("rent", 0): run | {"base": [False] * 8}}, args)
     out = capsys.readouterr().out
     assert "| rent | gold-picked peak (reference) | 20 | 1.000 ± 0.000 | +0.125 [+0.000, " in out
-    assert out.count("| - (peak not above the end) |") == 5 and "| rent | end | 40 | 0.875 ± 0.000 | - | - |" in out
+    assert out.count("| - (peak not above the end) |") == 6 and "| rent | end | 40 | 0.875 ± 0.000 | - | - |" in out
