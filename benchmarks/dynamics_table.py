@@ -9,15 +9,15 @@ but the gold-picked reference) and a `QuestionDynamics` probe of `--probe-questi
 `valid` split) x `--k` samples at T 1.0 (SPEC §11). Records: `benchmarks/results/rl_dynamics/` and
 `benchmarks/results/self_improve_dynamics/` (`seed<s>-<method>.json`, run in parts, like the tables).
 
-The table: per method, held-out accuracy at the end, at the epoch the gold picks on the held-out questions (the
-peak: a reference no label-free run can use) and at the epoch each label-free criterion picks from the probes
+The table: per method, held-out accuracy at the end, at the epoch the gold picks on the held-out questions (the peak:
+a reference no label-free run can use) and at the epoch each label-free criterion picks from the probes
 (`sharpened_agreement` and `vote_share` highest, `answer_entropy` lowest, the last probe before the flip rate first
-exceeds 0.5, or 0.3), paired against the end over seeds (cluster bootstrap), and the share of the peak's gain over the end
-each criterion recovers (where the peak is measurably above the end: its interval above 0); then the per-question
-decomposition on the probe set at the end (audit: learned, corrupted, stable right, stable wrong, solvable at the
-start, learned from zero), the probe's share of a run's time (phase `probe`), and beside the page a figure per
-section (`dynamics-<section>.png`: per method, held-out accuracy and the label-free criteria after every epoch, each
-the mean over seeds).
+exceeds 0.5, or 0.3), paired against the end over seeds (cluster bootstrap), and the share of the peak's gain over
+the end each criterion recovers (where the peak is measurably above the end: its interval above 0); then the
+per-question decomposition on the probe set at the end (audit: learned, corrupted, stable right, stable wrong,
+solvable at the start, learned from zero), the probe's share of a run's time (phase `probe`), and beside the page a
+figure per section (`dynamics-<section>.png`: per method, held-out accuracy and the label-free criteria after every
+epoch, each the mean over seeds).
 
     python benchmarks/dynamics_table.py --methods gold ttrl intuitor empo rent --seeds 0 1 2 --steps 100 --lr 1e-4
     python benchmarks/dynamics_table.py --methods ttrl cuma scrl --seeds 0 1 2 --steps 100 --lr 1e-4  # the guards
@@ -142,8 +142,9 @@ def table(records: dict, args) -> None:
               f"evaluations ({len(phases)} runs; phase `probe`)")
     print(f"\n| method | criterion | {'steps' if rl else 'rounds'} picked | held-out acc. | vs end | share of the "
           "peak's gain |\n|---|---|---|---|---|---|")
+    held_out = {m: [held_out_by_epoch(r, base) for r in runs] for m, runs in done.items()}  # per seed, per epoch
     for method, runs in done.items():
-        series = [held_out_by_epoch(r, base) for r in runs]
+        series = held_out[method]
         peak = [max(range(len(s)), key=lambda e, s=s: (mean(s[e]), -e)) for s in series]
         chosen = {"gold-picked peak (reference)": peak} | {
             name: [p[name] for p in map(picks, runs)] for name in picks(runs[0])}
@@ -165,9 +166,9 @@ def table(records: dict, args) -> None:
         print("\nthe guards against plain TTRL on the same seeds, held-out accuracy at the end, paired (method - "
               "ttrl):")
         print("| method | held-out acc. | ttrl | difference |\n|---|---|---|---|")
-        plain = [held_out_by_epoch(r, base)[-1] for r in done["ttrl"]]
+        plain = [s[-1] for s in held_out["ttrl"]]
         for method in guards:
-            ends = [held_out_by_epoch(r, base)[-1] for r in done[method]]
+            ends = [s[-1] for s in held_out[method]]
             difference = paired_difference(*pool(list(zip(ends, plain))), clusters=clusters)
             print(f"| {method} | {mean_std([mean(e) for e in ends])} | {mean_std([mean(e) for e in plain])} "
                   f"| {cell(difference)} |")
@@ -180,18 +181,18 @@ def table(records: dict, args) -> None:
     if args.table:
         path = args.pages / f"dynamics-{args.figure}.png"
         epochs = len(next(iter(done.values()))[0]["probes"])  # probe i follows epoch i
-        plot(done, base, [e * args.every if rl else e for e in range(epochs)], "step" if rl else "round", path)
+        plot(done, held_out, [e * args.every if rl else e for e in range(epochs)], "step" if rl else "round", path)
         print(f"\n![held-out accuracy and the label-free criteria over {'steps' if rl else 'rounds'}]({path.name})")
 
 
-def plot(done: dict[str, list[dict]], base: list[bool], steps: list[int], unit: str, path: Path) -> None:
-    """One panel per method: held-out accuracy (gold, for the reader) and the probe's label-free criteria after
-    every epoch, each the mean over seeds."""
+def plot(done: dict[str, list[dict]], held_out: dict[str, list[list[list[bool]]]], steps: list[int], unit: str,
+         path: Path) -> None:
+    """One panel per method: held-out accuracy (gold, for the reader; `held_out_by_epoch` of each run) and the
+    probe's label-free criteria after every epoch, each the mean over seeds."""
     figure, axes = plt.subplots(1, len(done), figsize=(2.6 * len(done) + 0.6, 3.9), sharey=True, squeeze=False)
     for axis, (method, runs) in zip(axes[0], done.items()):
-        series = [held_out_by_epoch(r, base) for r in runs]
-        held_out = [mean(mean(s[e]) for s in series) for e in range(len(steps))]
-        axis.plot(steps, held_out, "o-", color="black", linewidth=2, label="held-out acc. (gold)")
+        accuracy = [mean(mean(s[e]) for s in held_out[method]) for e in range(len(steps))]
+        axis.plot(steps, accuracy, "o-", color="black", linewidth=2, label="held-out acc. (gold)")
         for name in CRITERIA:
             axis.plot(steps, [mean([r["probes"][e]["figures"][name] for r in runs]) for e in range(len(steps))],
                       ".--", label=name.replace("_", " "))
