@@ -146,8 +146,8 @@ def table(records: dict, args) -> None:
     for method, runs in done.items():
         series = held_out[method]
         peak = [max(range(len(s)), key=lambda e, s=s: (mean(s[e]), -e)) for s in series]
-        chosen = {"gold-picked peak (reference)": peak} | {
-            name: [p[name] for p in map(picks, runs)] for name in picks(runs[0])}
+        picked = [picks(r) for r in runs]
+        chosen = {"gold-picked peak (reference)": peak} | {name: [p[name] for p in picked] for name in picked[0]}
         end = [s[-1] for s in series]
         gain = sum(mean(s[e]) for s, e in zip(series, peak)) - sum(map(mean, end))
         rows = {}  # criterion -> (epochs, held-out outcomes there, paired difference against the end)
