@@ -24,6 +24,9 @@ epoch, each the mean over seeds).
     python benchmarks/dynamics_table.py --steps 40 --lr 1e-3 --every 10 --records benchmarks/results/rl_dynamics_lr1e-3
     python benchmarks/dynamics_table.py --pipeline self_training --methods lmsi iwsi --rounds 3
     python benchmarks/dynamics_table.py --table   # from the records; writes docs/results/dynamics.md
+
+A table (a section of the page) pools the seeds of `--seeds` that every method with a record in it has, and says
+which.
 """
 
 from __future__ import annotations
@@ -122,20 +125,20 @@ def probe_share(phases: dict[str, float], held_out: bool = True) -> float:
 
 def table(records: dict, args) -> None:
     base = next((r["base"] for r in records.values() if "base" in r), None)
-    done = {m: [records[(m, s)] for s in args.seeds] for m in args.methods
-            if all((m, s) in records for s in args.seeds)}
+    present = [m for m in args.methods if any((m, s) in records for s in args.seeds)]
+    seeds = [s for s in args.seeds if all((m, s) in records for m in present)]  # those every method present has
+    done = {m: [records[(m, s)] for s in seeds] for m in present} if seeds else {}
     if base is None or not done:
         print("no complete method in the records yet")
         return
     rl = args.pipeline == "rl"
     unit = (lambda e: str(e * args.every)) if rl else str  # noqa: E731
     heldout = Arithmetic(b_range=(3, 20), seed=1234).load("test", len(base))
-    clusters = number_clusters(heldout, len(args.seeds))
+    clusters = number_clusters(heldout, len(seeds))
     run = f"{args.steps} steps at lr {args.lr:g}" if rl else f"{args.rounds} rounds"
-    print(f"{len(args.seeds)} seed{'s' * (len(args.seeds) > 1)} x {run}; held-out greedy accuracy on {len(base)} "
-          "questions after every "
-          f"{f'{args.every} steps' if rl else 'round'} (base {mean(base):.3f}); probe: {args.probe_questions} "
-          f"validation questions x {args.k} samples")
+    print(f"{len(seeds)} seed{'s' * (len(seeds) > 1)} ({', '.join(map(str, seeds))}) x {run}; held-out greedy "
+          f"accuracy on {len(base)} questions after every {f'{args.every} steps' if rl else 'round'} (base "
+          f"{mean(base):.3f}); probe: {args.probe_questions} validation questions x {args.k} samples")
     phases = [r["phases"] for runs in done.values() for r in runs if "phases" in r]
     if phases:
         print(f"the probe took {mean_std([probe_share(p) for p in phases], 2)} of a run's time, "

@@ -12,7 +12,7 @@ PAGES = {
     "self-training": ["benchmarks/self_improve_table.py", "--table"],
     "rl": ["benchmarks/rl_table.py", "--table"],
     "tta": ["benchmarks/tta_table.py", "--table"],
-    "dynamics": ["benchmarks/dynamics_table.py", "--table", "--seeds", "0"],  # all seeds once they are in
+    "dynamics": ["benchmarks/dynamics_table.py", "--table"],
 }
 
 
