@@ -50,7 +50,7 @@ REWARDS = {  # method -> (recipe, the reward that replaces the recipe's; None ke
     "scrl": ("scrl", None),  # SCRL's selective positives and entropy-gated negatives
 }
 FIGURES = ("rl/sample_accuracy", "rl/reward_ranking", "rl/entropy", "rl/response_length", "rl/kl",
-           "rl/parsed_fraction")
+           "rl/parsed_fraction", "rl/zero_advantage_groups")
 GUARD = {"rl/entropy": (0.05, None), "rl/response_length": (4, None)}
 
 

@@ -160,12 +160,15 @@ class SelfRewardRLModule(TrainableStateMixin, L.LightningModule):
             optimizer.step()  # without gradients (a skipped update) it changes nothing but the step count
             if finite:
                 self.guard.updated(self.policy.named_parameters(), self.global_step)
-        self._log_step(rollout, rewards, out, response, entropy)
+        self._log_step(rollout, rewards, advantages, out, response, entropy)
 
-    def _log_step(self, rollout: Candidates, rewards: Tensor, out, response: Tensor, entropy: Tensor) -> None:
+    def _log_step(self, rollout: Candidates, rewards: Tensor, advantages: Tensor, out, response: Tensor,
+                  entropy: Tensor) -> None:
         """Logs the step's figures; they are also kept in `step_metrics` (floats), only those of this step."""
         n = len(rollout.texts)
+        moved = torch.zeros(len(rollout.questions)).index_add_(0, rollout.group, (advantages != 0).float().cpu())
         metrics = {"rl/loss": out.loss.detach(), "rl/reward": rewards.mean(),
+                   "rl/zero_advantage_groups": (moved == 0).float().mean(),
                    **{f"rl/{name}": value for name, value in out.metrics.items()},
                    "rl/response_length": response.sum(-1).float().mean(), "rl/entropy": entropy,
                    "rl/parsed_fraction": sum(a is not None for a in rollout.answers) / n,

@@ -176,6 +176,22 @@ def test_rewards_normalised_each_on_its_own_or_summed_first(rollout, tiny_model_
     assert not torch.allclose(seen[0], seen[1])  # the two readings differ on this group
 
 
+def test_zero_advantage_groups_counts_the_groups_that_teach_nothing(rollout, tiny_model_dir):
+    """The fixture's group 1 (7, 7, 8, gold) has no strict majority: CuMa's mask silences it, TTRL's reward not."""
+    import lightning as L
+
+    from datamodules.questions import QuestionDataModule
+    from lightning_modules.signals import Gated, VoteShare
+
+    policy, r = rollout
+    for reward, want in ((MajorityAnswer(), 0.0), (Gated(MajorityAnswer(), VoteShare(), 0.51), 0.5)):
+        module = SelfRewardRLModule(Policy(tiny_model_dir), [reward])
+        module.rollout = lambda batch: replace(r, logprobs=[[0.0] * len(x) for x in r.response_ids])
+        L.Trainer(max_steps=1, enable_progress_bar=False, logger=False, enable_checkpointing=False).fit(
+            module, QuestionDataModule(Arithmetic(), num_questions=2, batch_size=2, tokenizer=tiny_model_dir))
+        assert module.step_metrics["rl/zero_advantage_groups"] == want
+
+
 def test_the_first_ppo_epoch_sees_the_network_that_sampled(tiny_model_dir):
     """Dropout configured (LoRA 0.5) and a non-zero adapter: the mode rule makes the first-epoch ratio 1."""
     import lightning as L
