@@ -150,11 +150,19 @@ def test_two_step_fit_changes_only_adapter_weights(config, tiny_cli):
     assert "rl/sample_accuracy" in cli.model.step_metrics and set(cli.model.step_metrics) <= set(metrics)
 
 
-def test_rewards_normalised_each_on_its_own_or_summed_first(rollout, tiny_model_dir):
+def _fit_one_step(module: SelfRewardRLModule, tiny_model_dir, rollout=None) -> None:
+    """One training step on two questions; with `rollout`, on that hand-made batch (log-probs 0) in place of samples."""
     import lightning as L
 
     from datamodules.questions import QuestionDataModule
 
+    if rollout is not None:
+        module.rollout = lambda batch: replace(rollout, logprobs=[[0.0] * len(x) for x in rollout.response_ids])
+    L.Trainer(max_steps=1, enable_progress_bar=False, logger=False, enable_checkpointing=False).fit(
+        module, QuestionDataModule(Arithmetic(), num_questions=2, batch_size=2, tokenizer=tiny_model_dir))
+
+
+def test_rewards_normalised_each_on_its_own_or_summed_first(rollout, tiny_model_dir):
     policy, r = rollout
     seen = []
 
@@ -169,34 +177,23 @@ def test_rewards_normalised_each_on_its_own_or_summed_first(rollout, tiny_model_
                               ("sum_then_normalize", group_advantages(majority + 2 * gold, r.group))):
         module = SelfRewardRLModule(Policy(tiny_model_dir), [MajorityAnswer(), GoldAnswer()], reward_weights=[1, 2],
                                     reward_combination=combination, loss=Recording())
-        module.rollout = lambda batch: replace(r, logprobs=[[0.0] * len(x) for x in r.response_ids])  # hand-made
-        L.Trainer(max_steps=1, enable_progress_bar=False, logger=False, enable_checkpointing=False).fit(
-            module, QuestionDataModule(Arithmetic(), num_questions=2, batch_size=2, tokenizer=tiny_model_dir))
+        _fit_one_step(module, tiny_model_dir, r)
         torch.testing.assert_close(seen[-1], want)
     assert not torch.allclose(seen[0], seen[1])  # the two readings differ on this group
 
 
 def test_zero_advantage_groups_counts_the_groups_that_teach_nothing(rollout, tiny_model_dir):
     """The fixture's group 1 (7, 7, 8, gold) has no strict majority: CuMa's mask silences it, TTRL's reward not."""
-    import lightning as L
-
-    from datamodules.questions import QuestionDataModule
     from lightning_modules.signals import Gated, VoteShare
 
-    policy, r = rollout
     for reward, want in ((MajorityAnswer(), 0.0), (Gated(MajorityAnswer(), VoteShare(), 0.51), 0.5)):
         module = SelfRewardRLModule(Policy(tiny_model_dir), [reward])
-        module.rollout = lambda batch: replace(r, logprobs=[[0.0] * len(x) for x in r.response_ids])
-        L.Trainer(max_steps=1, enable_progress_bar=False, logger=False, enable_checkpointing=False).fit(
-            module, QuestionDataModule(Arithmetic(), num_questions=2, batch_size=2, tokenizer=tiny_model_dir))
+        _fit_one_step(module, tiny_model_dir, rollout[1])
         assert module.step_metrics["rl/zero_advantage_groups"] == want
 
 
 def test_the_first_ppo_epoch_sees_the_network_that_sampled(tiny_model_dir):
     """Dropout configured (LoRA 0.5) and a non-zero adapter: the mode rule makes the first-epoch ratio 1."""
-    import lightning as L
-
-    from datamodules.questions import QuestionDataModule
     from lightning_modules.policy import LoraSettings
 
     policy = Policy(tiny_model_dir, lora=LoraSettings(dropout=0.5))
@@ -205,8 +202,7 @@ def test_the_first_ppo_epoch_sees_the_network_that_sampled(tiny_model_dir):
             if "lora_B" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
     module = SelfRewardRLModule(policy, [MajorityAnswer()], temperature=1.0, max_new_tokens=6)
-    L.Trainer(max_steps=1, enable_progress_bar=False, logger=False, enable_checkpointing=False).fit(
-        module, QuestionDataModule(Arithmetic(), num_questions=2, batch_size=2, tokenizer=tiny_model_dir))
+    _fit_one_step(module, tiny_model_dir)
     assert module.step_metrics["rl/ratio"] == pytest.approx(1.0, abs=1e-5)
     assert module.step_metrics["rl/clip_fraction"] == 0.0
 
